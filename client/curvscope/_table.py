@@ -1,0 +1,81 @@
+"""Human-readable output of the CLI: a report table and a progress line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from ._proto.curvscope.v1 import curvscope_pb2 as pb
+
+
+def _numbers(values: list[float]) -> str:
+    return "  ".join(f"{value: .6g}" for value in values) or "-"
+
+
+def render_report(report: dict[str, Any]) -> str:
+    model, loss = report["model"], report["loss"]
+    data = report.get("data", {})
+    lines = [
+        f"model     {model['sha256'][:12]}  {model['format']}, {model['num_parameters']:,} parameters",
+        f"data      {data.get('sha256', '')[:12]}  {data.get('num_samples', 0):,} samples",
+        f"loss      {loss['name']} = {loss['value']:.6g}",
+        f"run       {report.get('curvature', 'hessian')}, {report.get('precision', 'float32')}, seed {report.get('seed', 0)}, "
+        f"{report['device']}, {report['seconds']:.2f} s",
+    ]
+    lines += _results(report["results"], indent="")
+    per_layer = report.get("per_layer") or {}
+    if per_layer:
+        lines.append("")
+        lines.append("per layer")
+        for block, results in per_layer.items():
+            lines.append(f"  [{block}]")
+            lines += _results(results, indent="    ")
+    return "\n".join(lines)
+
+
+def _results(results: dict[str, Any], indent: str) -> list[str]:
+    lines = []
+    eigen = results.get("hessian_eigen")
+    if eigen:
+        state = "converged" if eigen["converged"] else "NOT converged (raise --max-hvps or the tolerance)"
+        lines.append(f"{indent}Hessian eigenvalues: {eigen['hvps']} HVPs, {eigen['seconds']:.2f} s, "
+                     f"tolerance {eigen.get('tolerance', 0):.0e}, {state}")
+        if eigen["largest"]:
+            lines.append(f"{indent}  largest   {_numbers(eigen['largest'])}")
+            lines.append(f"{indent}  residual  {_numbers(eigen['residuals']['largest'])}")
+        if eigen["smallest"]:
+            lines.append(f"{indent}  smallest  {_numbers(eigen['smallest'])}")
+            lines.append(f"{indent}  residual  {_numbers(eigen['residuals']['smallest'])}")
+    for name, value in results.items():
+        if name != "hessian_eigen":
+            lines.append(f"{indent}{name}: {value}")
+    return lines
+
+
+class ProgressLine:
+    """One updating line on a terminal; silent when the stream is not one (CI logs)."""
+
+    def __init__(self, stream: TextIO = sys.stderr):
+        self.stream = stream
+        self.active = stream.isatty()
+        self._shown = False
+
+    def __call__(self, event: pb.AnalyzeEvent) -> None:
+        if not self.active:
+            return
+        if event.HasField("queued"):
+            text = f"queued, position {event.queued.position}"
+        else:
+            p = event.progress
+            where = f" [{p.block}]" if p.block else ""
+            filled = int(20 * p.step / p.total) if p.total else 0
+            text = (f"{p.analysis}{where} [{'#' * filled}{'.' * (20 - filled)}] {p.step}/{p.total} "
+                    f"estimate {p.current_estimate:.6g}")
+        self.stream.write("\r\033[K" + text)
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()

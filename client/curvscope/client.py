@@ -1,0 +1,187 @@
+"""``curvscope.Client``: upload a checkpoint and a batch, analyse them, get a typed report."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import grpc
+
+from ._files import CHUNK_BYTES, sha256_of_file
+from ._proto.curvscope.v1 import curvscope_pb2 as pb
+from ._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
+from .report import Report, message_to_dict
+
+DEFAULT_SERVER = "localhost:50051"
+ProgressCallback = Callable[[pb.AnalyzeEvent], None]
+
+
+class CurvscopeError(Exception):
+    """A call failed: ``code`` is the gRPC status name (INVALID_ARGUMENT, UNAVAILABLE, ...)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> "CurvscopeError":
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = f"could not reach the server ({details})"
+        return cls(code.name, details or code.name)
+
+
+def build_request(
+    model: pb.ModelRef, data: pb.DataRef | None = None, *, loss: str = "cross_entropy",
+    eigen: int = 1, smallest: int = 0, tolerance: float = 0.0, max_hvps: int = 0,
+    trace: bool = False, density: bool = False, sharpness: bool = False, non_uniformity: bool = False,
+    lipschitz: bool = False, learning_rate: float = 0.0, batch_size: int = 0,
+    per_layer: bool = False, seed: int = 0, precision: str = "float32", micro_batch_size: int = 0,
+    max_samples: int = 0,
+) -> pb.AnalyzeRequest:
+    """The request the CLI and ``Client.analyze`` send; one analysis entry per flag."""
+    analyses = []
+    if eigen or smallest:
+        analyses.append(pb.AnalysisSpec(hessian_eigen=pb.HessianEigenSpec(
+            top_k=eigen, bottom_k=smallest, tolerance=tolerance, max_hvps=max_hvps)))
+    if trace:
+        analyses.append(pb.AnalysisSpec(hessian_trace=pb.HessianTraceSpec()))
+    if density:
+        analyses.append(pb.AnalysisSpec(hessian_density=pb.HessianDensitySpec()))
+    if sharpness:
+        analyses.append(pb.AnalysisSpec(sharpness=pb.SharpnessSpec(learning_rate=learning_rate)))
+    if non_uniformity:
+        analyses.append(pb.AnalysisSpec(non_uniformity=pb.NonUniformitySpec(
+            learning_rate=learning_rate, batch_size=batch_size)))
+    if lipschitz:
+        analyses.append(pb.AnalysisSpec(lipschitz=pb.LipschitzSpec()))
+    precisions = {"float32": pb.PRECISION_FLOAT32, "float64": pb.PRECISION_FLOAT64}
+    if precision not in precisions:
+        raise ValueError(f"precision must be float32 or float64, not {precision!r}")
+    request = pb.AnalyzeRequest(
+        model=model, loss=loss, analyses=analyses,
+        options=pb.AnalysisOptions(seed=seed, per_layer=per_layer, precision=precisions[precision],
+                                   micro_batch_size=micro_batch_size, max_samples=max_samples),
+    )
+    if data is not None:
+        request.data.CopyFrom(data)
+    return request
+
+
+class Client:
+    """A connection to a curvscope server.
+
+    ``target`` defaults to ``CURVSCOPE_SERVER`` (else localhost:50051) and ``token`` to
+    ``CURVSCOPE_TOKEN``. Local files are uploaded once: a file the server already holds (same
+    sha256) is not sent again.
+    """
+
+    def __init__(self, target: str | None = None, *, token: str | None = None, tls_ca: str | Path | None = None,
+                 tls: bool = False):
+        self.target = target or os.environ.get("CURVSCOPE_SERVER") or DEFAULT_SERVER
+        token = token if token is not None else os.environ.get("CURVSCOPE_TOKEN")
+        self._metadata = (("authorization", f"Bearer {token.strip()}"),) if token else ()
+        if tls or tls_ca:
+            root = Path(tls_ca).read_bytes() if tls_ca else None
+            self._channel = grpc.secure_channel(self.target, grpc.ssl_channel_credentials(root))
+        else:
+            self._channel = grpc.insecure_channel(self.target)
+        self._stub = pb_grpc.CurvscopeStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(request, metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as error:
+            raise CurvscopeError.from_rpc(error) from None
+
+    # -- blobs --------------------------------------------------------------------------------
+    def stat(self, sha256: str) -> pb.BlobInfo | None:
+        """The stored blob's info, or None when the server does not have it."""
+        try:
+            return self._call(self._stub.StatBlob, pb.BlobRef(sha256=sha256))
+        except CurvscopeError as error:
+            if error.code == "NOT_FOUND":
+                return None
+            raise
+
+    def upload(self, path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> str:
+        """Upload a file unless the server already has it; returns its sha256."""
+        path = Path(path)
+        if not path.is_file():
+            raise CurvscopeError("INVALID_ARGUMENT", f"{path} is not a file")
+        digest = sha256_of_file(path)
+        if self.stat(digest) is not None:
+            return digest
+        size = path.stat().st_size
+
+        def chunks() -> Iterator[pb.UploadChunk]:
+            yield pb.UploadChunk(header=pb.UploadHeader(sha256=digest, size_bytes=size, filename=path.name))
+            with open(path, "rb") as handle:
+                while block := handle.read(chunk_bytes):
+                    yield pb.UploadChunk(data=block)
+
+        return self._call(self._stub.Upload, chunks()).sha256
+
+    def model_ref(self, model: str | Path, **options: Any) -> pb.ModelRef:
+        """A local path (uploaded), a ``file://`` URI on the server, or ``sha256:<digest>``."""
+        ref = pb.ModelRef(**options)
+        source = self._source(model)
+        ref.blob.CopyFrom(source) if isinstance(source, pb.BlobRef) else setattr(ref, "uri", source)
+        return ref
+
+    def data_ref(self, data: str | Path) -> pb.DataRef:
+        ref = pb.DataRef()
+        source = self._source(data)
+        ref.blob.CopyFrom(source) if isinstance(source, pb.BlobRef) else setattr(ref, "uri", source)
+        return ref
+
+    def _source(self, reference: str | Path) -> pb.BlobRef | str:
+        text = str(reference)
+        if text.startswith("file://"):
+            return text
+        if text.startswith("sha256:"):
+            return pb.BlobRef(sha256=text.removeprefix("sha256:"))
+        return pb.BlobRef(sha256=self.upload(reference))
+
+    # -- analyses -----------------------------------------------------------------------------
+    def capabilities(self) -> dict[str, Any]:
+        return message_to_dict(self._call(self._stub.GetCapabilities, pb.GetCapabilitiesRequest()))
+
+    def describe(self, model: str | Path, **model_options: Any) -> dict[str, Any]:
+        return message_to_dict(self._call(self._stub.DescribeModel, self.model_ref(model, **model_options)))
+
+    def analyze(self, model: str | Path, data: str | Path | None = None, *, progress: ProgressCallback | None = None,
+                timeout: float | None = None, **options: Any) -> Report:
+        """Analyse a model on a batch. ``options`` are those of ``build_request``
+        (eigen=5, smallest=2, per_layer=True, loss="mse", ...)."""
+        request = build_request(self.model_ref(model), self.data_ref(data) if data is not None else None, **options)
+        return self.analyze_request(request, progress=progress, timeout=timeout)
+
+    def analyze_request(self, request: pb.AnalyzeRequest, *, progress: ProgressCallback | None = None,
+                        timeout: float | None = None) -> Report:
+        """Send a prepared request; ``progress`` sees every Queued and Progress event."""
+        call = self._stub.Analyze(request, metadata=self._metadata, timeout=timeout)
+        try:
+            for event in call:
+                if event.HasField("report"):
+                    return Report(event.report)
+                if progress is not None:
+                    progress(event)
+        except grpc.RpcError as error:
+            raise CurvscopeError.from_rpc(error) from None
+        except BaseException:
+            call.cancel()  # e.g. Ctrl-C: stop the work on the server too
+            raise
+        raise CurvscopeError("INTERNAL", "the server closed the stream without a report")

@@ -1,0 +1,83 @@
+"""The analysis report: the typed API message, and its JSON form (schema curvscope.report/v1)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from ._proto.curvscope.v1 import curvscope_pb2 as pb
+
+SCHEMA_ID = "curvscope.report/v1"
+
+
+def message_to_dict(message: Message) -> dict[str, Any]:
+    """A message as plain JSON data with the proto field names.
+
+    Unlike protobuf's JSON mapping, 64-bit integers stay numbers, every scalar of a present
+    message is written (a converged=false or a 0.0 eigenvalue is information), sub-messages and
+    ``optional`` scalars only when set, and enum values by their name.
+    """
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        is_message = field.type == FieldDescriptor.TYPE_MESSAGE
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            out[field.name] = {
+                key: message_to_dict(item) if value_field.type == FieldDescriptor.TYPE_MESSAGE else item
+                for key, item in sorted(value.items())
+            }
+        elif field.is_repeated:
+            out[field.name] = [message_to_dict(item) if is_message else _scalar(field, item) for item in value]
+        elif is_message or field.has_presence:
+            if message.HasField(field.name):
+                out[field.name] = message_to_dict(value) if is_message else _scalar(field, value)
+        else:
+            out[field.name] = _scalar(field, value)
+    return out
+
+
+def _scalar(field: FieldDescriptor, value: Any) -> Any:
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return field.enum_type.values_by_number[value].name if value in field.enum_type.values_by_number else value
+    return value
+
+
+class Report:
+    """A finished analysis: ``report.message`` is the typed API message, ``report.to_dict()``
+    the JSON report. Results are read like ``report.results.hessian_eigen.largest``."""
+
+    def __init__(self, message: pb.Report):
+        self.message = message
+
+    @property
+    def results(self) -> pb.Results:
+        return self.message.results
+
+    @property
+    def per_layer(self) -> dict[str, pb.Results]:
+        return dict(self.message.per_layer)
+
+    def to_dict(self) -> dict[str, Any]:
+        return message_to_dict(self.message)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        from google.protobuf import json_format
+
+        return cls(json_format.ParseDict(data, pb.Report()))
+
+    def __repr__(self) -> str:
+        return f"Report({self.to_json(indent=None)})"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the report, shipped with the client."""
+    return json.loads(resources.files("curvscope").joinpath("schema/report.schema.json").read_text())

@@ -1,0 +1,46 @@
+"""The CLI's ``--local`` mode: the same request, the same engine entry point, no server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+from urllib.parse import unquote, urlparse
+
+import torch
+
+from curvscope import CurvscopeError as ClientError
+from curvscope import Report
+from curvscope._files import sha256_of_file
+from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
+
+from . import engine
+from .errors import CurvscopeError, InvalidInput
+from .requests import job_from_request, report_message
+
+
+def _local_file(ref: pb.ModelRef | pb.DataRef) -> tuple[Path, str]:
+    if ref.WhichOneof("source") != "uri" or not ref.uri.startswith("file://"):
+        raise InvalidInput("local mode reads local files only")
+    path = Path(unquote(urlparse(ref.uri).path))
+    if not path.is_file():
+        raise InvalidInput(f"{path} is not a file")
+    return path, sha256_of_file(path)
+
+
+def analyze_local(
+    request: pb.AnalyzeRequest, *, progress: Callable[[pb.AnalyzeEvent], None] | None = None,
+    device: str | None = None, limits: engine.EngineLimits = engine.EngineLimits(),
+) -> Report:
+    """Run ``request`` in this process on ``device`` (default: the first CUDA device, else cpu)."""
+    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+
+    def on_progress(payload: dict) -> None:
+        if progress is not None:
+            progress(pb.AnalyzeEvent(progress=pb.Progress(**payload)))
+
+    try:
+        data = _local_file(request.data) if request.HasField("data") else None
+        job = job_from_request(request, _local_file(request.model), data)
+        return Report(report_message(engine.run_analysis(job, device=device, limits=limits, progress=on_progress)))
+    except CurvscopeError as error:
+        raise ClientError(error.code, str(error)) from None

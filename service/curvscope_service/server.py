@@ -1,0 +1,151 @@
+"""Server assembly and lifecycle: grpc.aio, health, reflection, metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
+from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
+
+from .config import ServerConfig, config_from_args
+from .interceptors import ErrorMappingInterceptor, TokenAuthInterceptor
+from .scheduler import Scheduler
+from .servicer import UPLOAD_CHUNK_BYTES, CurvscopeServicer
+from .store import BlobStore
+
+log = logging.getLogger("curvscope")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Curvscope"].full_name  # "curvscope.v1.Curvscope"
+MAX_MESSAGE_BYTES = 4 * UPLOAD_CHUNK_BYTES + (64 << 10)
+
+
+def resolve_devices(device: str) -> list[str]:
+    """``auto`` = one worker per CUDA device, else the CPU."""
+    if device == "auto":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    if device == "cpu":
+        return ["cpu"]
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {device}: no CUDA device is available here")
+        return [str(torch.device(device))]
+    raise SystemExit(f"--device {device}: use auto, cpu or cuda:N")
+
+
+@dataclass
+class RunningServer:
+    server: aio.Server
+    port: int
+    health: health.HealthServicer
+    scheduler: Scheduler
+    config: ServerConfig
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Not ready, then drain: running calls get ``grace`` seconds, then are cancelled."""
+        self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.shutdown_grace_seconds if grace is None else grace)
+        await asyncio.to_thread(self.scheduler.stop, 5.0)
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    interceptors: list[aio.ServerInterceptor] = []
+    tokens = config.tokens()
+    if tokens:
+        interceptors.append(TokenAuthInterceptor(tokens))
+    interceptors.append(ErrorMappingInterceptor())
+    server = aio.server(
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+    )
+    store = BlobStore(config.store, config.model_roots)
+    scheduler = Scheduler(resolve_devices(config.device), config.max_queue_depth)
+    pb_grpc.add_CurvscopeServicer_to_server(CurvscopeServicer(config, store, scheduler), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+        credentials = grpc.ssl_server_credentials(
+            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+            root_certificates=client_ca, require_client_auth=client_ca is not None)
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise SystemExit(f"could not bind {address}")
+    await server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, health_servicer, scheduler, config)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    running = await start_server(config)
+    if config.metrics_port:
+        start_http_server(config.metrics_port)
+    log.info("curvscope listening on port %d (devices: %s)", running.port, ", ".join(running.scheduler.devices))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0f s", config.shutdown_grace_seconds)
+    await running.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config_from_args(argv)))
+
+
+class InProcessServer:
+    """A server on a free loopback port in a background thread (tests, the demo, notebooks).
+
+        with InProcessServer(ServerConfig(store=tmp)) as server:
+            client = Client(server.target)
+    """
+
+    def __init__(self, config: ServerConfig):
+        config.host, config.port, config.metrics_port = "127.0.0.1", 0, 0
+        self.config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="curvscope-server", daemon=True)
+        self.running: RunningServer | None = None
+
+    @property
+    def target(self) -> str:
+        assert self.running is not None, "the server is not started"
+        return f"127.0.0.1:{self.running.port}"
+
+    def __enter__(self) -> "InProcessServer":
+        self._thread.start()
+        self.running = asyncio.run_coroutine_threadsafe(start_server(self.config), self._loop).result()
+        return self
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.running is not None:
+            asyncio.run_coroutine_threadsafe(self.running.shutdown(grace), self._loop).result()
+            self.running = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

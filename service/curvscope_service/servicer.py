@@ -1,0 +1,127 @@
+"""The gRPC servicer: a thin transport over the engine's entry point and the blob store.
+
+It resolves references, queues the engine's work on a device and streams its events; every
+domain exception it lets through is mapped to a status code by the error interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import platform
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+from grpc import aio
+
+from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
+from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
+
+from . import __version__, engine
+from .config import ServerConfig
+from .errors import InvalidInput
+from .loading import known_architectures
+from .requests import description_message, job_from_request, model_options, report_message
+from .scheduler import Scheduler
+from .store import BlobStore
+from curvscope._files import sha256_of_file
+
+API_VERSION = "curvscope.v1"
+UPLOAD_CHUNK_BYTES = 1 << 20
+
+
+class CurvscopeServicer(pb_grpc.CurvscopeServicer):
+    def __init__(self, config: ServerConfig, store: BlobStore, scheduler: Scheduler):
+        self.config = config
+        self.store = store
+        self.scheduler = scheduler
+
+    async def Upload(self, request_iterator: AsyncIterator[pb.UploadChunk], context: aio.ServicerContext) -> pb.BlobRef:
+        writer = None
+        try:
+            async for chunk in request_iterator:
+                kind = chunk.WhichOneof("payload")
+                if writer is None:
+                    if kind != "header":
+                        raise InvalidInput("the first upload chunk must carry the header (sha256 and size)")
+                    writer = self.store.writer(chunk.header.sha256, chunk.header.size_bytes,
+                                               self.config.max_upload_bytes)
+                elif kind == "header":
+                    raise InvalidInput("only the first upload chunk may carry a header")
+                else:
+                    writer.write(chunk.data)
+            if writer is None:
+                raise InvalidInput("empty upload: send a header chunk, then the file's bytes")
+            info = writer.commit()
+            return pb.BlobRef(sha256=info.sha256)
+        finally:
+            if writer is not None:
+                writer.abort()
+
+    async def StatBlob(self, request: pb.BlobRef, context: aio.ServicerContext) -> pb.BlobInfo:
+        info = self.store.stat(request.sha256)
+        return pb.BlobInfo(sha256=info.sha256, size_bytes=info.size_bytes)
+
+    def _resolve(self, ref: pb.ModelRef | pb.DataRef, what: str) -> tuple[Path, str]:
+        source = ref.WhichOneof("source")
+        if source == "blob":
+            return self.store.resolve_blob(ref.blob.sha256), ref.blob.sha256
+        if source == "uri":
+            path = self.store.resolve_uri(ref.uri)
+            return path, sha256_of_file(path)
+        raise InvalidInput(f"the request names no {what}; give a blob digest or a file:// URI")
+
+    async def DescribeModel(self, request: pb.ModelRef, context: aio.ServicerContext) -> pb.ModelDescription:
+        path, digest = await asyncio.to_thread(self._resolve, request, "model")
+        description = await asyncio.to_thread(functools.partial(engine.describe, path, **model_options(request)))
+        return description_message(digest, description)
+
+    async def Analyze(self, request: pb.AnalyzeRequest, context: aio.ServicerContext) -> AsyncIterator[pb.AnalyzeEvent]:
+        model = await asyncio.to_thread(self._resolve, request.model, "model")
+        data = await asyncio.to_thread(self._resolve, request.data, "data") if request.HasField("data") else None
+        job_spec = job_from_request(request, model, data)
+        engine.validate_job(job_spec, self.config.limits)
+
+        def work(device: str, progress, check) -> dict:
+            return engine.run_analysis(job_spec, device=device, limits=self.config.limits, progress=progress, check=check)
+
+        job = self.scheduler.submit(work, timeout=context.time_remaining())
+        context.add_done_callback(lambda _call: job.cancel())
+        try:
+            while True:
+                event = await job.events.get()
+                if event.kind == "queued":
+                    yield pb.AnalyzeEvent(queued=pb.Queued(position=event.payload))
+                elif event.kind == "progress":
+                    yield pb.AnalyzeEvent(progress=pb.Progress(**event.payload))
+                elif event.kind == "done":
+                    yield pb.AnalyzeEvent(report=report_message(event.payload))
+                    return
+                elif event.kind == "error":
+                    raise event.payload
+        finally:
+            # A client that went away (or a deadline) ends this generator; stop the device work.
+            job.cancel()
+
+    async def GetCapabilities(self, request: pb.GetCapabilitiesRequest, context: aio.ServicerContext) -> pb.Capabilities:
+        return pb.Capabilities(
+            server_version=__version__, api_version=API_VERSION, torch_version=torch.__version__,
+            devices=[device_info(name) for name in self.scheduler.devices],
+            analyses=list(engine.IMPLEMENTED_ANALYSES), losses=engine.known_losses(),
+            curvatures=list(engine.IMPLEMENTED_CURVATURES), model_formats=list(engine.MODEL_FORMATS),
+            architectures=known_architectures(),
+            limits=pb.Limits(
+                max_upload_bytes=self.config.max_upload_bytes, max_queue_depth=self.config.max_queue_depth,
+                upload_chunk_bytes=UPLOAD_CHUNK_BYTES, max_hvps=self.config.limits.max_hvps,
+            ),
+            auth_required=bool(self.config.tokens()),
+        )
+
+
+def device_info(name: str) -> pb.DeviceInfo:
+    if name.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(name))
+        return pb.DeviceInfo(name=name, description=props.name, memory_bytes=props.total_memory)
+    return pb.DeviceInfo(name=name, description=f"{platform.processor() or platform.machine()}, "
+                                                f"{torch.get_num_threads()} threads")
