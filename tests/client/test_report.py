@@ -1,0 +1,52 @@
+"""The report's JSON form: proto field names, numbers stay numbers, schema-valid."""
+
+import json
+
+import jsonschema
+import pytest
+
+from curvscope import Report, json_schema
+from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
+
+REPORT = {
+    "schema": "curvscope.report/v1",
+    "model": {"sha256": "a" * 64, "format": "safetensors", "num_parameters": 5_000_000_000},
+    "data": {"sha256": "b" * 64, "num_samples": 512},
+    "loss": {"name": "cross_entropy", "value": 0.25},
+    "device": "cpu", "seconds": 1.5, "curvature": "hessian", "precision": "float32", "seed": 3,
+    "results": {"hessian_eigen": {
+        "largest": [3.0, 2.0], "smallest": [-0.5], "residuals": {"largest": [1e-4, 2e-4], "smallest": [3e-4]},
+        "converged": False, "hvps": 0, "seconds": 0.25, "tolerance": 1e-3}},
+    "per_layer": {"0": {"hessian_eigen": {
+        "largest": [0.0], "smallest": [], "residuals": {"largest": [0.0], "smallest": []},
+        "converged": True, "hvps": 4, "seconds": 0.1, "tolerance": 1e-3}}},
+}
+
+
+def test_round_trip_keeps_every_value():
+    report = Report.from_dict(REPORT)
+    as_dict = report.to_dict()
+    assert as_dict["model"]["num_parameters"] == 5_000_000_000  # not a string, as protobuf JSON would give
+    assert as_dict["results"]["hessian_eigen"]["converged"] is False  # a false flag is written, not dropped
+    assert as_dict["results"]["hessian_eigen"]["hvps"] == 0
+    assert as_dict["per_layer"]["0"]["hessian_eigen"]["largest"] == [0.0]
+    assert "hessian_trace" not in as_dict["results"]  # absent analyses stay absent
+    for key, value in REPORT.items():
+        assert as_dict[key] == value, key
+    jsonschema.validate(as_dict, json_schema())
+    assert json.loads(report.to_json()) == as_dict
+
+
+def test_schema_rejects_a_report_missing_keys():
+    broken = json.loads(json.dumps(REPORT))
+    del broken["results"]["hessian_eigen"]["residuals"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, json_schema())
+
+
+def test_optional_fields_only_when_set():
+    results = pb.Results(sharpness=pb.SharpnessResult(value=2.0, learning_rate=0.1))
+    as_dict = Report(pb.Report(results=results)).to_dict()["results"]["sharpness"]
+    assert as_dict == {"value": 2.0, "learning_rate": 0.1}
+    results.sharpness.gd_stable = False
+    assert Report(pb.Report(results=results)).to_dict()["results"]["sharpness"]["gd_stable"] is False

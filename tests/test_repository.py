@@ -1,0 +1,53 @@
+"""Repository rules: generated stubs match the proto, buf lint is clean, and the thin client
+installs and works in a virtual environment without torch, numpy or cvxpy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_generated_stubs_are_up_to_date():
+    result = subprocess.run([sys.executable, "scripts/gen_proto.py", "--check"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_buf_lint_is_clean():
+    buf = shutil.which("buf")
+    if buf is None:
+        pytest.fail("buf is missing: install the test extra (buf-bin)")
+    result = subprocess.run([buf, "lint"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_thin_client_installs_and_runs_without_torch(tmp_path, server, digits_files):
+    environment = tmp_path / "venv"
+    venv.create(environment, with_pip=True)
+    python = environment / "bin" / "python"
+    install = subprocess.run([python, "-m", "pip", "install", "--quiet", str(REPO / "client")],
+                             capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr
+    installed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
+    names = {line.split("==")[0].lower() for line in installed.splitlines()}
+    assert "grpcio" in names and "protobuf" in names
+    assert not names & {"torch", "numpy", "cvxpy", "scipy", "safetensors"}, names
+
+    model_path, data_path = digits_files
+    env = {**os.environ, "CURVSCOPE_SERVER": server.target}
+    analyze = subprocess.run(
+        [environment / "bin" / "curvscope", "analyze", str(model_path), "--data", str(data_path), "--eigen", "2",
+         "--json", str(tmp_path / "report.json")], capture_output=True, text=True, env=env, timeout=120)
+    assert analyze.returncode == 0, analyze.stderr
+    assert "largest" in analyze.stdout and (tmp_path / "report.json").is_file()
+    local = subprocess.run([environment / "bin" / "curvscope", "analyze", str(model_path), "--local"],
+                           capture_output=True, text=True, timeout=60)
+    assert local.returncode == 2 and "curvscope-service" in local.stderr and "Traceback" not in local.stderr
