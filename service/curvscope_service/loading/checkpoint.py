@@ -1,0 +1,235 @@
+"""Load a model checkpoint in any supported format and describe it.
+
+Formats: a torch.export archive (``.pt2``), a safetensors state dict whose metadata names the
+built-in ``sequential`` architecture, or a safetensors state dict of a plugin architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from curvscope_service.errors import InvalidInput, NotFound
+from curvscope_service.loading import plugins, sequential
+from curvscope_service.loading.layer_chain import graph_chain, module_chain
+from curvscope_service.loading.messages import one_line
+from curvscope_service.loading.safetensors_file import load_tensors
+from curvscope_service.loading.torch_export import load_exported
+
+FORMATS = ("auto", "torch_export", "safetensors", "plugin")
+NEVER_UNPICKLE = (
+    "this is a torch.save pickle; curvscope never unpickles; "
+    "export with torch.export.save or save a safetensors state dict (see docs/formats.md)"
+)
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_PICKLE_MAGIC = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))  # PROTO opcode
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module  # eval mode, on the requested device and dtype
+    format: str  # "torch_export" | "safetensors" | "plugin"
+    architecture: str  # "sequential", the plugin's name, or "torch_export"
+    input_shape: tuple[int, ...] | None  # one sample, without the batch dimension
+    fixed_batch_size: int | None  # a .pt2 exported with a static batch dimension; None = dynamic
+    num_parameters: int
+    parameter_blocks: dict[str, list[str]]  # layer name -> its parameter names, in named_parameters() order
+    config: dict | None
+
+
+def load_model(
+    path: Path,
+    *,
+    format: str = "auto",
+    architecture: str | None = None,
+    config: dict | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load a checkpoint; ``architecture``/``config`` override a safetensors file's metadata."""
+    path = Path(path)
+    if format not in FORMATS:
+        raise InvalidInput(f"unknown model format '{format}'; choose one of: {', '.join(FORMATS)}")
+    if dtype not in (torch.float32, torch.float64):
+        raise InvalidInput(f"dtype {dtype} is not supported; use torch.float32 or torch.float64")
+    if not path.is_file():
+        raise NotFound(f"model file {path.name} does not exist")
+    detected = detect_format(path)
+    if format == "auto":
+        format = detected
+    elif (format == "torch_export") != (detected == "torch_export"):
+        raise InvalidInput(f"model was given as {format} but the file looks like {detected}")
+
+    if format == "torch_export":
+        exported = load_exported(path)
+        module, arch, cfg = exported.module, "torch_export", None
+        input_shape, fixed_batch_size = exported.input_shape, exported.fixed_batch_size
+    else:
+        module, arch, cfg = _load_state_dict_model(path, format, architecture, config)
+        input_shape = sequential.input_shape(cfg) if arch == sequential.ARCHITECTURE else _plugin_input_shape(cfg)
+        fixed_batch_size = None
+        format = "safetensors" if arch == sequential.ARCHITECTURE else "plugin"
+
+    _check_finite(module)
+    try:
+        module = module.to(device=device, dtype=dtype)
+    except (RuntimeError, AssertionError) as e:
+        raise InvalidInput(f"model could not be moved to {device}: {one_line(e)}") from None
+    if not isinstance(module, fx.GraphModule):
+        module.eval()  # exported modules refuse eval(); load_exported refuses training-mode graphs instead
+    for p in module.parameters():
+        p.requires_grad_(True)  # the curvature engine differentiates with respect to every parameter
+    return LoadedModel(
+        module=module,
+        format=format,
+        architecture=arch,
+        input_shape=input_shape,
+        fixed_batch_size=fixed_batch_size,
+        num_parameters=sum(p.numel() for p in module.parameters()),
+        parameter_blocks=parameter_blocks(module),
+        config=cfg,
+    )
+
+
+def known_architectures() -> list[str]:
+    """The built-in architecture first, then the installed plugins by name."""
+    return [sequential.ARCHITECTURE, *sorted(plugins.available())]
+
+
+def detect_format(path: Path) -> str:
+    """``torch_export`` or ``safetensors`` from the first bytes; refuse pickles outright."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if _looks_like_safetensors(head, path.stat().st_size):
+        return "safetensors"  # checked first: a header length can start with a pickle's 0x80 byte
+    if head[:2] in _PICKLE_MAGIC:
+        raise InvalidInput(NEVER_UNPICKLE)
+    if head[:4] in _ZIP_MAGIC:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise InvalidInput(f"model is a corrupt or truncated zip archive ({one_line(e)})") from None
+        if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            raise InvalidInput(NEVER_UNPICKLE)
+        return "torch_export"
+    return "safetensors"  # not recognised: the safetensors header check says what is wrong
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    return len(head) == 9 and int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
+
+
+def _load_state_dict_model(
+    path: Path, format: str, architecture: str | None, config: dict | None
+) -> tuple[nn.Module, str, dict]:
+    header, tensors = load_tensors(path, what="model")
+    architecture = architecture or header.metadata.get("architecture")
+    if not architecture:
+        raise InvalidInput(
+            "safetensors model names no architecture: write it with save_sequential, "
+            "or give the architecture and its config (see docs/formats.md)"
+        )
+    if config is None:
+        config = _metadata_config(header.metadata)
+    if format == "plugin" and architecture == sequential.ARCHITECTURE:
+        raise InvalidInput("architecture 'sequential' is built in, not a plugin; load it with format 'safetensors' or 'auto'")
+    known = known_architectures()
+    if architecture not in known:
+        raise InvalidInput(f"unknown architecture '{architecture}'; choose one of: {', '.join(known)}")
+    if architecture == sequential.ARCHITECTURE:
+        module = sequential.build(config)
+    else:
+        module = plugins.build(architecture, config)
+    _load_strict(module, tensors)
+    return module, architecture, config
+
+
+def _metadata_config(metadata: dict[str, str]) -> dict:
+    text = metadata.get("config")
+    if text is None:
+        return {}
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"safetensors metadata 'config' is not valid JSON ({one_line(e)})") from None
+    if not isinstance(config, dict):
+        raise InvalidInput("safetensors metadata 'config' must be a JSON object")
+    return config
+
+
+def _plugin_input_shape(config: dict) -> tuple[int, ...] | None:
+    shape = config.get("input_shape")
+    if isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape):
+        return tuple(shape)
+    return None
+
+
+def _load_strict(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    expected = module.state_dict()
+    # num_batches_tracked only matters in training; files written without it still load
+    missing = [k for k in expected if k not in tensors and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in tensors if k not in expected]
+    mismatched = [
+        f"{k} {list(tensors[k].shape)} vs {list(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = [
+            f"{label} {_brief(items)}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", mismatched))
+            if items
+        ]
+        raise InvalidInput(f"weights do not fit the architecture: {'; '.join(parts)}")
+    module.load_state_dict(tensors, strict=False)
+
+
+def _brief(items: list[str], limit: int = 4) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _check_finite(module: nn.Module) -> None:
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            kind = "NaN" if torch.isnan(tensor).any() else "Inf"
+            raise InvalidInput(f"weight '{name}' contains {kind} values; fix or retrain the checkpoint")
+
+
+def parameter_blocks(module: nn.Module) -> dict[str, list[str]]:
+    """Parameter names grouped by the layer (module path) that owns them."""
+    blocks: dict[str, list[str]] = {}
+    for name, _ in module.named_parameters():
+        layer = name.rsplit(".", 1)[0] if "." in name else name
+        blocks.setdefault(layer, []).append(name)
+    return blocks
+
+
+def describe_model(model: LoadedModel) -> dict[str, Any]:
+    """The DescribeModel answer: sizes, parameter blocks, layers and whether LipSDP applies."""
+    params = dict(model.module.named_parameters())
+    chain = graph_chain(model.module) if isinstance(model.module, fx.GraphModule) else module_chain(model.module)
+    return {
+        "format": model.format,
+        "architecture": model.architecture,
+        "num_parameters": model.num_parameters,
+        "input_shape": list(model.input_shape) if model.input_shape is not None else None,
+        "fixed_batch_size": model.fixed_batch_size,
+        "blocks": [
+            {
+                "name": block,
+                "num_parameters": sum(params[n].numel() for n in names),
+                "parameters": [{"name": n, "shape": list(params[n].shape)} for n in names],
+            }
+            for block, names in model.parameter_blocks.items()
+        ],
+        "layers": chain.layers,
+        "lipschitz_chain": {"found": chain.found, "reason": chain.reason},
+    }
