@@ -71,7 +71,7 @@ def load_model(
         module, arch, cfg = exported.module, "torch_export", None
         input_shape, fixed_batch_size = exported.input_shape, exported.fixed_batch_size
     else:
-        module, arch, cfg = _load_state_dict_model(path, format, architecture, config)
+        module, arch, cfg = _load_state_dict_model(path, format, architecture, config, dtype)
         input_shape = sequential.input_shape(cfg) if arch == sequential.ARCHITECTURE else _plugin_input_shape(cfg)
         fixed_batch_size = None
         format = "safetensors" if arch == sequential.ARCHITECTURE else "plugin"
@@ -127,7 +127,7 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
 
 
 def _load_state_dict_model(
-    path: Path, format: str, architecture: str | None, config: dict | None
+    path: Path, format: str, architecture: str | None, config: dict | None, dtype: torch.dtype
 ) -> tuple[nn.Module, str, dict]:
     header, tensors = load_tensors(path, what="model")
     architecture = architecture or header.metadata.get("architecture")
@@ -147,7 +147,7 @@ def _load_state_dict_model(
         module = sequential.build(config)
     else:
         module = plugins.build(architecture, config)
-    _load_strict(module, tensors)
+    _load_strict(module.to(dtype), tensors)  # cast first: float64 weights must not overflow float32
     return module, architecture, config
 
 
