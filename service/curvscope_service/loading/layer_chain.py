@@ -60,7 +60,7 @@ def module_chain(module: nn.Module) -> Chain:
         if isinstance(leaf, _AFFINE_MODULES):
             affine += isinstance(leaf, (nn.Linear, nn.Conv2d))
         elif not isinstance(leaf, _ACTIVATION_MODULES):
-            why = _MODULE_REASONS.get(type(leaf), "it is neither an affine layer nor a slope-restricted activation")
+            why = _MODULE_REASONS.get(type(leaf), "it is neither an affine layer nor a supported slope-restricted activation")
             return Chain(layers, False, f"layer '{name}' ({layer['type']}): {why}")
     if not affine:
         return Chain(layers, False, "the network has no linear or convolutional layer")
@@ -84,8 +84,8 @@ def graph_chain(module: fx.GraphModule) -> Chain:
         if node.op != "call_function":
             continue
         inputs = [a for a in node.all_input_nodes if a in data]
-        if not inputs:
-            continue  # a computation on weights only (e.g. a transpose)
+        if not inputs or not _is_tensor_valued(node):
+            continue  # a computation on weights only (a transpose), or a shape query (sym_size)
         data.add(node)
         if node.target is operator.getitem:
             continue  # picks the output of a multi-output op such as native batch norm
@@ -94,7 +94,7 @@ def graph_chain(module: fx.GraphModule) -> Chain:
         if len(inputs) > 1:
             offence = offence or f"'{node.name}' ({op}): " + _OP_REASONS.get(op, "it combines two paths")
         elif op not in _AFFINE_OPS and op not in _ACTIVATION_OPS:
-            why = _OP_REASONS.get(op, "it is neither an affine layer nor a slope-restricted activation")
+            why = _OP_REASONS.get(op, "it is neither an affine layer nor a supported slope-restricted activation")
             offence = offence or f"'{node.name}' ({op}): {why}"
         else:
             affine += op in _WEIGHTED_OPS
@@ -114,5 +114,14 @@ def _op_name(node: fx.Node) -> str:
 
 
 def _live_users(node: fx.Node) -> list[fx.Node]:
-    # unused outputs of multi-output ops (batch norm statistics) are not branches
-    return [u for u in node.users if not (u.target is operator.getitem and not u.users)]
+    # shape queries and unused outputs of multi-output ops (batch norm statistics) are not branches
+    return [
+        u
+        for u in node.users
+        if u.op == "output"
+        or (_is_tensor_valued(u) and not (u.target is operator.getitem and not u.users))
+    ]
+
+
+def _is_tensor_valued(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.Tensor, tuple, list))

@@ -69,3 +69,17 @@ def test_exported_residual_is_named(tmp_path):
 
     chain = describe_model(_export(Residual(), torch.randn(2, 3), tmp_path / "res.pt2"))["lipschitz_chain"]
     assert chain["found"] is False and "residual add" in chain["reason"], chain
+
+
+def test_shape_queries_do_not_break_the_chain(tmp_path):
+    class Reshape(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.linear(torch.tanh(x.view(x.shape[0], -1)))
+
+    described = describe_model(_export(Reshape(), torch.randn(3, 4, 4), tmp_path / "view.pt2"))
+    assert described["lipschitz_chain"]["found"] is True, described["lipschitz_chain"]
+    assert [layer["type"] for layer in described["layers"]] == ["view", "tanh", "linear"]
