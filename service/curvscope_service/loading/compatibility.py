@@ -31,10 +31,11 @@ def validate_pair(model: LoadedModel, data: LoadedData, loss: str) -> None:
         with torch.no_grad():
             outputs = model.module(data.inputs[:probe])
     except (RuntimeError, ValueError, AssertionError, IndexError) as e:  # torch reports shape errors in all of these
-        expected = _fmt(model.input_shape) if model.input_shape is not None else "another shape"
-        raise InvalidInput(
-            f"model expects inputs of shape {expected}, data has {_fmt(sample_shape)} ({one_line(e)})"
-        ) from None
+        if model.input_shape is not None:
+            raise InvalidInput(
+                f"model expects inputs of shape {_fmt(model.input_shape)}, data has {_fmt(sample_shape)} ({one_line(e)})"
+            ) from None
+        raise InvalidInput(f"model does not accept inputs of shape {_fmt(sample_shape)} from the data: {one_line(e)}") from None
     if not isinstance(outputs, torch.Tensor):
         raise InvalidInput(f"model returns {type(outputs).__name__}; curvscope needs a single output tensor")
     if not torch.isfinite(outputs).all():

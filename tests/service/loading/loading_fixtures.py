@@ -68,5 +68,5 @@ class _Marker:
         return (open, (self.path, "w"))
 
 
-def evil_pickle(marker: Path) -> bytes:
-    return pickle.dumps(_Marker(marker))
+def evil_pickle(marker: Path, protocol: int = pickle.DEFAULT_PROTOCOL) -> bytes:
+    return pickle.dumps(_Marker(marker), protocol=protocol)

@@ -66,3 +66,13 @@ def test_format_argument_that_contradicts_the_file(exported_dynamic, refuses):
 def test_unsupported_dtype(exported_dynamic, refuses):
     with refuses(InvalidInput, "float64"):
         load_model(exported_dynamic[0], dtype=torch.float16)
+
+
+def test_protocol_0_pickle_is_refused_without_unpickling(tmp_path, refuses):
+    marker = tmp_path / "ran"
+    path = tmp_path / "model.bin"
+    path.write_bytes(evil_pickle(marker, protocol=0))
+    with refuses(InvalidInput, "not a valid safetensors file"):
+        load_model(path)
+    assert not marker.exists()
+

@@ -38,7 +38,7 @@ def test_input_shape_mismatch_found_by_running(tmp_path, refuses):
     path = tmp_path / "m.safetensors"
     save_sequential(path, config, {f"0.{k}": v for k, v in torch.nn.Linear(4, 2).state_dict().items()})
     data = _data(tmp_path, torch.randn(4, 5), torch.zeros(4, dtype=torch.int64))
-    with refuses(InvalidInput, "model expects inputs of shape another shape", "data has (5)"):
+    with refuses(InvalidInput, "model does not accept inputs of shape (5)", "mat1 and mat2"):
         validate_pair(load_model(path), data, "cross_entropy")
 
 
