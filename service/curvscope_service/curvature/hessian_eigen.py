@@ -1,0 +1,63 @@
+"""The ``hessian_eigen`` analysis: extreme eigenvalues of the loss Hessian by Lanczos."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..errors import InvalidInput
+from .hessian import HessianOperator
+from .lanczos import lanczos
+
+
+def compute_hessian_eigen(
+    operator: HessianOperator,
+    *,
+    top_k: int = 1,
+    bottom_k: int = 0,
+    tol: float = 1e-3,
+    max_hvps: int = 500,
+    seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict:
+    """The report block: the ``top_k`` largest and ``bottom_k`` smallest Hessian eigenvalues.
+
+    ``progress(step, total, current_estimate)`` is called after every product with the
+    products so far, the budget ``max_hvps`` and the current largest Ritz value.
+    """
+    if top_k < 0 or bottom_k < 0 or top_k + bottom_k == 0:
+        raise InvalidInput(f"ask for at least one eigenvalue, got top_k={top_k}, bottom_k={bottom_k}")
+    if max(top_k, bottom_k) > operator.dim:
+        raise InvalidInput(
+            f"cannot compute {max(top_k, bottom_k)} eigenvalues of a Hessian over {operator.dim} parameters"
+        )
+    if not tol > 0:
+        raise InvalidInput(f"the tolerance must be positive, got {tol}")
+    if max_hvps < max(top_k, bottom_k):
+        raise InvalidInput(f"max_hvps={max_hvps} is below the number of eigenvalues asked for")
+
+    on_step = None
+    if progress is not None:
+        def on_step(matvecs: int, estimate: float) -> None:
+            progress(matvecs, max_hvps, estimate)
+
+    result = lanczos(
+        operator.matvec,
+        operator.dim,
+        top_k=top_k,
+        bottom_k=bottom_k,
+        tol=tol,
+        max_matvecs=max_hvps,
+        seed=seed,
+        dtype=operator.dtype,
+        device=operator.device,
+        on_step=on_step,
+    )
+    return {
+        "largest": result.largest,
+        "smallest": result.smallest,
+        "residuals": {"largest": result.largest_residuals, "smallest": result.smallest_residuals},
+        "converged": result.converged,
+        "hvps": result.matvecs,
+        "seconds": result.seconds,
+        "tolerance": float(tol),
+    }

@@ -1,0 +1,186 @@
+"""Extreme eigenvalues of a symmetric operator known only through matrix-vector products.
+
+Lanczos with full reorthogonalisation (classical Gram-Schmidt applied twice, "twice is
+enough") and thick restart in the Krylov-Schur form (Stewart 2002; Wu & Simon 2000): the
+basis V is kept in float64 on the operator's device together with the Rayleigh quotient
+T = V^T A V, so that after every step
+
+    A V_m = V_m T_m + beta v_{m+1} e_m^T.
+
+A Ritz pair (theta, y = V_m s) therefore has the residual ||A y - theta y|| = beta |s_m|, known
+without another product; the run stops as soon as it is at most tol * |theta| for every wanted
+value. When the basis is full, the wanted Ritz vectors and some neighbours are kept, T becomes
+diagonal plus one coupling row, and the iteration goes on from v_{m+1}.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Matvec = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class EigenResult:
+    """Extreme Ritz values of a symmetric operator and how far they are from converged.
+
+    ``largest`` is descending, ``smallest`` ascending (algebraically); each residual is
+    ||A y - theta y|| of the unit Ritz vector y. ``eigenvectors`` holds (largest, smallest)
+    flat vectors in the same order when asked for.
+    """
+
+    largest: list[float]
+    smallest: list[float]
+    largest_residuals: list[float]
+    smallest_residuals: list[float]
+    converged: bool
+    matvecs: int
+    restarts: int
+    seconds: float
+    eigenvectors: tuple[list[Tensor], list[Tensor]] | None = None
+
+
+def lanczos(
+    matvec: Matvec,
+    dim: int,
+    *,
+    top_k: int = 1,
+    bottom_k: int = 0,
+    tol: float = 1e-3,
+    max_matvecs: int = 500,
+    max_basis: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    return_eigenvectors: bool = False,
+) -> EigenResult:
+    """The ``top_k`` largest and ``bottom_k`` smallest eigenvalues of the operator ``matvec``.
+
+    ``matvec`` takes and returns flat vectors of length ``dim`` in ``dtype`` on ``device``.
+    ``max_basis`` (default max(30, 3 (top_k + bottom_k))) bounds the basis, hence the memory:
+    (max_basis + 1) float64 vectors. ``on_step(matvecs, largest Ritz value)`` runs after every
+    product. With a budget of ``max_matvecs`` products, ``converged`` is True only if every
+    wanted value met the residual test (or the whole space was spanned: then the values are
+    exact). Like any single-vector Krylov method it can miss copies of a repeated eigenvalue
+    that converged before the invariant subspace around it was exhausted.
+    """
+    wanted = top_k + bottom_k
+    if top_k < 0 or bottom_k < 0 or wanted == 0:
+        raise ValueError(f"ask for at least one eigenvalue, got top_k={top_k}, bottom_k={bottom_k}")
+    if max(top_k, bottom_k) > dim:
+        raise ValueError(f"cannot compute {max(top_k, bottom_k)} eigenvalues of a {dim}-dimensional operator")
+    if max_matvecs < max(top_k, bottom_k):
+        raise ValueError(f"max_matvecs={max_matvecs} is below the number of eigenvalues asked for")
+    if tol <= 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    basis_size = min(dim, max_basis or max(30, 3 * wanted))
+    if basis_size < dim and basis_size < wanted + 2:
+        raise ValueError(f"max_basis must be at least top_k + bottom_k + 2 = {wanted + 2}")
+
+    start = time.perf_counter()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(seed)
+    # Below this fraction of the largest |Ritz value| the operator's rounding dominates, so the
+    # relative test turns absolute there (an eigenvalue 0 could otherwise never converge).
+    floor = torch.finfo(dtype).eps ** 0.5
+    breakdown = torch.finfo(dtype).eps * dim**0.5
+
+    V = torch.zeros(basis_size + 1, dim, dtype=torch.float64, device=device)
+    # T is small and lives on the host; numpy keeps the per-step bookkeeping cheap next to a
+    # product on small models.
+    T = np.zeros((basis_size, basis_size))
+    V[0] = _random_orthonormal(generator, V[:0])
+    m = matvecs = restarts = 0
+    while True:
+        w = matvec(V[m].to(dtype)).to(torch.float64)
+        matvecs += 1
+        basis = V[: m + 1]
+        h = basis @ w
+        w = torch.addmv(w, basis.T, h, alpha=-1)
+        correction = basis @ w
+        w = torch.addmv(w, basis.T, correction, alpha=-1)
+        column = (h + correction).cpu().numpy()
+        T[: m + 1, m] = column
+        T[m, : m + 1] = column
+        beta = w.norm().item()
+        m += 1
+
+        theta, S = np.linalg.eigh(T[:m, :m])
+        residuals = beta * np.abs(S[m - 1])
+        scale = np.abs(theta).max()
+        low = list(range(min(bottom_k, m)))
+        high = list(range(m - 1, m - 1 - min(top_k, m), -1))
+        chosen = low + high
+        enough = len(low) == bottom_k and len(high) == top_k
+        thresholds = tol * np.maximum(np.abs(theta[chosen]), floor * scale)
+        met = bool((residuals[chosen] <= thresholds).all())
+        # At a breakdown every residual is zero, yet further copies of a repeated eigenvalue
+        # may sit outside the invariant subspace found: look there once before stopping.
+        broke = beta <= breakdown * scale
+        converged = m == dim or (enough and met and not broke)
+        if on_step is not None:
+            on_step(matvecs, float(theta[-1]))
+        if converged or matvecs >= max_matvecs:
+            vectors = None
+            if return_eigenvectors:
+                ritz = (_to_torch(S[:, chosen], device).T @ V[:m]).to(dtype)
+                vectors = (list(ritz[len(low) :]), list(ritz[: len(low)]))
+            return EigenResult(
+                largest=theta[high].tolist(),
+                smallest=theta[low].tolist(),
+                largest_residuals=residuals[high].tolist(),
+                smallest_residuals=residuals[low].tolist(),
+                converged=converged,
+                matvecs=matvecs,
+                restarts=restarts,
+                seconds=time.perf_counter() - start,
+                eigenvectors=vectors,
+            )
+
+        if broke:
+            # V spans an invariant subspace: its Ritz pairs are exact. Go on in the orthogonal
+            # complement.
+            V[m] = _random_orthonormal(generator, V[:m])
+        else:
+            V[m] = w / beta
+        if m == basis_size:
+            keep = _kept(m, top_k, bottom_k)
+            # Thick restart: V <- V S_keep, T <- diag(theta_keep); the coupling of the kept
+            # vectors to v_{m+1} (beta S[m-1, keep]) is what the next Gram-Schmidt step finds.
+            V[: len(keep)] = _to_torch(S[:, keep], device).T @ V[:m]
+            V[len(keep)] = V[m]
+            T[:] = 0.0
+            T[: len(keep), : len(keep)] = np.diag(theta[keep])
+            m = len(keep)
+            restarts += 1
+
+
+def _kept(m: int, top_k: int, bottom_k: int) -> list[int]:
+    """Indices (ascending Ritz order) kept at a restart: the wanted ones and half the rest."""
+    extra = (m - top_k - bottom_k) // 2
+    if top_k and bottom_k:
+        keep_bottom = bottom_k + extra // 2
+        keep_top = top_k + extra - extra // 2
+    else:
+        keep_bottom = bottom_k + extra if bottom_k else 0
+        keep_top = top_k + extra if top_k else 0
+    return list(range(keep_bottom)) + list(range(m - keep_top, m))
+
+
+def _random_orthonormal(generator: torch.Generator, basis: Tensor) -> Tensor:
+    """A seeded random unit vector orthogonal to the rows of basis (float64, basis's device)."""
+    v = torch.randn(basis.shape[1], generator=generator, dtype=torch.float64).to(basis.device)
+    for _ in range(2):
+        v -= basis.T @ (basis @ v)
+    return v / v.norm()
+
+
+def _to_torch(array: np.ndarray, device: torch.device) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
