@@ -48,13 +48,13 @@ def resolve_devices(device: str) -> list[str]:
 class RunningServer:
     server: aio.Server
     port: int
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     scheduler: Scheduler
     config: ServerConfig
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Not ready, then drain: running calls get ``grace`` seconds, then are cancelled."""
-        self.health.enter_graceful_shutdown()
+        await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.shutdown_grace_seconds if grace is None else grace)
         await asyncio.to_thread(self.scheduler.stop, 5.0)
 
@@ -75,7 +75,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     store = BlobStore(config.store, config.model_roots)
     scheduler = Scheduler(resolve_devices(config.device), config.max_queue_depth)
     pb_grpc.add_CurvscopeServicer_to_server(CurvscopeServicer(config, store, scheduler), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -91,8 +91,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     if port == 0:
         raise SystemExit(f"could not bind {address}")
     await server.start()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, port, health_servicer, scheduler, config)
 
 
