@@ -1,0 +1,100 @@
+"""Small models and data shared by the curvature benchmarks.
+
+scikit-learn's handwritten digits (8x8 images, 10 classes): a 64-32-10 MLP and a small CNN
+with BatchNorm, each trained briefly so the Hessian is that of a sensible checkpoint, then put
+in eval mode (BatchNorm on running statistics). Both have under 3000 parameters, so a dense
+Hessian serves as the truth.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from sklearn.datasets import load_digits
+from torch import Tensor, nn
+
+from curvscope_service.curvature.hessian import HessianOperator
+
+BATCH = 512
+
+
+def digits(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """All 1797 digits as (n, 1, 8, 8) images in [0, 1] and integer labels."""
+    data = load_digits()
+    inputs = torch.tensor(data.images / 16.0, dtype=dtype).unsqueeze(1)
+    return inputs, torch.tensor(data.target)
+
+
+def batch(n: int = BATCH, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """The analysis batch: the first n digits, repeated when n exceeds the data set."""
+    inputs, targets = digits(dtype)
+    reps = -(-n // inputs.shape[0])
+    return inputs.repeat(reps, 1, 1, 1)[:n], targets.repeat(reps)[:n]
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64, 10),
+    )
+
+
+ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {"mlp": mlp, "cnn": cnn}
+
+
+def trained(name: str, *, steps: int = 150, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The architecture trained for a few Adam steps on all digits, in eval mode."""
+    torch.manual_seed(0)
+    model = ARCHITECTURES[name]()
+    inputs, targets = digits()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, inputs.shape[0], (128,), generator=generator)
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(inputs[idx]), targets[idx]).backward()
+        optimiser.step()
+    return model.to(dtype).eval()
+
+
+def operator(name: str, *, dtype: torch.dtype = torch.float32, n: int = BATCH, **options) -> HessianOperator:
+    inputs, targets = batch(n, dtype)
+    return HessianOperator(trained(name, dtype=dtype), inputs, targets, nn.functional.cross_entropy, **options)
+
+
+def dense_hessian(name: str, block: int = 8) -> Tensor:
+    """The float64 Hessian of the mean cross-entropy on the analysis batch, column block by block."""
+    op = operator(name, dtype=torch.float64)
+    eye = torch.eye(op.dim, dtype=torch.float64)
+    H = torch.cat([op.matmat(eye[:, j : j + block]) for j in range(0, op.dim, block)], dim=1)
+    return (H + H.T) / 2
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def gradient_seconds(op: HessianOperator, name: str) -> float:
+    """One plain gradient (forward + backward of the mean loss) on the operator's batch."""
+    model = trained(name, dtype=op.dtype)
+    inputs, targets = batch(op.num_samples, op.dtype)
+
+    def gradient() -> None:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+
+    return median_seconds(gradient)
