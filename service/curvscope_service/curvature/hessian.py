@@ -27,9 +27,9 @@ class HessianOperator:
     Methods (all exact, they differ in speed and memory):
 
     - ``retained``: the gradient graph of every micro-batch is built once (create_graph) and
-      kept; a product is one backward pass through each kept graph. Fastest (about 1.2
-      gradients per product on CPU), memory grows with the batch, hence only up to
-      ``retain_max_samples`` samples.
+      kept; a product is one backward pass through each kept graph. Fastest (1.1-1.5
+      gradients per product on CPU, benchmarks/README.md); memory grows with the batch, hence
+      only up to ``retain_max_samples`` samples.
     - ``double_backward``: forward, gradient graph and backward again for every product and
       micro-batch; memory bounded by one micro-batch.
     - ``jvp_grad``: forward-mode over reverse-mode with ``torch.func``; ``matmat`` vmaps it.
