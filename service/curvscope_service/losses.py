@@ -21,8 +21,12 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def mse(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean squared error over all elements (``F.mse_loss`` with reduction ``mean``)."""
-    return F.mse_loss(outputs, targets, reduction="mean")
+    """Mean squared error over all elements (``F.mse_loss`` with reduction ``mean``).
+
+    Written out because ``F.mse_loss`` fails under torch.func's jvp of grad in torch 2.13
+    ("ZeroTensors are immutable"), which the batched products use.
+    """
+    return ((outputs - targets) ** 2).mean()
 
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cross_entropy": cross_entropy, "mse": mse}

@@ -59,3 +59,16 @@ def test_mse_is_the_mean_over_all_elements():
 )
 def test_targets_that_do_not_fit(name, outputs, targets, fragment):
     _refused(name, outputs, targets, fragment)
+
+
+def test_mse_works_under_torch_func_batched_products():
+    # torch.func's jvp of F.mse_loss's gradient fails in torch 2.13; ours must not.
+    from curvscope_service.curvature.hessian import HessianOperator
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    inputs, targets = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    vectors = torch.randn(8, 3, dtype=torch.float64)
+    jvp = HessianOperator(model, inputs, targets, LOSSES["mse"], method="jvp_grad").matmat(vectors)
+    reference = HessianOperator(model, inputs, targets, LOSSES["mse"], method="double_backward").matmat(vectors)
+    torch.testing.assert_close(jvp, reference, rtol=1e-10, atol=1e-12)

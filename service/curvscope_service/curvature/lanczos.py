@@ -91,6 +91,7 @@ def lanczos(
     # relative test turns absolute there (an eigenvalue 0 could otherwise never converge).
     floor = torch.finfo(dtype).eps ** 0.5
     breakdown = torch.finfo(dtype).eps * dim**0.5
+    rounding = torch.finfo(dtype).eps
 
     V = torch.zeros(basis_size + 1, dim, dtype=torch.float64, device=device)
     # T is small and lives on the host; numpy keeps the per-step bookkeeping cheap next to a
@@ -113,8 +114,10 @@ def lanczos(
         m += 1
 
         theta, S = np.linalg.eigh(T[:m, :m])
-        residuals = beta * np.abs(S[m - 1])
         scale = np.abs(theta).max()
+        # beta |s_mi| is the residual of the exact Lanczos relation; the products themselves
+        # carry rounding of about eps(dtype) ||H||, so no residual is reported below that.
+        residuals = np.maximum(beta * np.abs(S[m - 1]), rounding * scale)
         low = list(range(min(bottom_k, m)))
         high = list(range(m - 1, m - 1 - min(top_k, m), -1))
         chosen = low + high

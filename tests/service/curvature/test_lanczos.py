@@ -150,3 +150,13 @@ def test_power_iteration_reference(indefinite):
     # Largest in magnitude, found one after another: 6, 4.5, then -4.
     assert result.eigenvalues == pytest.approx([6.0, 4.5, -4.0], rel=1e-4)
     assert result.matvecs <= 300
+
+
+def test_a_tolerance_below_float32_rounding_is_never_called_converged(indefinite):
+    # The Lanczos relation can look exact while float32 products are not: the reported
+    # residuals stay at the products' rounding level, so 1e-10 cannot be met in float32.
+    A, _ = indefinite
+    A32 = A.float()
+    result = lanczos(lambda v: A32 @ v, 200, top_k=2, tol=1e-10, max_matvecs=150, dtype=torch.float32)
+    assert not result.converged
+    assert min(result.largest_residuals) >= torch.finfo(torch.float32).eps * 6.0 * 0.99
