@@ -129,11 +129,7 @@ def _subsample(data: LoadedData, max_samples: int, seed: int) -> LoadedData:
 
 def _micro_batch_size(job: AnalysisJob, model: LoadedModel, data: LoadedData, limits: EngineLimits) -> int:
     if model.fixed_batch_size:
-        if data.num_samples % model.fixed_batch_size:
-            raise InvalidInput(
-                f"the model was exported with a static batch of {model.fixed_batch_size}; send a multiple of "
-                f"{model.fixed_batch_size} samples (got {data.num_samples}) or export with a dynamic batch dimension"
-            )
+        # validate_pair refused a batch that is not a multiple of the exported one.
         return model.fixed_batch_size
     return job.micro_batch_size or limits.micro_batch_size
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from curvscope import Client, CurvscopeError, json_schema
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
+from curvscope_service.curvature.dense import dense_hessian
 from curvscope_service.loading import load_data, load_model
 from curvscope_service.losses import get_loss
 
@@ -38,19 +39,7 @@ def _assert_alive(client: Client, *digests: str) -> None:
 def _dense_eigenvalues(model_path, data_path, loss="cross_entropy") -> torch.Tensor:
     model = load_model(model_path, dtype=torch.float64)
     data = load_data(data_path, dtype=torch.float64)
-    names = [name for name, _ in model.module.named_parameters()]
-    shapes = [p.shape for _, p in model.module.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for _, p in model.module.named_parameters()])
-
-    def loss_of(vector):
-        params, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            params[name] = vector[offset:offset + shape.numel()].reshape(shape)
-            offset += shape.numel()
-        outputs = torch.func.functional_call(model.module, params, (data.inputs,))
-        return get_loss(loss)(outputs, data.targets)
-
-    return torch.linalg.eigvalsh(torch.func.hessian(loss_of)(flat))
+    return torch.linalg.eigvalsh(dense_hessian(model.module, data.inputs, data.targets, get_loss(loss)))
 
 
 def test_health_reflection_and_capabilities(server, client):

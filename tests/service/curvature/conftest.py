@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from curvscope_service.curvature.dense import dense_hessian
+
 def mse(outputs: Tensor, targets: Tensor) -> Tensor:
     # The value of F.mse_loss, written out: F.mse_loss's forward-mode derivative breaks
     # torch.func.jvp (see test_functional_mse_loss in test_hessian_operator.py).
@@ -53,22 +55,6 @@ class Case:
         model = copy.deepcopy(self.model).to(dtype)
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         return Case(model, self.inputs.to(dtype), targets, self.loss_fn, self.hessian)
-
-
-def dense_hessian(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn, names: list[str] | None = None) -> Tensor:
-    """torch.func.hessian of the mean loss with respect to the flat (selected) parameters."""
-    params = dict(model.named_parameters())
-    names = list(params) if names is None else list(names)
-    shapes = [params[k].shape for k in names]
-    sizes = [params[k].numel() for k in names]
-    flat = torch.cat([params[k].detach().reshape(-1) for k in names])
-
-    def loss(theta: Tensor) -> Tensor:
-        values = {k: p.detach() for k, p in params.items()}
-        values.update({k: t.reshape(s) for k, t, s in zip(names, theta.split(sizes), shapes)})
-        return loss_fn(torch.func.functional_call(model, values, (inputs,)), targets)
-
-    return torch.func.hessian(loss)(flat)
 
 
 def make_case(architecture: str, loss: str, n: int = 10, seed: int = 0) -> Case:
