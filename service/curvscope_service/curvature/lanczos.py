@@ -46,6 +46,21 @@ class EigenResult:
     eigenvectors: tuple[list[Tensor], list[Tensor]] | None = None
 
 
+BASIS_BUDGET_BYTES = 512 << 20
+MAX_DEFAULT_BASIS = 160
+
+
+def default_basis_size(dim: int, wanted: int) -> int:
+    """As many basis vectors as 512 MiB of float64 holds, up to 160, at least max(30, 3 wanted).
+
+    A long basis saves restarts, which matters most for the smallest eigenvalues: they sit next
+    to the cluster of near-zero eigenvalues that trained networks have (measured on the demo
+    MLP's 2,410 parameters, top-5 and bottom-2 at 1e-3: 315 products with 30 vectors, 156 with
+    120; its last layer: 803 products with 30, 156 with 240).
+    """
+    return max(30, 3 * wanted, min(MAX_DEFAULT_BASIS, BASIS_BUDGET_BYTES // (8 * max(dim, 1))))
+
+
 def lanczos(
     matvec: Matvec,
     dim: int,
@@ -64,8 +79,8 @@ def lanczos(
     """The ``top_k`` largest and ``bottom_k`` smallest eigenvalues of the operator ``matvec``.
 
     ``matvec`` takes and returns flat vectors of length ``dim`` in ``dtype`` on ``device``.
-    ``max_basis`` (default max(30, 3 (top_k + bottom_k))) bounds the basis, hence the memory:
-    (max_basis + 1) float64 vectors. ``on_step(matvecs, largest Ritz value)`` runs after every
+    ``max_basis`` bounds the basis, hence the memory: (max_basis + 1) float64 vectors. By
+    default it is ``default_basis_size(dim, top_k + bottom_k)``. ``on_step(matvecs, largest Ritz value)`` runs after every
     product. With a budget of ``max_matvecs`` products, ``converged`` is True only if every
     wanted value met the residual test (or the whole space was spanned: then the values are
     exact). Like any single-vector Krylov method it can miss copies of a repeated eigenvalue
@@ -80,7 +95,7 @@ def lanczos(
         raise ValueError(f"max_matvecs={max_matvecs} is below the number of eigenvalues asked for")
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    basis_size = min(dim, max_basis or max(30, 3 * wanted))
+    basis_size = min(dim, max_basis or default_basis_size(dim, wanted))
     if basis_size < dim and basis_size < wanted + 2:
         raise ValueError(f"max_basis must be at least top_k + bottom_k + 2 = {wanted + 2}")
 
