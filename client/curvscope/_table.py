@@ -13,12 +13,13 @@ def _numbers(values: list[float]) -> str:
 
 
 def render_report(report: dict[str, Any]) -> str:
-    model, loss = report["model"], report["loss"]
-    data = report.get("data", {})
-    lines = [
-        f"model     {model['sha256'][:12]}  {model['format']}, {model['num_parameters']:,} parameters",
-        f"data      {data.get('sha256', '')[:12]}  {data.get('num_samples', 0):,} samples",
-        f"loss      {loss['name']} = {loss['value']:.6g}",
+    model = report["model"]
+    lines = [f"model     {model['sha256'][:12]}  {model['format']}, {model['num_parameters']:,} parameters"]
+    if "data" in report:
+        lines.append(f"data      {report['data']['sha256'][:12]}  {report['data']['num_samples']:,} samples")
+    if "loss" in report:
+        lines.append(f"loss      {report['loss']['name']} = {report['loss']['value']:.6g}")
+    lines += [
         f"run       {report.get('curvature', 'hessian')}, {report.get('precision', 'float32')}, seed {report.get('seed', 0)}, "
         f"{report['device']}, {report['seconds']:.2f} s",
     ]

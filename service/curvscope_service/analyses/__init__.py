@@ -1,0 +1,15 @@
+"""The analyses this server implements, in the order a request runs them.
+
+Add an analysis by writing a module with an ``ANALYSIS`` and listing it here; nothing else in
+the engine or the servicer changes.
+"""
+
+from . import hessian_eigen
+from .base import Analysis, AnalysisContext, EngineLimits
+
+ANALYSES: dict[str, Analysis] = {
+    module.ANALYSIS.name: module.ANALYSIS
+    for module in (hessian_eigen,)
+}
+
+__all__ = ["ANALYSES", "Analysis", "AnalysisContext", "EngineLimits"]

@@ -1,0 +1,90 @@
+"""What an analysis is to the engine: a report key, its option defaults and checks, and a run
+function over an ``AnalysisContext``. Each analysis lives in its own module of this package and
+is listed in ``ANALYSES`` (``__init__.py``); the engine and GetCapabilities read that list, so
+an analysis that is not listed answers UNIMPLEMENTED and is not advertised."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..curvature.hessian import HessianOperator
+from ..loading import LoadedData, LoadedModel
+
+ProgressFn = Callable[[dict], None]
+CheckFn = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Server-side defaults and caps applied to every request."""
+
+    micro_batch_size: int = 256
+    max_hvps: int = 2000
+    retain_max_samples: int = 4096
+
+
+@dataclass
+class AnalysisContext:
+    """Everything an analysis may use; ``block``/``param_names`` restrict it to one layer."""
+
+    model: LoadedModel
+    data: LoadedData | None
+    loss: str
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    curvature: str
+    seed: int
+    device: str
+    limits: EngineLimits
+    micro_batch_size: int
+    progress_sink: ProgressFn | None = None
+    check: CheckFn | None = None
+    block: str = ""
+    param_names: list[str] | None = None
+    # Results of analyses that ran earlier in the same request (whole model only), so that
+    # one can reuse another's work (e.g. sharpness reads hessian_eigen's largest eigenvalue).
+    earlier: dict[str, Any] = field(default_factory=dict)
+    _operators: dict[tuple[str, ...] | None, HessianOperator] = field(default_factory=dict)
+
+    def operator(self) -> HessianOperator:
+        """The Hessian operator of this context's parameters, built once and shared."""
+        key = tuple(self.param_names) if self.param_names is not None else None
+        if key not in self._operators:
+            if self.data is None or self.loss_fn is None:
+                raise AssertionError("an analysis that needs data was run without it")
+            self._operators[key] = HessianOperator(
+                self.model.module, self.data.inputs, self.data.targets, self.loss_fn,
+                param_names=self.param_names, micro_batch_size=self.micro_batch_size,
+                retain_max_samples=self.limits.retain_max_samples, check=self.check,
+            )
+        return self._operators[key]
+
+    def for_block(self, block: str, param_names: list[str]) -> "AnalysisContext":
+        """The same context restricted to one parameter block (operators are not shared)."""
+        return AnalysisContext(
+            model=self.model, data=self.data, loss=self.loss, loss_fn=self.loss_fn, curvature=self.curvature,
+            seed=self.seed, device=self.device, limits=self.limits, micro_batch_size=self.micro_batch_size,
+            progress_sink=self.progress_sink, check=self.check, block=block, param_names=list(param_names),
+        )
+
+    def progress(self, analysis: str, step: int, total: int, estimate: float) -> None:
+        if self.progress_sink is not None:
+            self.progress_sink({"analysis": analysis, "step": step, "total": total,
+                                "current_estimate": float(estimate), "block": self.block})
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One entry of the report's ``results``."""
+
+    name: str
+    # spec (the request's options, proto defaults as zeros) -> the options with defaults filled
+    # in; raises InvalidInput for values out of range. Runs before the job is queued.
+    normalize: Callable[[dict[str, Any], EngineLimits], dict[str, Any]]
+    run: Callable[[AnalysisContext, dict[str, Any]], dict[str, Any]]
+    needs_data: bool = True
+    # Whether --per-layer also runs it on each parameter block.
+    per_layer: bool = True
+    curvatures: tuple[str, ...] = ("hessian",)
