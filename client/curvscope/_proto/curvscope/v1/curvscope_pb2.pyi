@@ -472,19 +472,25 @@ class HessianDensityResult(_message.Message):
     def __init__(self, grid: _Optional[_Iterable[float]] = ..., density: _Optional[_Iterable[float]] = ..., nodes: _Optional[_Iterable[float]] = ..., weights: _Optional[_Iterable[float]] = ..., negative_mass: _Optional[float] = ..., hvps: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class SharpnessResult(_message.Message):
-    __slots__ = ("value", "learning_rate", "gd_stable", "margin")
+    __slots__ = ("value", "learning_rate", "gd_stable", "margin", "converged", "hvps", "source")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     GD_STABLE_FIELD_NUMBER: _ClassVar[int]
     MARGIN_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    HVPS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     value: float
     learning_rate: float
     gd_stable: bool
     margin: float
-    def __init__(self, value: _Optional[float] = ..., learning_rate: _Optional[float] = ..., gd_stable: _Optional[bool] = ..., margin: _Optional[float] = ...) -> None: ...
+    converged: bool
+    hvps: int
+    source: str
+    def __init__(self, value: _Optional[float] = ..., learning_rate: _Optional[float] = ..., gd_stable: _Optional[bool] = ..., margin: _Optional[float] = ..., converged: _Optional[bool] = ..., hvps: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class NonUniformityResult(_message.Message):
-    __slots__ = ("value", "batch_size", "sgd_stable", "stability_eigenvalue", "learning_rate", "method", "num_samples", "converged")
+    __slots__ = ("value", "batch_size", "sgd_stable", "stability_eigenvalue", "learning_rate", "method", "num_samples", "converged", "sharpness", "sharpness_bound", "non_uniformity_bound", "necessary_conditions_met", "stability_converged", "sigma_samples", "products", "seconds", "tolerance")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SGD_STABLE_FIELD_NUMBER: _ClassVar[int]
@@ -493,6 +499,15 @@ class NonUniformityResult(_message.Message):
     METHOD_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    SHARPNESS_FIELD_NUMBER: _ClassVar[int]
+    SHARPNESS_BOUND_FIELD_NUMBER: _ClassVar[int]
+    NON_UNIFORMITY_BOUND_FIELD_NUMBER: _ClassVar[int]
+    NECESSARY_CONDITIONS_MET_FIELD_NUMBER: _ClassVar[int]
+    STABILITY_CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     value: float
     batch_size: int
     sgd_stable: bool
@@ -501,7 +516,16 @@ class NonUniformityResult(_message.Message):
     method: str
     num_samples: int
     converged: bool
-    def __init__(self, value: _Optional[float] = ..., batch_size: _Optional[int] = ..., sgd_stable: _Optional[bool] = ..., stability_eigenvalue: _Optional[float] = ..., learning_rate: _Optional[float] = ..., method: _Optional[str] = ..., num_samples: _Optional[int] = ..., converged: _Optional[bool] = ...) -> None: ...
+    sharpness: float
+    sharpness_bound: float
+    non_uniformity_bound: float
+    necessary_conditions_met: bool
+    stability_converged: bool
+    sigma_samples: int
+    products: int
+    seconds: float
+    tolerance: float
+    def __init__(self, value: _Optional[float] = ..., batch_size: _Optional[int] = ..., sgd_stable: _Optional[bool] = ..., stability_eigenvalue: _Optional[float] = ..., learning_rate: _Optional[float] = ..., method: _Optional[str] = ..., num_samples: _Optional[int] = ..., converged: _Optional[bool] = ..., sharpness: _Optional[float] = ..., sharpness_bound: _Optional[float] = ..., non_uniformity_bound: _Optional[float] = ..., necessary_conditions_met: _Optional[bool] = ..., stability_converged: _Optional[bool] = ..., sigma_samples: _Optional[int] = ..., products: _Optional[int] = ..., seconds: _Optional[float] = ..., tolerance: _Optional[float] = ...) -> None: ...
 
 class LipschitzBounds(_message.Message):
     __slots__ = ("naive", "eclipse_fast", "lipsdp_neuron", "lipsdp_layer", "lower")
@@ -534,28 +558,48 @@ class LipschitzResult(_message.Message):
     def __init__(self, lower: _Optional[float] = ..., upper: _Optional[float] = ..., method: _Optional[str] = ..., bounds: _Optional[_Union[LipschitzBounds, _Mapping]] = ..., relative_gap: _Optional[float] = ..., note: _Optional[str] = ...) -> None: ...
 
 class EpsilonSharpnessResult(_message.Message):
-    __slots__ = ("value", "epsilon", "subspace_dim")
+    __slots__ = ("value", "epsilon", "subspace_dim", "loss", "max_loss", "iterations", "evaluations", "seconds")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     SUBSPACE_DIM_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOSS_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
     value: float
     epsilon: float
     subspace_dim: int
-    def __init__(self, value: _Optional[float] = ..., epsilon: _Optional[float] = ..., subspace_dim: _Optional[int] = ...) -> None: ...
+    loss: float
+    max_loss: float
+    iterations: int
+    evaluations: int
+    seconds: float
+    def __init__(self, value: _Optional[float] = ..., epsilon: _Optional[float] = ..., subspace_dim: _Optional[int] = ..., loss: _Optional[float] = ..., max_loss: _Optional[float] = ..., iterations: _Optional[int] = ..., evaluations: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class AdaptiveSharpnessResult(_message.Message):
-    __slots__ = ("value", "rho", "norm", "adaptive", "average_case")
+    __slots__ = ("value", "rho", "norm", "adaptive", "average_case", "steps", "loss", "perturbed_loss", "seconds", "stderr")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     RHO_FIELD_NUMBER: _ClassVar[int]
     NORM_FIELD_NUMBER: _ClassVar[int]
     ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
     AVERAGE_CASE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    PERTURBED_LOSS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
     value: float
     rho: float
     norm: str
     adaptive: bool
     average_case: bool
-    def __init__(self, value: _Optional[float] = ..., rho: _Optional[float] = ..., norm: _Optional[str] = ..., adaptive: _Optional[bool] = ..., average_case: _Optional[bool] = ...) -> None: ...
+    steps: int
+    loss: float
+    perturbed_loss: float
+    seconds: float
+    stderr: float
+    def __init__(self, value: _Optional[float] = ..., rho: _Optional[float] = ..., norm: _Optional[str] = ..., adaptive: _Optional[bool] = ..., average_case: _Optional[bool] = ..., steps: _Optional[int] = ..., loss: _Optional[float] = ..., perturbed_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., stderr: _Optional[float] = ...) -> None: ...
 
 class LayerSpectrum(_message.Message):
     __slots__ = ("name", "spectral_norm", "frobenius_norm", "stable_rank")
