@@ -47,9 +47,39 @@ def _results(results: dict[str, Any], indent: str) -> list[str]:
         if eigen["smallest"]:
             lines.append(f"{indent}  smallest  {_numbers(eigen['smallest'])}")
             lines.append(f"{indent}  residual  {_numbers(eigen['residuals']['smallest'])}")
+    lines += _stability(results, indent)
     for name, value in results.items():
-        if name != "hessian_eigen":
+        if name not in ("hessian_eigen", "sharpness", "non_uniformity"):
             lines.append(f"{indent}{name}: {value}")
+    return lines
+
+
+def _verdict(stable: Any) -> str:
+    return "stable" if stable else "UNSTABLE"
+
+
+def _stability(results: dict[str, Any], indent: str) -> list[str]:
+    """Sharpness (GD verdict) and non-uniformity (SGD verdict, Wu, Ma & E 2018)."""
+    lines = []
+    sharp = results.get("sharpness")
+    if sharp:
+        state = "" if sharp.get("converged", True) else ", NOT converged"
+        lines.append(f"{indent}sharpness a = {sharp['value']:.6g}  ({sharp.get('source', 'lanczos')}{state})")
+        if "gd_stable" in sharp:
+            lines.append(f"{indent}  GD at lr {sharp['learning_rate']:.4g}: {_verdict(sharp['gd_stable'])} "
+                         f"(a <= 2/lr = {2 / sharp['learning_rate']:.6g}, margin {sharp['margin']:.4g})")
+    nu = results.get("non_uniformity")
+    if nu:
+        state = "" if nu.get("converged", True) else ", NOT converged"
+        lines.append(f"{indent}non-uniformity s = {nu['value']:.6g}  ({nu.get('method', 'exact')}, "
+                     f"{nu.get('sigma_samples', nu.get('num_samples', 0))} samples, sharpness {nu.get('sharpness', 0):.6g}{state})")
+        if "sgd_stable" in nu:
+            lines.append(f"{indent}  SGD at lr {nu['learning_rate']:.4g}, batch {nu['batch_size']}: "
+                         f"{_verdict(nu['sgd_stable'])} (lambda_max = {nu['stability_eigenvalue']:.6g}, stable if <= 1)")
+            bound = nu.get("non_uniformity_bound")
+            lines.append(f"{indent}  necessary conditions a <= {nu['sharpness_bound']:.6g}"
+                         + (f", s <= {bound:.6g}" if bound is not None else "")
+                         + f": {'met' if nu.get('necessary_conditions_met') else 'NOT met'}")
     return lines
 
 

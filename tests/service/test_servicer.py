@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from curvscope import Client, CurvscopeError, json_schema
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
+from curvscope_service.analyses import ANALYSES
 from curvscope_service.curvature.dense import dense_hessian
 from curvscope_service.loading import load_data, load_model
 from curvscope_service.losses import get_loss
@@ -48,7 +49,7 @@ def test_health_reflection_and_capabilities(server, client):
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"curvscope.v1.Curvscope", "grpc.health.v1.Health"} <= services
     capabilities = client.capabilities()
-    assert capabilities["analyses"] == ["hessian_eigen"]  # nothing unbuilt is advertised
+    assert capabilities["analyses"] == list(ANALYSES)  # exactly the registry: nothing unbuilt is advertised
     assert "cross_entropy" in capabilities["losses"] and "sequential" in capabilities["architectures"]
     assert capabilities["devices"][0]["name"] == "cpu"
     assert capabilities["limits"]["max_upload_bytes"] == 8 << 20

@@ -4,12 +4,12 @@ Add an analysis by writing a module with an ``ANALYSIS`` and listing it here; no
 the engine or the servicer changes.
 """
 
-from . import hessian_eigen
+from . import hessian_eigen, sharpness, non_uniformity
 from .base import Analysis, AnalysisContext, EngineLimits
 
 ANALYSES: dict[str, Analysis] = {
     module.ANALYSIS.name: module.ANALYSIS
-    for module in (hessian_eigen,)
+    for module in (hessian_eigen, sharpness, non_uniformity)
 }
 
 __all__ = ["ANALYSES", "Analysis", "AnalysisContext", "EngineLimits"]

@@ -1,0 +1,92 @@
+"""``non_uniformity``: s = sqrt(lambda_max(Sigma)) and the SGD linear-stability verdict (Wu, Ma & E)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..curvature.hessian import HessianOperator
+from ..curvature.non_uniformity import METHODS, PerSampleGaussNewton, PerSampleHessians, compute_non_uniformity
+from ..errors import InvalidInput, Unimplemented
+from .base import Analysis, AnalysisContext, EngineLimits
+from .sharpness import TOLERANCE as SHARPNESS_TOLERANCE
+
+DEFAULT_TOLERANCE = 1e-3
+# Each Sigma product costs several HVPs (benchmarks/README.md): a budget per eigen solve.
+MAX_PRODUCTS = 300
+
+
+def _method(value: Any) -> str:
+    name = str(value or "").upper().removeprefix("NON_UNIFORMITY_METHOD_").lower()
+    if name in ("", "unspecified"):
+        return "exact"
+    if name not in METHODS:
+        raise InvalidInput(f"unknown non-uniformity method {value!r}; choose one of {', '.join(METHODS)}")
+    return name
+
+
+def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
+    learning_rate = float(spec.get("learning_rate", 0.0))
+    batch_size = int(spec.get("batch_size", 0))
+    max_samples = int(spec.get("max_samples", 0))
+    tolerance = float(spec.get("tolerance", 0.0)) or DEFAULT_TOLERANCE
+    if learning_rate < 0 or not math.isfinite(learning_rate):
+        raise InvalidInput(f"learning_rate {learning_rate} must be a finite number >= 0 (0 = no verdict)")
+    if batch_size < 0 or max_samples < 0:
+        raise InvalidInput("batch_size and max_samples must be >= 0")
+    if not (0.0 < tolerance < 1.0):
+        raise InvalidInput(f"tolerance {tolerance} must lie in (0, 1)")
+    if max_samples == 1:
+        raise InvalidInput("max_samples must be 0 (all) or at least 2: Sigma is a variance over samples")
+    return {"learning_rate": learning_rate, "batch_size": batch_size, "max_samples": max_samples,
+            "tolerance": tolerance, "method": _method(spec.get("method"))}
+
+
+def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
+    model, data = context.model, context.data
+    if model.fixed_batch_size:
+        raise Unimplemented(
+            f"non_uniformity needs per-sample products, but this model was exported with a fixed batch size "
+            f"of {model.fixed_batch_size}; export it with a dynamic batch dimension")
+    n = data.num_samples
+    if spec["batch_size"] > n:
+        raise InvalidInput(f"batch_size {spec['batch_size']} is larger than the {n} samples of the data")
+    inputs, targets = data.inputs, data.targets
+    subsampled = 0 < spec["max_samples"] < n
+    if subsampled:
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(context.seed))[:spec["max_samples"]]
+        keep = keep.sort().values.to(inputs.device)
+        inputs, targets = inputs[keep], targets[keep]
+    common = dict(param_names=context.param_names, micro_batch_size=context.micro_batch_size, check=context.check)
+    sharpness = None
+    if spec["method"] == "exact":
+        hessian = context.operator() if not subsampled else HessianOperator(
+            model.module, inputs, targets, context.loss_fn, retain_max_samples=context.limits.retain_max_samples,
+            **common)
+        operator = PerSampleHessians(model.module, inputs, targets, context.loss_fn, hessian=hessian, **common)
+        if not subsampled:
+            sharpness = _earlier_sharpness(context.earlier, spec["tolerance"])
+    else:
+        operator = PerSampleGaussNewton(model.module, inputs, targets, context.loss_fn, **common)
+    return compute_non_uniformity(
+        operator, learning_rate=spec["learning_rate"], batch_size=spec["batch_size"], num_samples=n,
+        tol=spec["tolerance"], max_products=min(MAX_PRODUCTS, context.limits.max_hvps), seed=context.seed,
+        sharpness=sharpness,
+        progress=lambda step, total, estimate: context.progress("non_uniformity", step, total, estimate),
+    )
+
+
+def _earlier_sharpness(earlier: dict[str, Any], tol: float) -> tuple[float, bool] | None:
+    """lambda_max(H) of the same request, when solved to this tolerance at least."""
+    eigen = earlier.get("hessian_eigen")
+    if eigen and eigen.get("converged") and eigen.get("largest") and eigen.get("tolerance", math.inf) <= tol:
+        return float(eigen["largest"][0]), True
+    sharpness = earlier.get("sharpness")
+    if sharpness and sharpness.get("converged") and SHARPNESS_TOLERANCE <= tol:
+        return float(sharpness["value"]), True
+    return None
+
+
+ANALYSIS = Analysis(name="non_uniformity", normalize=normalize, run=run)

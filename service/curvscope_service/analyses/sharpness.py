@@ -1,0 +1,31 @@
+"""``sharpness``: lambda_max of the loss Hessian and the GD stability verdict a <= 2 / eta."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..curvature.sharpness import compute_sharpness
+from ..errors import InvalidInput
+from .base import Analysis, AnalysisContext, EngineLimits
+
+TOLERANCE = 1e-3
+
+
+def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
+    learning_rate = float(spec.get("learning_rate", 0.0))
+    if learning_rate < 0 or not math.isfinite(learning_rate):
+        raise InvalidInput(f"learning_rate {learning_rate} must be a finite number >= 0 (0 = no verdict)")
+    return {"learning_rate": learning_rate}
+
+
+def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
+    # hessian_eigen of the same request (whole model only: per-layer contexts have no earlier).
+    return compute_sharpness(
+        context.operator(), learning_rate=spec["learning_rate"], tol=TOLERANCE, max_hvps=context.limits.max_hvps,
+        seed=context.seed, earlier_eigen=context.earlier.get("hessian_eigen"),
+        progress=lambda step, total, estimate: context.progress("sharpness", step, total, estimate),
+    )
+
+
+ANALYSIS = Analysis(name="sharpness", normalize=normalize, run=run)
