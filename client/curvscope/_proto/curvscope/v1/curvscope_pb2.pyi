@@ -276,18 +276,20 @@ class NonUniformitySpec(_message.Message):
     def __init__(self, learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_samples: _Optional[int] = ..., tolerance: _Optional[float] = ..., method: _Optional[_Union[NonUniformityMethod, str]] = ...) -> None: ...
 
 class LipschitzSpec(_message.Message):
-    __slots__ = ("methods", "solver", "split_size", "time_limit_seconds", "ascent_steps")
+    __slots__ = ("methods", "solver", "split_size", "time_limit_seconds", "ascent_steps", "memory_limit_mib")
     METHODS_FIELD_NUMBER: _ClassVar[int]
     SOLVER_FIELD_NUMBER: _ClassVar[int]
     SPLIT_SIZE_FIELD_NUMBER: _ClassVar[int]
     TIME_LIMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ASCENT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_MIB_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedScalarFieldContainer[LipschitzMethod]
     solver: SdpSolver
     split_size: int
     time_limit_seconds: float
     ascent_steps: int
-    def __init__(self, methods: _Optional[_Iterable[_Union[LipschitzMethod, str]]] = ..., solver: _Optional[_Union[SdpSolver, str]] = ..., split_size: _Optional[int] = ..., time_limit_seconds: _Optional[float] = ..., ascent_steps: _Optional[int] = ...) -> None: ...
+    memory_limit_mib: int
+    def __init__(self, methods: _Optional[_Iterable[_Union[LipschitzMethod, str]]] = ..., solver: _Optional[_Union[SdpSolver, str]] = ..., split_size: _Optional[int] = ..., time_limit_seconds: _Optional[float] = ..., ascent_steps: _Optional[int] = ..., memory_limit_mib: _Optional[int] = ...) -> None: ...
 
 class EpsilonSharpnessSpec(_message.Message):
     __slots__ = ("epsilon", "subspace_dim", "max_iterations")
@@ -542,20 +544,44 @@ class LipschitzBounds(_message.Message):
     def __init__(self, naive: _Optional[float] = ..., eclipse_fast: _Optional[float] = ..., lipsdp_neuron: _Optional[float] = ..., lipsdp_layer: _Optional[float] = ..., lower: _Optional[float] = ...) -> None: ...
 
 class LipschitzResult(_message.Message):
-    __slots__ = ("lower", "upper", "method", "bounds", "relative_gap", "note")
+    __slots__ = ("lower", "upper", "method", "bounds", "relative_gap", "note", "details", "chain")
     LOWER_FIELD_NUMBER: _ClassVar[int]
     UPPER_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     BOUNDS_FIELD_NUMBER: _ClassVar[int]
     RELATIVE_GAP_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
     lower: float
     upper: float
     method: str
     bounds: LipschitzBounds
     relative_gap: float
     note: str
-    def __init__(self, lower: _Optional[float] = ..., upper: _Optional[float] = ..., method: _Optional[str] = ..., bounds: _Optional[_Union[LipschitzBounds, _Mapping]] = ..., relative_gap: _Optional[float] = ..., note: _Optional[str] = ...) -> None: ...
+    details: _containers.RepeatedCompositeFieldContainer[LipschitzBoundDetail]
+    chain: LipschitzChain
+    def __init__(self, lower: _Optional[float] = ..., upper: _Optional[float] = ..., method: _Optional[str] = ..., bounds: _Optional[_Union[LipschitzBounds, _Mapping]] = ..., relative_gap: _Optional[float] = ..., note: _Optional[str] = ..., details: _Optional[_Iterable[_Union[LipschitzBoundDetail, _Mapping]]] = ..., chain: _Optional[_Union[LipschitzChain, _Mapping]] = ...) -> None: ...
+
+class LipschitzBoundDetail(_message.Message):
+    __slots__ = ("method", "value", "status", "seconds", "solver", "solver_value", "pieces", "note")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SOLVER_FIELD_NUMBER: _ClassVar[int]
+    SOLVER_VALUE_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    value: float
+    status: str
+    seconds: float
+    solver: str
+    solver_value: float
+    pieces: int
+    note: str
+    def __init__(self, method: _Optional[str] = ..., value: _Optional[float] = ..., status: _Optional[str] = ..., seconds: _Optional[float] = ..., solver: _Optional[str] = ..., solver_value: _Optional[float] = ..., pieces: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
 
 class EpsilonSharpnessResult(_message.Message):
     __slots__ = ("value", "epsilon", "subspace_dim", "loss", "max_loss", "iterations", "evaluations", "seconds")
@@ -602,16 +628,24 @@ class AdaptiveSharpnessResult(_message.Message):
     def __init__(self, value: _Optional[float] = ..., rho: _Optional[float] = ..., norm: _Optional[str] = ..., adaptive: _Optional[bool] = ..., average_case: _Optional[bool] = ..., steps: _Optional[int] = ..., loss: _Optional[float] = ..., perturbed_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., stderr: _Optional[float] = ...) -> None: ...
 
 class LayerSpectrum(_message.Message):
-    __slots__ = ("name", "spectral_norm", "frobenius_norm", "stable_rank")
+    __slots__ = ("name", "spectral_norm", "frobenius_norm", "stable_rank", "alpha", "alpha_xmin", "alpha_ks_distance", "alpha_tail")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPECTRAL_NORM_FIELD_NUMBER: _ClassVar[int]
     FROBENIUS_NORM_FIELD_NUMBER: _ClassVar[int]
     STABLE_RANK_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_XMIN_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_KS_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_TAIL_FIELD_NUMBER: _ClassVar[int]
     name: str
     spectral_norm: float
     frobenius_norm: float
     stable_rank: float
-    def __init__(self, name: _Optional[str] = ..., spectral_norm: _Optional[float] = ..., frobenius_norm: _Optional[float] = ..., stable_rank: _Optional[float] = ...) -> None: ...
+    alpha: float
+    alpha_xmin: float
+    alpha_ks_distance: float
+    alpha_tail: int
+    def __init__(self, name: _Optional[str] = ..., spectral_norm: _Optional[float] = ..., frobenius_norm: _Optional[float] = ..., stable_rank: _Optional[float] = ..., alpha: _Optional[float] = ..., alpha_xmin: _Optional[float] = ..., alpha_ks_distance: _Optional[float] = ..., alpha_tail: _Optional[int] = ...) -> None: ...
 
 class WeightSpectraResult(_message.Message):
     __slots__ = ("layers",)
