@@ -4,12 +4,12 @@ Add an analysis by writing a module with an ``ANALYSIS`` and listing it here; no
 the engine or the servicer changes.
 """
 
-from . import hessian_eigen, sharpness, non_uniformity
+from . import adaptive_sharpness, epsilon_sharpness, hessian_eigen, non_uniformity, sharpness
 from .base import Analysis, AnalysisContext, EngineLimits
 
 ANALYSES: dict[str, Analysis] = {
     module.ANALYSIS.name: module.ANALYSIS
-    for module in (hessian_eigen, sharpness, non_uniformity)
+    for module in (hessian_eigen, sharpness, non_uniformity, epsilon_sharpness, adaptive_sharpness)
 }
 
 __all__ = ["ANALYSES", "Analysis", "AnalysisContext", "EngineLimits"]

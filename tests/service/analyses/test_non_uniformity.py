@@ -6,41 +6,14 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from curvscope_service.curvature.dense import dense_hessian
-from curvscope_service.engine import AnalysisJob, EngineLimits, run_analysis, validate_job
+from curvscope_service.engine import EngineLimits, run_analysis, validate_job
 from curvscope_service.errors import InvalidInput, Unimplemented
-from curvscope_service.loading import load_data, load_model, save_sequential
+from curvscope_service.loading import load_data, load_model
 from curvscope_service.losses import get_loss
 
-CONFIG = {
-    "input_shape": [6],
-    "layers": [
-        {"type": "linear", "in_features": 6, "out_features": 5},
-        {"type": "tanh"},
-        {"type": "linear", "in_features": 5, "out_features": 3},
-    ],
-}
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A 53-parameter tanh MLP as sequential safetensors and as a .pt2 with a fixed batch, 16 samples."""
-    root = tmp_path_factory.mktemp("nu")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).eval()
-    save_sequential(root / "mlp.safetensors", CONFIG, model.state_dict())
-    inputs = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
-    torch.export.save(torch.export.export(model, (inputs[:8],)), str(root / "mlp-batch8.pt2"))
-    save_file({"inputs": inputs, "targets": torch.arange(16) % 3}, str(root / "classes.safetensors"))
-    return root
-
-
-def job(files, analyses, **options) -> AnalysisJob:
-    return AnalysisJob(model_path=files / "mlp.safetensors", model_sha256="0" * 64,
-                       data_path=files / "classes.safetensors", loss="cross_entropy", analyses=analyses,
-                       precision="float64", **options)
+from .conftest import job
 
 
 def truth(files, names=None, keep=None):

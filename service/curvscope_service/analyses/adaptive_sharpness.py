@@ -1,0 +1,53 @@
+"""``adaptive_sharpness``: worst-case or average-case sharpness, l_inf or l2, optionally
+elementwise-adaptive (Kwon et al. 2021; Andriushchenko et al. 2023)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..curvature.adaptive_sharpness import NORMS, compute_adaptive_sharpness
+from ..curvature.epsilon_sharpness import PerturbedLoss
+from ..errors import InvalidInput
+from .base import Analysis, AnalysisContext, EngineLimits
+
+# Andriushchenko et al.'s code: 20 steps (or noise draws); l_inf by default; rho 0.1 for l2 (its
+# default) and 0.002 for l_inf (the middle of the ranges their ResNet sweeps use).
+DEFAULT_STEPS = 20
+DEFAULT_RHO = {"linf": 0.002, "l2": 0.1}
+MAX_STEPS = 10_000
+
+
+def _norm(value: Any) -> str:
+    name = str(value or "").upper().removeprefix("SHARPNESS_NORM_").lower()
+    if name in ("", "unspecified"):
+        return "linf"
+    if name not in NORMS:
+        raise InvalidInput(f"unknown sharpness norm {value!r}; choose one of {', '.join(NORMS)}")
+    return name
+
+
+def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
+    norm = _norm(spec.get("norm"))
+    rho = float(spec.get("rho", 0.0)) or DEFAULT_RHO[norm]
+    steps = int(spec.get("steps", 0)) or DEFAULT_STEPS
+    if not (rho > 0 and math.isfinite(rho)):
+        raise InvalidInput(f"rho {rho} must be a finite positive number")
+    if not 1 <= steps <= MAX_STEPS:
+        raise InvalidInput(f"steps {steps} must lie between 1 and {MAX_STEPS}")
+    return {"rho": rho, "steps": steps, "norm": norm, "adaptive": bool(spec.get("adaptive", False)),
+            "average_case": bool(spec.get("average_case", False))}
+
+
+def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
+    objective = PerturbedLoss(context.model.module, context.data.inputs, context.data.targets, context.loss_fn,
+                              param_names=context.param_names, micro_batch_size=context.micro_batch_size,
+                              check=context.check)
+    return compute_adaptive_sharpness(
+        objective, rho=spec["rho"], steps=spec["steps"], norm=spec["norm"], adaptive=spec["adaptive"],
+        average_case=spec["average_case"], seed=context.seed,
+        progress=lambda step, total, estimate: context.progress("adaptive_sharpness", step, total, estimate),
+    )
+
+
+ANALYSIS = Analysis(name="adaptive_sharpness", normalize=normalize, run=run)

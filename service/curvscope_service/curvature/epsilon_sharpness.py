@@ -1,0 +1,149 @@
+"""Keskar et al.'s epsilon-sharpness (ICLR 2017, "On Large-Batch Training for Deep Learning:
+Generalization Gap and Sharp Minima", Metric 2.1).
+
+For weights x, loss f and a d x p matrix A (A = I for the full space, a random matrix for a
+random subspace), the box is C_eps = {y : |y_i| <= eps (|(A^+ x)_i| + 1)} and
+
+    phi(eps, A) = 100 * (max_{y in C_eps} f(x + A y) - f(x)) / (1 + f(x)),
+
+maximised, as in the paper, by L-BFGS-B (scipy) with a small iteration budget (the paper uses
+10 iterations; eps = 1e-3 and 5e-4; a random subspace of p = 100 dimensions).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..errors import InvalidInput
+from .hessian import LossFn
+
+
+class PerturbedLoss:
+    """The mean loss and its gradient at the selected parameters plus a flat perturbation,
+    micro-batched over the data; the model itself is never modified."""
+
+    def __init__(self, module: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *,
+                 param_names: Sequence[str] | None = None, micro_batch_size: int = 256,
+                 check: Callable[[], None] | None = None) -> None:
+        named = dict(module.named_parameters())
+        names = list(named) if param_names is None else list(param_names)
+        if not names or any(name not in named for name in names):
+            raise InvalidInput(f"unknown or no parameter names {names}; the model has {list(named)}")
+        selected = [named[name] for name in names]
+        self.param_names = names
+        self.dtype, self.device = selected[0].dtype, selected[0].device
+        self.weights = torch.cat([p.detach().reshape(-1) for p in selected])
+        self.dim = self.weights.numel()
+        self.evaluations = 0
+        self._shapes = [p.shape for p in selected]
+        self._sizes = [p.numel() for p in selected]
+        self._constants = {k: p.detach() for k, p in named.items() if k not in set(names)}
+        self._module, self._loss_fn, self._check = module, loss_fn, check
+        n = inputs.shape[0]
+        inputs = inputs.to(self.device, self.dtype) if inputs.is_floating_point() else inputs.to(self.device)
+        targets = targets.to(self.device, self.dtype) if targets.is_floating_point() else targets.to(self.device)
+        self._batches = [(x, t, x.shape[0] / n) for x, t in
+                         zip(inputs.split(micro_batch_size), targets.split(micro_batch_size))]
+
+    def _values(self, flat: Tensor) -> dict[str, Tensor]:
+        values = dict(self._constants)
+        values.update({k: part.reshape(shape) for k, part, shape in
+                       zip(self.param_names, flat.split(self._sizes), self._shapes)})
+        return values
+
+    def loss(self, delta: Tensor | None = None) -> float:
+        """f(x + delta)."""
+        flat = self.weights if delta is None else self.weights + delta
+        total = 0.0
+        with torch.no_grad():
+            for x, t, w in self._batches:
+                self._step()
+                total += self._loss_fn(functional_call(self._module, self._values(flat), (x,)), t).item() * w
+        self.evaluations += 1
+        return total
+
+    def loss_and_gradient(self, delta: Tensor) -> tuple[float, Tensor]:
+        """f(x + delta) and its gradient with respect to the weights."""
+        flat = (self.weights + delta).requires_grad_(True)
+        total, gradient = 0.0, torch.zeros_like(self.weights)
+        for x, t, w in self._batches:
+            self._step()
+            with torch.enable_grad():
+                value = self._loss_fn(functional_call(self._module, self._values(flat), (x,)), t) * w
+                (part,) = torch.autograd.grad(value, flat)
+            total += value.item()
+            gradient += part
+        self.evaluations += 1
+        return total, gradient
+
+    def _step(self) -> None:
+        if self._check is not None:
+            self._check()
+
+
+def compute_epsilon_sharpness(
+    objective: PerturbedLoss,
+    *,
+    epsilon: float = 1e-3,
+    subspace_dim: int = 0,
+    max_iterations: int = 10,
+    seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict:
+    """The ``epsilon_sharpness`` report block (value in percent)."""
+    if not (epsilon >= 0 and math.isfinite(epsilon)):
+        raise InvalidInput(f"epsilon must be a finite number >= 0, got {epsilon}")
+    if subspace_dim < 0 or subspace_dim > objective.dim:
+        raise InvalidInput(f"subspace_dim {subspace_dim} must lie between 0 (full space) and the {objective.dim} parameters")
+    if max_iterations < 1:
+        raise InvalidInput(f"max_iterations must be positive, got {max_iterations}")
+    start = time.perf_counter()
+    x = objective.weights.to(torch.float64)
+    if subspace_dim:
+        # Gaussian columns scaled to unit expected norm; the box is set by A^+ x (Keskar et al.).
+        generator = torch.Generator().manual_seed(seed)
+        a = torch.randn(objective.dim, subspace_dim, generator=generator, dtype=torch.float64) / math.sqrt(objective.dim)
+        a = a.to(x.device)
+        scale = torch.linalg.pinv(a) @ x
+    else:
+        a, scale = None, x
+    bound = (epsilon * (scale.abs() + 1)).cpu().numpy()
+    base = objective.loss()
+    best = base
+    # L-BFGS-B evaluates about once per iteration; its line search may take a few more.
+    max_evaluations = 5 * max_iterations
+    total = max_evaluations + 1
+
+    def negative(y: np.ndarray) -> tuple[float, np.ndarray]:
+        nonlocal best
+        step = torch.from_numpy(np.array(y, dtype=np.float64)).to(x.device)
+        delta = step if a is None else a @ step
+        value, gradient = objective.loss_and_gradient(delta.to(objective.dtype))
+        best = max(best, value)
+        gradient = gradient.to(torch.float64)
+        if a is not None:
+            gradient = a.T @ gradient
+        if progress is not None:
+            progress(min(objective.evaluations, total), total, 100 * (best - base) / (1 + base))
+        return -value, -gradient.cpu().numpy()
+
+    result = minimize(negative, np.zeros(bound.shape[0]), jac=True, method="L-BFGS-B",
+                      bounds=list(zip(-bound, bound)), options={"maxiter": max_iterations, "maxfun": max_evaluations})
+    return {
+        "value": 100 * (best - base) / (1 + base),
+        "epsilon": epsilon,
+        "subspace_dim": subspace_dim,
+        "loss": base,
+        "max_loss": best,
+        "iterations": int(result.get("nit", 0)),
+        "evaluations": objective.evaluations,
+        "seconds": time.perf_counter() - start,
+    }
