@@ -1,0 +1,177 @@
+"""Cost of one Sigma product (Wu, Ma & E's non-uniformity) in units of one full-batch HVP, and
+its memory as the batch grows.
+
+    python benchmarks/bench_non_uniformity.py [--threads 1] [--repeats 5] [--n 512] [--memory]
+
+Digits MLP (2,410 parameters), CNN (1,962) and a wide MLP 64-384-64-10 (50,314), float32,
+cross-entropy, micro-batch 256. Rows: the full-batch HVP (the unit; HessianOperator's auto
+method), the exact Sigma product (per-sample products under vmap, centred: one full-batch HVP
+plus a per-sample pass), the Gauss-Newton Sigma product (two forward-mode and two backward
+passes; its one-time set-up of the per-sample J_i J_i^T blocks is shown apart), and a plain
+vmap of per-sample jvp-of-grad products applied twice, the baseline the issue measured at
+9-23x. Timings are interleaved medians. With --memory, each (method, n) runs in a fresh
+subprocess that reports the growth of its resident set size during one product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from models import batch, trained
+
+MEMORY_SIZES = (256, 1024, 4096)
+
+
+def wide() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 384), nn.Tanh(), nn.Linear(384, 64), nn.Tanh(),
+                         nn.Linear(64, 10)).eval()
+
+
+def model(name: str) -> nn.Module:
+    return wide() if name == "wide" else trained(name)
+
+
+def operators(name: str, n: int, micro_batch: int):
+    from curvscope_service.curvature.hessian import HessianOperator
+    from curvscope_service.curvature.non_uniformity import PerSampleGaussNewton, PerSampleHessians
+
+    net = model(name)
+    inputs, targets = batch(n)
+    loss = nn.functional.cross_entropy
+    hessian = HessianOperator(net, inputs, targets, loss, micro_batch_size=micro_batch)
+    exact = PerSampleHessians(net, inputs, targets, loss, hessian=hessian, micro_batch_size=micro_batch)
+    start = time.perf_counter()
+    gauss_newton = PerSampleGaussNewton(net, inputs, targets, loss, micro_batch_size=micro_batch)
+    setup = time.perf_counter() - start
+    return net, inputs, targets, hessian, exact, gauss_newton, setup
+
+
+def naive_sigma(net: nn.Module, inputs, targets, micro_batch: int):
+    """The plain form: vmap of per-sample jvp(grad) for H_i v and again for H_i (H_i v)."""
+    names = [k for k, _ in net.named_parameters()]
+    values = tuple(p.detach() for p in net.parameters())
+
+    def sample_loss(params, x, t):
+        return nn.functional.cross_entropy(functional_call(net, dict(zip(names, params)), (x[None],)), t[None])
+
+    def hvp(x, t, vs):
+        return jvp(lambda p: grad(sample_loss)(p, x, t), (values,), (vs,))[1]
+
+    per_sample = vmap(hvp, in_dims=(0, 0, None))
+    twice = vmap(hvp, in_dims=(0, 0, 0))
+
+    def product(v):
+        vs = tuple(part.reshape(p.shape) for part, p in zip(v.split([p.numel() for p in values]), values))
+        out = torch.zeros_like(v)
+        for x, t in zip(inputs.split(micro_batch), targets.split(micro_batch)):
+            out += torch.cat([p.reshape(p.shape[0], -1) for p in twice(x, t, per_sample(x, t, vs))], 1).sum(0)
+        return out
+
+    return product
+
+
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def timings(name: str, n: int, micro_batch: int, repeats: int) -> None:
+    net, inputs, targets, hessian, exact, gauss_newton, setup = operators(name, n, micro_batch)
+    v = torch.randn(hessian.dim, generator=torch.Generator().manual_seed(0))
+    naive = naive_sigma(net, inputs, targets, micro_batch)
+    medians = interleaved_medians({
+        "hvp": lambda: hessian.matvec(v),
+        "exact": lambda: exact.sigma_parts(v),
+        "gauss_newton": lambda: gauss_newton.sigma_parts(v),
+        "naive": lambda: naive(v),
+    }, repeats)
+    unit = medians["hvp"]
+    print(f"| {name:5} | {hessian.dim:6,} | {unit * 1e3:7.1f} ms | {medians['exact'] / unit:5.1f} | "
+          f"{medians['gauss_newton'] / unit:5.1f} | {setup / unit:6.1f} | {medians['naive'] / unit:5.1f} |",
+          flush=True)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def child(name: str, method: str, n: int, micro_batch: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _, _, _, hessian, exact, gauss_newton, _ = operators(name, n, micro_batch)
+    operator = exact if method == "exact" else gauss_newton
+    v = torch.randn(hessian.dim)
+    hessian.matvec(v)  # the full-batch graphs are built once per analysis, not per product
+    # The process' lifetime peak is set by training the model, so sample the resident set size
+    # while the product runs instead.
+    before, peak, running = rss_mib(), [0.0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    operator.sigma_parts(v, square=True)
+    running[0] = False
+    sampler.join()
+    print(json.dumps({"before": before, "after": max(peak[0], rss_mib())}))
+
+
+def memory(name: str, micro_batch: int, threads: int) -> None:
+    print(f"\n{name}, micro-batch {micro_batch}: RSS in MiB, peak during one Sigma product (growth)")
+    print("| samples | exact | gauss_newton |\n|---|---|---|")
+    for n in MEMORY_SIZES:
+        cells = []
+        for method in ("exact", "gauss_newton"):
+            out = subprocess.run([sys.executable, __file__, "--child", name, method, str(n), str(micro_batch),
+                                  str(threads)], capture_output=True, text=True, check=True).stdout
+            peak = json.loads(out.strip().splitlines()[-1])
+            cells.append(f"{peak['after']:.0f} (+{peak['after'] - peak['before']:.0f})")
+        print(f"| {n} | {cells[0]} | {cells[1]} |", flush=True)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        name, method, n, micro_batch, threads = sys.argv[2:7]
+        child(name, method, int(n), int(micro_batch), int(threads))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--micro-batch", type=int, default=256)
+    parser.add_argument("--models", default="mlp,cnn,wide")
+    parser.add_argument("--memory", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{args.n} samples, float32, {args.threads} thread(s); Sigma product cost in full-batch HVPs")
+    print("| model | params | one HVP | exact | Gauss-Newton | GN set-up | plain vmap |")
+    print("|-------|--------|---------|-------|--------------|-----------|------------|")
+    for name in filter(None, args.models.split(",")):
+        timings(name, args.n, args.micro_batch, args.repeats)
+    if args.memory:
+        memory("cnn", args.micro_batch, args.threads)
+
+
+if __name__ == "__main__":
+    main()
