@@ -1,0 +1,52 @@
+"""Girard-Hutchinson trace estimation with Rademacher probes: the reference estimator.
+
+For Rademacher z (independent +-1 entries) E[z^T A z] = tr(A) and E[||A z||^2] = tr(A^2); the
+mean of m samples has standard error std / sqrt(m), with variance 2 (||A||_F^2 - sum_i a_ii^2)
+per sample, so a diagonal A is estimated exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .trace_probes import Apply, Progress, TraceEstimate, mean_and_stderr, rademacher, reached
+
+
+def hutchinson(
+    apply: Apply,
+    dim: int,
+    *,
+    max_products: int,
+    relative_tolerance: float = 0.0,
+    frobenius: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    block_size: int = 8,
+    progress: Progress | None = None,
+) -> TraceEstimate:
+    """tr(A) from at most ``max_products`` probes, drawn ``block_size`` at a time.
+
+    With ``relative_tolerance`` > 0 it stops after the first block whose standard error is at
+    most that fraction of the estimate (from ``MIN_ADAPTIVE_SAMPLES`` probes on).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    quadratic: list[torch.Tensor] = []
+    squares: list[torch.Tensor] = []
+    done = 0
+    while done < max_products:
+        k = min(block_size, max_products - done)
+        Z = rademacher(generator, dim, k, device)
+        AZ = apply(Z)
+        quadratic.append((Z * AZ).sum(0))
+        squares.append((AZ * AZ).sum(0))
+        done += k
+        estimate, stderr = mean_and_stderr(torch.cat(quadratic))
+        if progress is not None:
+            progress(done, max_products, estimate)
+        if reached(estimate, stderr, done, relative_tolerance):
+            break
+    result = TraceEstimate(estimate, stderr, "hutchinson", done)
+    if frobenius:
+        result.frobenius_squared, result.frobenius_squared_stderr = mean_and_stderr(torch.cat(squares))
+    return result
