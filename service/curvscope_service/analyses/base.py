@@ -10,11 +10,15 @@ from typing import Any, Callable
 
 import torch
 
+from ..curvature.fisher import EmpiricalFisherOperator, FisherOperator
+from ..curvature.ggn import GGNOperator, OutputCurvatureOperator
 from ..curvature.hessian import HessianOperator
 from ..loading import LoadedData, LoadedModel
 
 ProgressFn = Callable[[dict], None]
 CheckFn = Callable[[], None]
+# Every curvature matrix of the API, matrix-free, behind the same products (matvec, matmat).
+CurvatureOperator = HessianOperator | OutputCurvatureOperator
 
 
 @dataclass(frozen=True)
@@ -46,19 +50,26 @@ class AnalysisContext:
     # Results of analyses that ran earlier in the same request (whole model only), so that
     # one can reuse another's work (e.g. sharpness reads hessian_eigen's largest eigenvalue).
     earlier: dict[str, Any] = field(default_factory=dict)
-    _operators: dict[tuple[str, ...] | None, HessianOperator] = field(default_factory=dict)
+    _operators: dict[tuple[str, ...] | None, CurvatureOperator] = field(default_factory=dict)
 
-    def operator(self) -> HessianOperator:
-        """The Hessian operator of this context's parameters, built once and shared."""
+    def operator(self) -> CurvatureOperator:
+        """The operator of this context's curvature (``hessian``, ``ggn``, ``fisher``,
+        ``empirical_fisher``) over its parameters, built once and shared."""
         key = tuple(self.param_names) if self.param_names is not None else None
         if key not in self._operators:
             if self.data is None or self.loss_fn is None:
                 raise AssertionError("an analysis that needs data was run without it")
-            self._operators[key] = HessianOperator(
-                self.model.module, self.data.inputs, self.data.targets, self.loss_fn,
-                param_names=self.param_names, micro_batch_size=self.micro_batch_size,
-                retain_max_samples=self.limits.retain_max_samples, check=self.check,
-            )
+            common = dict(param_names=self.param_names, micro_batch_size=self.micro_batch_size, check=self.check)
+            args = (self.model.module, self.data.inputs, self.data.targets, self.loss_fn)
+            if self.curvature == "ggn":
+                operator: CurvatureOperator = GGNOperator(*args, **common)
+            elif self.curvature == "fisher":
+                operator = FisherOperator(*args, loss=self.loss, seed=self.seed, **common)
+            elif self.curvature == "empirical_fisher":
+                operator = EmpiricalFisherOperator(*args, **common)
+            else:
+                operator = HessianOperator(*args, retain_max_samples=self.limits.retain_max_samples, **common)
+            self._operators[key] = operator
         return self._operators[key]
 
     def for_block(self, block: str, param_names: list[str]) -> "AnalysisContext":
