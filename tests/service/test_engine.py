@@ -113,9 +113,9 @@ def test_max_samples_subsamples_reproducibly(cnn_files):
 
 
 @pytest.mark.parametrize("change, error, words", [
-    ({"analyses": {"hessian_trace": {}}}, Unimplemented, "hessian_trace"),
+    ({"analyses": {"hessian_inverse": {}}}, Unimplemented, "hessian_inverse"),
     ({"analyses": {}}, InvalidInput, "no analysis"),
-    ({"curvature": "fisher"}, Unimplemented, "fisher"),
+    ({"curvature": "fisher", "analyses": {"non_uniformity": {}}}, Unimplemented, "fisher"),
     ({"precision": "float16"}, InvalidInput, "float16"),
     ({"loss": "hinge"}, InvalidInput, "hinge"),
     ({"data_path": None}, InvalidInput, "data"),

@@ -176,9 +176,6 @@ def test_bad_input_gets_invalid_argument_and_the_server_stays_up(client, digits_
 
 def test_unbuilt_analyses_and_missing_blobs(client, digits_files):
     model_path, data_path = digits_files
-    with pytest.raises(CurvscopeError) as caught:
-        client.analyze(model_path, data_path, eigen=0, trace=True)
-    assert caught.value.code == "UNIMPLEMENTED" and "hessian_trace" in caught.value.message
     request = pb.AnalyzeRequest(model=pb.ModelRef(blob=pb.BlobRef(sha256="e" * 64)),
                                 analyses=[pb.AnalysisSpec(hessian_eigen=pb.HessianEigenSpec())])
     with pytest.raises(CurvscopeError) as caught:
@@ -186,7 +183,7 @@ def test_unbuilt_analyses_and_missing_blobs(client, digits_files):
     assert caught.value.code == "NOT_FOUND"
     request = pb.AnalyzeRequest(model=client.model_ref(model_path), data=client.data_ref(data_path),
                                 options=pb.AnalysisOptions(curvature=pb.CURVATURE_GGN),
-                                analyses=[pb.AnalysisSpec(hessian_eigen=pb.HessianEigenSpec())])
+                                analyses=[pb.AnalysisSpec(non_uniformity=pb.NonUniformitySpec())])
     with pytest.raises(CurvscopeError) as caught:
         client.analyze_request(request)
     assert caught.value.code == "UNIMPLEMENTED" and "ggn" in caught.value.message

@@ -36,4 +36,5 @@ def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-ANALYSIS = Analysis(name="hessian_eigen", normalize=normalize, run=run)
+ANALYSIS = Analysis(name="hessian_eigen", normalize=normalize, run=run,
+                    curvatures=("hessian", "ggn", "fisher", "empirical_fisher"))
