@@ -47,10 +47,29 @@ def _results(results: dict[str, Any], indent: str) -> list[str]:
         if eigen["smallest"]:
             lines.append(f"{indent}  smallest  {_numbers(eigen['smallest'])}")
             lines.append(f"{indent}  residual  {_numbers(eigen['residuals']['smallest'])}")
+    lines += _spectrum(results, indent)
     lines += _stability(results, indent)
     for name, value in results.items():
-        if name not in ("hessian_eigen", "sharpness", "non_uniformity"):
+        if name not in ("hessian_eigen", "hessian_trace", "hessian_density", "sharpness", "non_uniformity"):
             lines.append(f"{indent}{name}: {value}")
+    return lines
+
+
+def _spectrum(results: dict[str, Any], indent: str) -> list[str]:
+    """Trace (with its standard error, and tr(H^2) when asked) and the SLQ density in brief."""
+    lines = []
+    trace = results.get("hessian_trace")
+    if trace:
+        lines.append(f"{indent}trace = {trace.get('estimate', 0.0):.6g} +- {trace.get('stderr', 0.0):.2g}  "
+                     f"({trace.get('method', '')}, {trace.get('hvps', 0)} HVPs, {trace.get('seconds', 0.0):.2f} s)")
+        if "frobenius_squared" in trace:
+            lines.append(f"{indent}  tr(H^2) = {trace['frobenius_squared']:.6g} +- {trace.get('frobenius_squared_stderr', 0.0):.2g}")
+    density = results.get("hessian_density")
+    if density:
+        nodes = density.get("nodes") or [0.0]
+        lines.append(f"{indent}spectral density: {density.get('hvps', 0)} HVPs, {density.get('seconds', 0.0):.2f} s, "
+                     f"nodes in [{min(nodes):.4g}, {max(nodes):.4g}], "
+                     f"negative mass {100 * density.get('negative_mass', 0.0):.2f} %")
     return lines
 
 
