@@ -1,0 +1,199 @@
+"""``lipschitz``: a certified interval [lower, upper] for the ℓ2 Lipschitz constant of the network
+(input to output), with every bound that was computed and why any other is missing.
+
+Upper bounds: naive (product of layer norms), ECLipsE-Fast, LipSDP-Neuron and LipSDP-Layer
+(solved in subprocesses, certified afterwards, split into sub-networks when too large). The lower
+bound needs data. No data is needed otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any
+
+import torch
+
+from ..errors import DeadlineExceeded, InvalidInput, ResourceExhausted
+from ..lipschitz import lipsdp
+from ..lipschitz.eclipse_fast import eclipse_fast
+from ..lipschitz.lower import lower_bound
+from ..lipschitz.naive import naive_bound
+from ..lipschitz.network import Network, extract_network
+from ..lipschitz.solver_pool import DEFAULT_MEMORY_LIMIT_MIB, DEFAULT_TIME_LIMIT_S, default_pool
+from .base import Analysis, AnalysisContext, EngineLimits
+
+METHODS = ("naive", "eclipse_fast", "lipsdp_neuron", "lipsdp_layer", "lower")
+MAX_TIME_LIMIT_S = 3600.0
+MAX_MEMORY_LIMIT_MIB = 65536
+MIN_MEMORY_LIMIT_MIB = 512
+MAX_ASCENT_STEPS = 10_000
+DEFAULT_ASCENT_STEPS = 60
+# Above this many LMI rows a network is split into sub-networks unless split_size says otherwise.
+MAX_WHOLE_ROWS = 1200
+
+
+def _name(value: Any, prefix: str) -> str:
+    return str(value).removeprefix(prefix).lower()
+
+
+def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
+    methods = [_name(m, "LIPSCHITZ_METHOD_") for m in spec.get("methods", [])]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InvalidInput(f"unknown Lipschitz method '{unknown[0]}'; choose from {', '.join(METHODS)}")
+    solver = _name(spec.get("solver", "SDP_SOLVER_UNSPECIFIED"), "SDP_SOLVER_")
+    if solver not in ("unspecified", "0", "cvxopt", "scs"):
+        raise InvalidInput(f"unknown SDP solver '{solver}'; choose cvxopt or scs")
+    split_size = int(spec.get("split_size", 0))
+    if split_size == 1:
+        raise InvalidInput("split_size 1 would solve no SDP at all; use 0 (automatic) or at least 2 layers per sub-network")
+    time_limit = float(spec.get("time_limit_seconds", 0.0)) or DEFAULT_TIME_LIMIT_S
+    if not (0.0 < time_limit <= MAX_TIME_LIMIT_S):
+        raise InvalidInput(f"time_limit_seconds {time_limit:g} must lie in (0, {MAX_TIME_LIMIT_S:g}]")
+    steps = int(spec.get("ascent_steps", 0)) or DEFAULT_ASCENT_STEPS
+    if steps > MAX_ASCENT_STEPS:
+        raise InvalidInput(f"ascent_steps {steps} is over the limit of {MAX_ASCENT_STEPS}")
+    memory = int(spec.get("memory_limit_mib", 0)) or DEFAULT_MEMORY_LIMIT_MIB
+    if not (MIN_MEMORY_LIMIT_MIB <= memory <= MAX_MEMORY_LIMIT_MIB):
+        raise InvalidInput(f"memory_limit_mib {memory} must lie in [{MIN_MEMORY_LIMIT_MIB}, {MAX_MEMORY_LIMIT_MIB}]")
+    return {
+        "methods": list(dict.fromkeys(methods)) or list(METHODS),
+        "solver": solver.upper() if solver in ("cvxopt", "scs") else None,
+        "split_size": split_size, "time_limit_seconds": time_limit, "ascent_steps": steps, "memory_limit_mib": memory,
+    }
+
+
+def split_points(weights: list, split_size: int, max_rows: int = MAX_WHOLE_ROWS) -> list[tuple[int, int]]:
+    """Ranges [a, b) of weight indices per sub-network: ``split_size`` layers each, or (0) as few
+    pieces as keep every piece's LMI within ``max_rows``."""
+    n = len(weights)
+    if split_size:
+        return [(a, min(n, a + split_size)) for a in range(0, n, split_size)]
+    pieces, start = [], 0
+    for end in range(start + 2, n + 1):
+        if end - start > 2 and lipsdp.lmi_rows(weights[start:end]) > max_rows:
+            pieces.append((start, end - 1))
+            start = end - 1
+    pieces.append((start, n))
+    return pieces
+
+
+def _lipsdp(
+    network: Network, variant: str, spec: dict[str, Any], context: AnalysisContext, reached: dict[str, float],
+) -> dict[str, Any]:
+    weights = network.weights
+    pieces = split_points(weights, spec["split_size"])
+    started = time.perf_counter()
+    bound, raw, solvers = 1.0, 1.0, set()
+    for a, b in pieces:
+        piece_weights = weights[a:b]
+        if b - a == 1:  # a single affine map: its norm is exact
+            norm = float(torch.linalg.matrix_norm(torch.from_numpy(piece_weights[0]), ord=2))
+            bound, raw = bound * norm, raw * norm
+        else:
+            acts = network.activations[a:b - 1]
+            problem = lipsdp.make_problem(piece_weights, [s.alpha for s in acts], [s.beta for s in acts], variant, spec["solver"])
+            solvers.add(problem["solver"])
+            what = f"LipSDP-{variant.capitalize()} ({problem['rows']} LMI rows, {problem['solver']})"
+            try:
+                result = default_pool().solve(problem, time_limit_s=spec["time_limit_seconds"],
+                                              memory_limit_mib=spec["memory_limit_mib"], check=context.check, what=what)
+            except (DeadlineExceeded, ResourceExhausted) as error:
+                so_far = ", ".join(f"{k} {v:.6g}" for k, v in reached.items()) or "nothing"
+                raise type(error)(f"{error}; bounds reached before it: {so_far}") from None
+            detail = {"method": f"lipsdp_{variant}", "seconds": time.perf_counter() - started,
+                      "solver": "+".join(sorted(solvers)), "pieces": len(pieces)}
+            if result["status"] != "optimal":
+                return {**detail, "status": str(result["status"]), "note": f"{what} ended '{result['status']}'; no bound taken from it"}
+            certificate = lipsdp.certify(piece_weights, [s.alpha for s in acts], [s.beta for s in acts], result["lambdas"])
+            if certificate.bound is None:
+                return {**detail, "status": "uncertified", "note": certificate.reason}
+            bound *= certificate.bound
+            raw *= math.sqrt(max(result["rho"], 0.0)) * math.prod(
+                float(torch.linalg.matrix_norm(torch.from_numpy(w), ord=2)) for w in piece_weights)
+        if b < len(weights):
+            between = network.activations[b - 1].lipschitz
+            bound, raw = bound * between, raw * between
+    detail = {"method": f"lipsdp_{variant}", "value": bound, "status": "ok", "seconds": time.perf_counter() - started,
+              "solver": "+".join(sorted(solvers)), "solver_value": raw, "pieces": len(pieces)}
+    if len(pieces) > 1:
+        detail["note"] = f"product of {len(pieces)} sub-networks' bounds (network splitting): looser than one solve"
+    return detail
+
+
+def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
+    methods = spec["methods"]
+    extraction = extract_network(context.model)
+    network = extraction.network
+    details: list[dict[str, Any]] = []
+    reached: dict[str, float] = {}
+    total = len(methods)
+
+    def record(detail: dict[str, Any]) -> None:
+        details.append(detail)
+        if detail.get("value") is not None:
+            reached[detail["method"]] = detail["value"]
+        context.progress("lipschitz", len(details), total, min((v for k, v in reached.items() if k != "lower"), default=0.0))
+
+    for method in [m for m in methods if m != "lower"]:
+        if context.check:
+            context.check()
+        started = time.perf_counter()
+        if network is None:
+            record({"method": method, "status": "not_applicable", "seconds": 0.0, "note": extraction.reason})
+            continue
+        if method == "naive":
+            naive = naive_bound(network, seed=context.seed)
+            note = "" if naive.exact else "a layer too large to unroll: its norm is a converged power-iteration estimate"
+            record({"method": method, "value": naive.value, "status": "ok", "seconds": time.perf_counter() - started, "note": note})
+        elif not network.dense:
+            record({"method": method, "status": "not_applicable", "seconds": 0.0,
+                    "note": "a layer is too large to unroll to a matrix; only the naive bound applies"})
+        elif method == "eclipse_fast":
+            if any(a.alpha < 0 for a in network.activations):
+                record({"method": method, "status": "not_applicable", "seconds": 0.0,
+                        "note": "an activation has a negative slope; ECLipsE-Fast needs slopes in [0, β]"})
+            else:
+                value = eclipse_fast(network.weights, network.activations)
+                record({"method": method, "value": value, "status": "ok", "seconds": time.perf_counter() - started})
+        elif not network.activations:
+            record({"method": method, "status": "not_applicable", "seconds": 0.0,
+                    "note": "the network is one affine map: the naive bound is its exact constant"})
+        else:
+            record(_lipsdp(network, method.removeprefix("lipsdp_"), spec, context, reached))
+
+    lower = 0.0
+    if "lower" in methods:
+        if context.data is None:
+            record({"method": "lower", "status": "not_applicable", "seconds": 0.0, "note": "the lower bound needs data (--data)"})
+        else:
+            started = time.perf_counter()
+            module = copy.deepcopy(context.model.module).to(device="cpu", dtype=torch.float64)
+            try:
+                result = lower_bound(module, network, context.data.inputs.to("cpu", torch.float64),
+                                     steps=spec["ascent_steps"], seed=context.seed, check=context.check)
+            except ValueError as error:
+                record({"method": "lower", "status": "not_applicable", "seconds": 0.0, "note": str(error)})
+            else:
+                lower = result.value
+                record({"method": "lower", "value": lower, "status": "ok", "seconds": time.perf_counter() - started,
+                        "note": f"data alone {result.from_data:.6g}; {result.ascent_steps} ascent steps"})
+
+    uppers = {d["method"]: d["value"] for d in details if d.get("value") is not None and d["method"] != "lower"}
+    method = min(uppers, key=uppers.get) if uppers else ""
+    upper = uppers[method] if uppers else math.inf
+    note = "" if network is not None else f"not a LipSDP chain: {extraction.reason}"
+    if not uppers and lower == 0.0:
+        raise InvalidInput(f"no Lipschitz bound applies to this network ({extraction.reason}); pass data for a lower bound")
+    return {
+        "lower": lower, "upper": upper, "method": method,
+        "bounds": {d["method"]: d["value"] for d in details if d.get("value") is not None},
+        "relative_gap": (upper - lower) / upper if uppers and upper > 0 else 1.0,
+        "note": note, "details": details,
+        "chain": {"found": network is not None, "reason": extraction.reason},
+    }
+
+
+ANALYSIS = Analysis(name="lipschitz", normalize=normalize, run=run, needs_data=False, per_layer=False)
