@@ -49,9 +49,34 @@ def _results(results: dict[str, Any], indent: str) -> list[str]:
             lines.append(f"{indent}  residual  {_numbers(eigen['residuals']['smallest'])}")
     lines += _spectrum(results, indent)
     lines += _stability(results, indent)
+    lines += _lipschitz(results, indent)
     for name, value in results.items():
-        if name not in ("hessian_eigen", "hessian_trace", "hessian_density", "sharpness", "non_uniformity"):
+        if name not in ("hessian_eigen", "hessian_trace", "hessian_density", "sharpness", "non_uniformity",
+                        "lipschitz", "weight_spectra"):
             lines.append(f"{indent}{name}: {value}")
+    return lines
+
+
+def _lipschitz(results: dict[str, Any], indent: str) -> list[str]:
+    """The Lipschitz interval with every bound (or why it is missing), and the weight spectra."""
+    lines = []
+    lip = results.get("lipschitz")
+    if lip:
+        lines.append(f"{indent}Lipschitz constant in [{lip.get('lower', 0.0):.6g}, {lip.get('upper', 0.0):.6g}]"
+                     f"  (upper from {lip.get('method') or 'none'}, relative gap {lip.get('relative_gap', 0.0):.3g})")
+        for detail in lip.get("details", []):
+            value = f"{detail['value']:.6g}" if "value" in detail else detail.get("status", "")
+            extra = ", ".join(x for x in (detail.get("solver", ""), f"{detail.get('seconds', 0.0):.2f} s", detail.get("note", "")) if x)
+            lines.append(f"{indent}  {detail.get('method', ''):<14} {value}  ({extra})")
+        if lip.get("note"):
+            lines.append(f"{indent}  {lip['note']}")
+    spectra = results.get("weight_spectra")
+    if spectra:
+        lines.append(f"{indent}weight spectra: layer, spectral norm, Frobenius norm, stable rank, alpha")
+        for layer in spectra.get("layers", []):
+            alpha = f"{layer['alpha']:.3g}" if "alpha" in layer else "-"
+            lines.append(f"{indent}  {layer.get('name', ''):<12} {layer.get('spectral_norm', 0.0):.6g}  "
+                         f"{layer.get('frobenius_norm', 0.0):.6g}  {layer.get('stable_rank', 0.0):.4g}  {alpha}")
     return lines
 
 

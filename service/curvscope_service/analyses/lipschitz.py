@@ -95,7 +95,6 @@ def _lipsdp(
         else:
             acts = network.activations[a:b - 1]
             problem = lipsdp.make_problem(piece_weights, [s.alpha for s in acts], [s.beta for s in acts], variant, spec["solver"])
-            solvers.add(problem["solver"])
             what = f"LipSDP-{variant.capitalize()} ({problem['rows']} LMI rows, {problem['solver']})"
             try:
                 result = default_pool().solve(problem, time_limit_s=spec["time_limit_seconds"],
@@ -103,6 +102,7 @@ def _lipsdp(
             except (DeadlineExceeded, ResourceExhausted) as error:
                 so_far = ", ".join(f"{k} {v:.6g}" for k, v in reached.items()) or "nothing"
                 raise type(error)(f"{error}; bounds reached before it: {so_far}") from None
+            solvers.add(result.get("solver", problem["solver"]))
             detail = {"method": f"lipsdp_{variant}", "seconds": time.perf_counter() - started,
                       "solver": "+".join(sorted(solvers)), "pieces": len(pieces)}
             if result["status"] != "optimal":
@@ -111,8 +111,7 @@ def _lipsdp(
             if certificate.bound is None:
                 return {**detail, "status": "uncertified", "note": certificate.reason}
             bound *= certificate.bound
-            raw *= math.sqrt(max(result["rho"], 0.0)) * math.prod(
-                float(torch.linalg.matrix_norm(torch.from_numpy(w), ord=2)) for w in piece_weights)
+            raw *= math.sqrt(max(result["rho"], 0.0))
         if b < len(weights):
             between = network.activations[b - 1].lipschitz
             bound, raw = bound * between, raw * between
@@ -188,7 +187,8 @@ def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
     if not uppers and lower == 0.0:
         raise InvalidInput(f"no Lipschitz bound applies to this network ({extraction.reason}); pass data for a lower bound")
     return {
-        "lower": lower, "upper": upper, "method": method,
+        # no sound upper bound: infinite, in the proto JSON spelling (a 0 could pass a gate)
+        "lower": lower, "upper": upper if uppers else "Infinity", "method": method,
         "bounds": {d["method"]: d["value"] for d in details if d.get("value") is not None},
         "relative_gap": (upper - lower) / upper if uppers and upper > 0 else 1.0,
         "note": note, "details": details,

@@ -33,9 +33,12 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-# Measured on 2 cores: CVXOPT is fast and accurate up to an LMI of about 450 rows; SCS (its
-# looser optimum certified afterwards) beyond that.
-CVXOPT_MAX_ROWS = 450
+# Measured on 2 shared cores (benchmarks/bench_lipschitz.py): CVXOPT's interior point is exact and
+# fastest on small LMIs (2 s for 100 rows) but grows as rows³ x variables (119 s at 364 rows, where
+# SCS at 1e-6 takes 20 s); SCS, its optimum certified afterwards, beyond 160 rows.
+CVXOPT_MAX_ROWS = 160
+# SCS's tolerance: its optimum may sit slightly low, which the certificate corrects upwards.
+SCS_EPS = 1e-6
 VARIANTS = ("neuron", "layer")
 SOLVERS = ("CVXOPT", "SCS")
 
@@ -74,8 +77,16 @@ def make_problem(
     rows = lmi_rows(weights)
     return {
         "weights": [first, *scaled[1:]], "alphas": list(map(float, alphas)), "betas": list(map(float, betas)),
-        "variant": variant, "solver": solver or choose_solver(rows), "rows": rows,
+        "variant": variant, "solver": solver or choose_solver(rows), "rows": rows, "norms": norms,
+        "fallback": solver is None,
     }
+
+
+def _multiplier_scales(norms: list[float]) -> list[float]:
+    """λ of the network's own scale = λ of the normalised problem × these factors (Π² / P_i²,
+    P_i = ‖W_0‖⋯‖W_{i-1}‖): the pre-activations of layer i shrink by P_i under normalisation."""
+    total = math.prod(norms) ** 2
+    return [total / math.prod(norms[:i]) ** 2 for i in range(1, len(norms))]
 
 
 def solve(problem: dict[str, Any]) -> dict[str, Any]:
@@ -84,32 +95,100 @@ def solve(problem: dict[str, Any]) -> dict[str, Any]:
 
     weights, alphas, betas = problem["weights"], problem["alphas"], problem["betas"]
     hidden = [w.shape[0] for w in weights[:-1]]
+    neuron = problem["variant"] == "neuron"
     started = time.perf_counter()
-    if problem["variant"] == "neuron":
-        variables = [cp.Variable(n, nonneg=True) for n in hidden]
-        lams = variables
+    count = sum(hidden) if neuron else len(hidden)
+    z = cp.Variable(count + 1, nonneg=True)  # the multipliers, then ρ
+    coefficients, constant, size = _affine_lmi(weights, alphas, betas, neuron)
+    matrix = cp.reshape(coefficients @ z, (size, size), order="F") + constant
+    # −2αβ W_iᵀ diag(λ) W_i is dense per neuron: left to cvxpy, and only when α·β ≠ 0
+    offsets = np.cumsum([0, weights[0].shape[1], *hidden])
+    first = 0
+    for i, w in enumerate(weights[:-1]):
+        ab = alphas[i] * betas[i]
+        lam = z[first:first + hidden[i]] if neuron else z[i] * np.ones(hidden[i])
+        first += hidden[i] if neuron else 1
+        if ab != 0.0:
+            block = -2.0 * ab * (w.T @ cp.diag(lam) @ w)
+            matrix = matrix + _embed(cp, block, int(offsets[i]), size)
+    prob = cp.Problem(cp.Minimize(z[count]), [(matrix + matrix.T) / 2 << 0])
+    # An automatic choice falls back to SCS when CVXOPT's interior point breaks down (it does on
+    # LMIs with a large null space at the optimum, e.g. linear activations).
+    solvers = [problem["solver"]] + (["SCS"] if problem.get("fallback") and problem["solver"] != "SCS" else [])
+    for solver in solvers:
+        options: dict[str, Any] = {}
+        if solver == "SCS":
+            eps = problem.get("eps", SCS_EPS)
+            options = {"eps_abs": eps, "eps_rel": eps, "max_iters": 200_000}
+        try:
+            prob.solve(solver=solver, **options)
+        except cp.error.SolverError as e:
+            error = f"solver_error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            continue
+        break
     else:
-        variables = [cp.Variable(nonneg=True) for _ in hidden]
-        lams = [v * np.ones(n) for v, n in zip(variables, hidden)]
-    rho = cp.Variable(nonneg=True)
-    matrix = _assemble(cp, weights, alphas, betas, lams, rho)
-    prob = cp.Problem(cp.Minimize(rho), [matrix << 0])
-    options: dict[str, Any] = {}
-    if problem["solver"] == "SCS":
-        options = {"eps_abs": 1e-7, "eps_rel": 1e-7, "max_iters": 200_000}
-    try:
-        prob.solve(solver=problem["solver"], **options)
-    except cp.error.SolverError as e:
-        return {"status": f"solver_error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                "seconds": time.perf_counter() - started}
-    result: dict[str, Any] = {"status": prob.status, "seconds": time.perf_counter() - started}
-    if prob.status in ("optimal", "optimal_inaccurate") and rho.value is not None:
-        result["rho"] = float(rho.value)
-        values = [np.asarray(v.value, dtype=np.float64).reshape(-1) for v in variables]
-        if problem["variant"] == "layer":
-            values = [np.full(n, float(v[0])) for v, n in zip(values, hidden)]
-        result["lambdas"] = values
+        return {"status": error, "seconds": time.perf_counter() - started, "solver": solver}
+    result: dict[str, Any] = {"status": prob.status, "seconds": time.perf_counter() - started, "solver": solver}
+    if prob.status in ("optimal", "optimal_inaccurate") and z.value is not None:
+        values = np.asarray(z.value, dtype=np.float64)
+        scales = _multiplier_scales(problem["norms"])
+        result["rho"] = float(values[count]) * math.prod(problem["norms"]) ** 2
+        if neuron:
+            lambdas = np.split(values[:count], np.cumsum(hidden)[:-1])
+        else:
+            lambdas = [np.full(n, values[i]) for i, n in enumerate(hidden)]
+        # in the network's own scale, so that they mean the same thing to any caller
+        result["lambdas"] = [lam * scale for lam, scale in zip(lambdas, scales)]
     return result
+
+
+def _embed(cp: Any, block: Any, offset: int, size: int) -> Any:
+    n = block.shape[0]
+    left = np.zeros((size, n))
+    left[offset:offset + n, :] = np.eye(n)
+    return left @ block @ left.T
+
+
+def _affine_lmi(
+    weights: list[np.ndarray], alphas: list[float], betas: list[float], neuron: bool,
+) -> tuple[Any, np.ndarray, int]:
+    """The LMI's terms that are sparse in the variables: a (size², variables) matrix C and a
+    constant K with vec(M) = C z + vec(K), leaving out the −2αβ terms. One sparse product is
+    much faster for cvxpy to compile than a diag(λ) expression per layer."""
+    import scipy.sparse
+
+    hidden = [w.shape[0] for w in weights[:-1]]
+    sizes = [weights[0].shape[1], *hidden]
+    offsets = np.cumsum([0, *sizes])
+    size = int(offsets[-1])
+    count = sum(hidden) if neuron else len(hidden)
+    rows, cols, vals = [], [], []
+
+    def add(r: np.ndarray, c: np.ndarray, var: np.ndarray, v: np.ndarray) -> None:
+        rows.append(r + c * size)  # column-major vec
+        cols.append(var)
+        vals.append(v)
+
+    first = 0
+    for i, w in enumerate(weights[:-1]):
+        n_out, n_in = w.shape
+        var = (first + np.arange(n_out)) if neuron else np.full(n_out, i)
+        first += n_out if neuron else 1
+        j, a = np.meshgrid(np.arange(n_out), np.arange(n_in), indexing="ij")
+        value = (alphas[i] + betas[i]) * w[j, a]
+        r, c = offsets[i] + a, offsets[i + 1] + j
+        add(r.ravel(), c.ravel(), var[j].ravel(), value.ravel())
+        add(c.ravel(), r.ravel(), var[j].ravel(), value.ravel())
+        d = offsets[i + 1] + np.arange(n_out)
+        add(d, d, var, np.full(n_out, -2.0))
+    x = np.arange(sizes[0])
+    add(x, x, np.full(sizes[0], count), np.full(sizes[0], -1.0))
+    coefficients = scipy.sparse.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(size * size, count + 1))
+    constant = np.zeros((size, size))
+    last = weights[-1]
+    constant[offsets[-2]:, offsets[-2]:] = last.T @ last
+    return coefficients, constant, size
 
 
 def _assemble(lib: Any, weights: list[Any], alphas: list[float], betas: list[float], lams: list[Any], rho: Any) -> Any:
@@ -156,7 +235,8 @@ def certify(
     if min(norms) == 0.0:
         return Certificate(0.0, 0.0, "")  # a zero layer: the network is constant
     scaled = [w / n for w, n in zip(weights, norms)]
-    lams = [np.clip(np.asarray(lam, dtype=np.float64), 0.0, None) for lam in lambdas]
+    lams = [np.clip(np.asarray(lam, dtype=np.float64), 0.0, None) / scale
+            for lam, scale in zip(lambdas, _multiplier_scales(norms))]
     m0 = lmi_matrix(scaled, alphas, betas, lams, 0.0)
     n0 = scaled[0].shape[1]
     p, q, r = m0[:n0, :n0], m0[:n0, n0:], m0[n0:, n0:]
