@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 
@@ -77,18 +77,27 @@ class Client:
     ``target`` defaults to ``CURVSCOPE_SERVER`` (else localhost:50051) and ``token`` to
     ``CURVSCOPE_TOKEN``. Local files are uploaded once: a file the server already holds (same
     sha256) is not sent again.
+
+    Scaling out: ``load_balancing="round_robin"`` spreads the calls over every address the
+    target resolves to (``dns:///curvscope-headless.ml.svc:50051``, or
+    ``ipv4:10.0.0.1:50051,10.0.0.2:50051``); the replicas must share their blob store.
+    ``options`` are passed to the gRPC channel as they are.
     """
 
     def __init__(self, target: str | None = None, *, token: str | None = None, tls_ca: str | Path | None = None,
-                 tls: bool = False):
+                 tls: bool = False, load_balancing: str | None = None,
+                 options: Sequence[tuple[str, Any]] = ()):
         self.target = target or os.environ.get("CURVSCOPE_SERVER") or DEFAULT_SERVER
         token = token if token is not None else os.environ.get("CURVSCOPE_TOKEN")
         self._metadata = (("authorization", f"Bearer {token.strip()}"),) if token else ()
+        channel_options = list(options)
+        if load_balancing:
+            channel_options.append(("grpc.lb_policy_name", load_balancing))
         if tls or tls_ca:
             root = Path(tls_ca).read_bytes() if tls_ca else None
-            self._channel = grpc.secure_channel(self.target, grpc.ssl_channel_credentials(root))
+            self._channel = grpc.secure_channel(self.target, grpc.ssl_channel_credentials(root), channel_options)
         else:
-            self._channel = grpc.insecure_channel(self.target)
+            self._channel = grpc.insecure_channel(self.target, channel_options)
         self._stub = pb_grpc.CurvscopeStub(self._channel)
 
     def close(self) -> None:
