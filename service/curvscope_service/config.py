@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine import EngineLimits
+from .engine import ServerLimits
+from .logging_setup import LOG_FORMATS
 
 
 def _env(name: str, default: str) -> str:
@@ -24,13 +25,22 @@ class ServerConfig:
     model_roots: list[Path] = field(default_factory=list)
     max_upload_bytes: int = 4 << 30
     max_queue_depth: int = 16
+    # Analyses running at once on one device (one per GPU: two would compete for its memory).
+    concurrency: int = 1
+    # Wall time one request may run on its device (queueing not counted); 0 = no cap.
+    max_analysis_seconds: float = 3600.0
+    # Garbage collection of the store: 0 = keep everything.
+    store_max_bytes: int = 0
+    store_max_age_seconds: float = 0.0
+    gc_interval_seconds: float = 600.0
+    log_format: str = "plain"
     threads: int = 0
     shutdown_grace_seconds: float = 30.0
     token_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    limits: EngineLimits = field(default_factory=EngineLimits)
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
     def tokens(self) -> list[str]:
         """Accepted bearer tokens: one per line of the token file, plus CURVSCOPE_TOKENS (comma-separated)."""
@@ -58,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest accepted upload (CURVSCOPE_MAX_UPLOAD_BYTES)")
     parser.add_argument("--max-queue-depth", type=int, default=int(_env("MAX_QUEUE_DEPTH", "16")),
                         help="waiting analyses per device before RESOURCE_EXHAUSTED (CURVSCOPE_MAX_QUEUE_DEPTH)")
+    parser.add_argument("--concurrency", type=int, default=int(_env("CONCURRENCY", "1")),
+                        help="analyses running at once per device (CURVSCOPE_CONCURRENCY)")
+    parser.add_argument("--max-parameters", type=int, default=int(_env("MAX_PARAMETERS", "0")),
+                        help="largest model, in parameters; 0 = no cap (CURVSCOPE_MAX_PARAMETERS)")
+    parser.add_argument("--max-samples", type=int, default=int(_env("MAX_SAMPLES", "0")),
+                        help="largest batch analysed, in samples; 0 = no cap (CURVSCOPE_MAX_SAMPLES)")
+    parser.add_argument("--max-analysis-seconds", type=float, default=float(_env("MAX_ANALYSIS_SECONDS", "3600")),
+                        help="wall time a request may run on its device; 0 = no cap (CURVSCOPE_MAX_ANALYSIS_SECONDS)")
+    parser.add_argument("--store-max-bytes", type=int, default=int(_env("STORE_MAX_BYTES", "0")),
+                        help="garbage-collect the least recently used blobs and reports above this size; "
+                             "0 = no cap (CURVSCOPE_STORE_MAX_BYTES)")
+    parser.add_argument("--store-max-age", type=float, default=float(_env("STORE_MAX_AGE", "0")),
+                        help="garbage-collect blobs and reports unused for this many seconds; 0 = keep "
+                             "(CURVSCOPE_STORE_MAX_AGE)")
+    parser.add_argument("--gc-interval", type=float, default=float(_env("GC_INTERVAL", "600")),
+                        help="seconds between garbage collections of the store (CURVSCOPE_GC_INTERVAL)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=_env("LOG_FORMAT", "plain"),
+                        help="plain text or JSON lines, each with its request id (CURVSCOPE_LOG_FORMAT)")
     parser.add_argument("--threads", type=int, default=int(_env("THREADS", "0")),
                         help="torch CPU threads; 0 keeps torch's default (CURVSCOPE_THREADS)")
     parser.add_argument("--micro-batch-size", type=int, default=int(_env("MICRO_BATCH_SIZE", "256")),
@@ -87,10 +115,22 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    for name in ("max_upload_bytes", "max_queue_depth", "concurrency", "max_parameters", "max_samples",
+                 "max_analysis_seconds", "store_max_bytes", "store_max_age", "gc_interval"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    if args.gc_interval <= 0:
+        parser.error("--gc-interval must be positive")
     return ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port, store=args.store, device=args.device,
         model_roots=args.model_root, max_upload_bytes=args.max_upload_bytes, max_queue_depth=args.max_queue_depth,
+        concurrency=args.concurrency, max_analysis_seconds=args.max_analysis_seconds,
+        store_max_bytes=args.store_max_bytes, store_max_age_seconds=args.store_max_age,
+        gc_interval_seconds=args.gc_interval, log_format=args.log_format,
         threads=args.threads, shutdown_grace_seconds=args.shutdown_grace, token_file=args.token_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-        limits=EngineLimits(micro_batch_size=args.micro_batch_size, max_hvps=args.max_hvps),
+        limits=ServerLimits(micro_batch_size=args.micro_batch_size, max_hvps=args.max_hvps,
+                            max_parameters=args.max_parameters, max_samples=args.max_samples),
     )

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, metrics
 from .analyses import ANALYSES, AnalysisContext, EngineLimits
 from .analyses.base import CheckFn, ProgressFn
-from .errors import InvalidInput, Unimplemented
+from .errors import CurvscopeError, InvalidInput, ResourceExhausted, Unimplemented
 from .loading import LoadedData, LoadedModel, describe_model, load_data, load_model, validate_pair
 from .losses import LOSSES, get_loss
 
@@ -27,7 +27,45 @@ IMPLEMENTED_CURVATURES = tuple(sorted({c for analysis in ANALYSES.values() for c
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 MODEL_FORMATS = ("torch_export", "safetensors", "plugin")
 
-__all__ = ["AnalysisJob", "EngineLimits", "describe", "run_analysis", "validate_job"]
+__all__ = ["AnalysisJob", "EngineLimits", "ServerLimits", "describe", "run_analysis", "validate_job"]
+
+
+@dataclass(frozen=True)
+class ServerLimits(EngineLimits):
+    """The engine's limits plus the size caps of a shared server (0 = no cap)."""
+
+    max_parameters: int = 0
+    max_samples: int = 0
+
+
+def _check_size(model: LoadedModel, data: LoadedData | None, limits: EngineLimits) -> None:
+    """Refuse a model or batch over the server's caps before any product is computed."""
+    if not isinstance(limits, ServerLimits):
+        return
+    if limits.max_parameters and model.num_parameters > limits.max_parameters:
+        raise ResourceExhausted(
+            f"the model has {model.num_parameters} parameters, over this server's limit of "
+            f"{limits.max_parameters}; use a smaller model or another server")
+    if limits.max_samples and data is not None and data.num_samples > limits.max_samples:
+        raise ResourceExhausted(
+            f"the batch has {data.num_samples} samples, over this server's limit of {limits.max_samples}; "
+            f"pass --max-samples {limits.max_samples} (or fewer) to analyse a random subset")
+
+
+def _run_timed(name: str, run: Any) -> dict[str, Any]:
+    """One analysis, its wall time recorded by status (OK or the status code of its error)."""
+    started = time.perf_counter()
+    status = "OK"
+    try:
+        return run()
+    except CurvscopeError as error:
+        status = error.code
+        raise
+    except BaseException:
+        status = "INTERNAL"
+        raise
+    finally:
+        metrics.ANALYSIS_SECONDS.labels(name, status).observe(time.perf_counter() - started)
 
 
 @dataclass
@@ -117,6 +155,7 @@ def run_analysis(
     if job.data_path is not None:
         data = _subsample(load_data(job.data_path, device=device, dtype=dtype), job.max_samples, job.seed)
         validate_pair(model, data, job.loss)
+    _check_size(model, data, limits)
     if check:
         check()
 
@@ -125,16 +164,22 @@ def run_analysis(
         curvature=job.curvature, seed=job.seed, device=device, limits=limits,
         micro_batch_size=_micro_batch_size(job, model, limits), progress_sink=progress, check=check,
     )
-    results: dict[str, Any] = {}
-    for name, spec in specs.items():
-        results[name] = ANALYSES[name].run(context, spec)
-        context.earlier[name] = results[name]
-    per_layer: dict[str, dict[str, Any]] = {}
-    if job.per_layer:
-        for block, names in model.parameter_blocks.items():
-            block_context = context.for_block(block, names)
-            per_layer[block] = {name: ANALYSES[name].run(block_context, spec)
-                                for name, spec in specs.items() if ANALYSES[name].per_layer}
+    contexts = [context]
+    try:
+        results: dict[str, Any] = {}
+        for name, spec in specs.items():
+            results[name] = _run_timed(name, lambda: ANALYSES[name].run(context, spec))
+            context.earlier[name] = results[name]
+        per_layer: dict[str, dict[str, Any]] = {}
+        if job.per_layer:
+            for block, names in model.parameter_blocks.items():
+                contexts.append(block_context := context.for_block(block, names))
+                per_layer[block] = {name: _run_timed(name, lambda: ANALYSES[name].run(block_context, spec))
+                                    for name, spec in specs.items() if ANALYSES[name].per_layer}
+    finally:
+        # Products computed, cancelled or failed work included (it used the device too).
+        metrics.HVPS.labels(device, job.curvature).inc(
+            sum(operator.hvps for c in contexts for operator in c._operators.values()))
 
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,

@@ -1,26 +1,32 @@
 """Server interceptors: bearer-token auth, and the one place that maps domain exceptions to
-gRPC status codes (timing every RPC into a ``*_seconds`` histogram with its status code)."""
+gRPC status codes, counts and times every RPC by method and status code (``*_seconds``), and
+gives each call a request id for the logs.
+
+The error-mapping interceptor goes first (outermost), so the calls that auth refuses are
+counted and logged too.
+"""
 
 from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
 import uuid
 from typing import Any, Awaitable, Callable
 
 import grpc
 from grpc import aio
-from prometheus_client import Histogram
 
 from .errors import CurvscopeError
+from .logging_setup import REQUEST_ID
+from .metrics import REQUESTS, RPC_SECONDS
 
 log = logging.getLogger(__name__)
 
-RPC_SECONDS = Histogram(
-    "curvscope_rpc_seconds", "Wall time of gRPC calls, by method and status code.", ["method", "code"],
-    buckets=(0.005, 0.02, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600),
-)
+REQUEST_ID_HEADER = "x-request-id"
+# A client's id is echoed into logs and metadata: keep it short and printable.
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 # Probes and tooling need these without a token (a kubelet has none).
 PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -57,43 +63,67 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        offered = metadata.get(REQUEST_ID_HEADER, "")
+        # Health probes come every few seconds: count them, do not log them.
+        quiet = method.startswith(("/grpc.health.v1.Health/", "/grpc.reflection."))
 
         def wrap_behavior(behavior: Any, streaming: bool) -> Any:
             if streaming:
                 async def stream_behavior(request: Any, context: aio.ServicerContext) -> Any:
-                    started = time.perf_counter()
+                    started = _begin(context, offered)
                     code = grpc.StatusCode.OK
                     try:
                         async for response in behavior(request, context):
                             yield response
                     except BaseException as error:  # noqa: BLE001 - mapped below, re-raised when not ours
-                        code = await _abort_for(error, context, method)
+                        code = grpc.StatusCode.CANCELLED  # unless _abort_for sets one on the context
+                        await _abort_for(error, context, method)
                     finally:
-                        RPC_SECONDS.labels(method, _code_name(code, context)).observe(time.perf_counter() - started)
+                        _end(method, code, context, started, quiet)
                 return stream_behavior
 
             async def unary_behavior(request: Any, context: aio.ServicerContext) -> Any:
-                started = time.perf_counter()
+                started = _begin(context, offered)
                 code = grpc.StatusCode.OK
                 try:
                     return await behavior(request, context)
                 except BaseException as error:  # noqa: BLE001
-                    code = await _abort_for(error, context, method)
+                    code = grpc.StatusCode.CANCELLED
+                    await _abort_for(error, context, method)
                 finally:
-                    RPC_SECONDS.labels(method, _code_name(code, context)).observe(time.perf_counter() - started)
+                    _end(method, code, context, started, quiet)
             return unary_behavior
 
         return _wrap(handler, wrap_behavior)
 
 
+def _begin(context: aio.ServicerContext, offered: str) -> float:
+    # Each call runs in its own task, so the id set here is this call's alone.
+    request_id = offered if _CLIENT_REQUEST_ID.match(offered) else uuid.uuid4().hex[:16]
+    REQUEST_ID.set(request_id)
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+    return time.perf_counter()
+
+
+def _end(method: str, code: grpc.StatusCode, context: aio.ServicerContext, started: float, quiet: bool) -> None:
+    seconds = time.perf_counter() - started
+    name = _code_name(code, context)
+    REQUESTS.labels(method, name).inc()
+    RPC_SECONDS.labels(method, name).observe(seconds)
+    if not quiet:
+        log.info("%s %s %.3f s", method, name, seconds, extra={"method": method, "code": name, "seconds": seconds})
+
+
 def _code_name(code: grpc.StatusCode, context: aio.ServicerContext) -> str:
-    if code == grpc.StatusCode.OK and context.code() not in (None, grpc.StatusCode.OK):
+    # An abort (ours or auth's) leaves its code on the context; a cancelled call has none.
+    if context.code() not in (None, grpc.StatusCode.OK):
         code = context.code()
     return code.name
 
 
-async def _abort_for(error: BaseException, context: aio.ServicerContext, method: str) -> grpc.StatusCode:
-    """Abort the call for ``error``; re-raise what is not an error of the request."""
+async def _abort_for(error: BaseException, context: aio.ServicerContext, method: str) -> None:
+    """Abort the call for ``error`` (always raises); re-raise what is not an error of the request."""
     if isinstance(error, CurvscopeError):
         status = _status_of(error)
         await context.abort(status, str(error).splitlines()[0] if str(error) else status.name)

@@ -14,7 +14,8 @@ from google.protobuf import json_format
 
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 
-from .engine import AnalysisJob
+from . import __version__
+from .engine import AnalysisJob, EngineLimits
 from .errors import InvalidInput
 
 MODEL_FORMAT_NAMES = {
@@ -79,6 +80,24 @@ def job_from_request(
         max_samples=options.max_samples,
         **model_options(request.model),
     )
+
+
+def canonical_request(job: AnalysisJob, specs: dict[str, dict[str, Any]], limits: EngineLimits) -> dict[str, Any]:
+    """What determines a report: the inputs' digests and every option with its default filled
+    in (``specs`` from ``engine.validate_job``), so that requests that differ only in how they
+    were written share one cache entry. The server version is part of it: an upgrade recomputes."""
+    return {
+        "server_version": __version__,
+        "model": {"sha256": job.model_sha256, "format": job.model_format, "architecture": job.architecture,
+                  "architecture_config": job.architecture_config},
+        "data": job.data_sha256,
+        "loss": job.loss if job.data_path is not None else "",
+        # In request order: a later analysis may reuse an earlier one's result.
+        "analyses": [[name, spec] for name, spec in specs.items()],
+        "curvature": job.curvature, "precision": job.precision, "seed": job.seed,
+        "micro_batch_size": job.micro_batch_size or limits.micro_batch_size,
+        "per_layer": job.per_layer, "max_samples": job.max_samples,
+    }
 
 
 def report_message(report: dict) -> pb.Report:

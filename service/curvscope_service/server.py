@@ -20,6 +20,7 @@ from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
 
 from .config import ServerConfig, config_from_args
 from .interceptors import ErrorMappingInterceptor, TokenAuthInterceptor
+from .logging_setup import configure_logging
 from .scheduler import Scheduler
 from .servicer import UPLOAD_CHUNK_BYTES, CurvscopeServicer
 from .store import BlobStore
@@ -51,29 +52,45 @@ class RunningServer:
     health: health.aio.HealthServicer
     scheduler: Scheduler
     config: ServerConfig
+    store: BlobStore
+    gc_task: asyncio.Task | None = None
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Not ready, then drain: running calls get ``grace`` seconds, then are cancelled."""
+        if self.gc_task is not None:
+            self.gc_task.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.shutdown_grace_seconds if grace is None else grace)
         await asyncio.to_thread(self.scheduler.stop, 5.0)
 
 
+async def _collect_garbage(store: BlobStore, interval: float) -> None:
+    """Keep the store within its age and size bounds, off the event loop."""
+    while True:
+        try:
+            await asyncio.to_thread(store.gc)
+        except OSError as error:
+            log.warning("store gc failed: %s", error)
+        await asyncio.sleep(interval)
+
+
 async def start_server(config: ServerConfig) -> RunningServer:
     if config.threads:
         torch.set_num_threads(config.threads)
-    interceptors: list[aio.ServerInterceptor] = []
+    # Error mapping outermost: it counts, times and logs the calls auth refuses too.
+    interceptors: list[aio.ServerInterceptor] = [ErrorMappingInterceptor()]
     tokens = config.tokens()
     if tokens:
         interceptors.append(TokenAuthInterceptor(tokens))
-    interceptors.append(ErrorMappingInterceptor())
     server = aio.server(
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )
-    store = BlobStore(config.store, config.model_roots)
-    scheduler = Scheduler(resolve_devices(config.device), config.max_queue_depth)
+    store = BlobStore(config.store, config.model_roots, max_bytes=config.store_max_bytes,
+                      max_age_seconds=config.store_max_age_seconds)
+    scheduler = Scheduler(resolve_devices(config.device), config.max_queue_depth, concurrency=config.concurrency,
+                          max_run_seconds=config.max_analysis_seconds)
     pb_grpc.add_CurvscopeServicer_to_server(CurvscopeServicer(config, store, scheduler), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -93,7 +110,10 @@ async def start_server(config: ServerConfig) -> RunningServer:
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer, scheduler, config)
+    gc_task = None
+    if config.store_max_bytes or config.store_max_age_seconds:
+        gc_task = asyncio.get_running_loop().create_task(_collect_garbage(store, config.gc_interval_seconds))
+    return RunningServer(server, port, health_servicer, scheduler, config, store, gc_task)
 
 
 async def serve(config: ServerConfig) -> None:
@@ -112,8 +132,13 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config_from_args(argv)))
+    config = config_from_args(argv)
+    configure_logging(config.log_format)
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()
 
 
 class InProcessServer:

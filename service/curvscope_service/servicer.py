@@ -8,27 +8,51 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import platform
+import threading
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
+from google.protobuf import json_format
 from grpc import aio
 
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
 
-from . import __version__, engine
+from . import __version__, engine, metrics
 from .config import ServerConfig
 from .errors import InvalidInput
 from .loading import known_architectures
-from .requests import description_message, job_from_request, model_options, report_message
+from .logging_setup import REQUEST_ID
+from .requests import canonical_request, description_message, job_from_request, model_options, report_message
 from .scheduler import Scheduler
-from .store import BlobStore
+from .store import BlobStore, result_key
 from curvscope._files import sha256_of_file
 
 API_VERSION = "curvscope.v1"
 UPLOAD_CHUNK_BYTES = 1 << 20
+
+log = logging.getLogger(__name__)
+
+
+def _blob_digests(request: pb.AnalyzeRequest) -> list[str]:
+    """The store blobs a request names (held against garbage collection while it runs)."""
+    refs = [request.model] + ([request.data] if request.HasField("data") else [])
+    return [ref.blob.sha256 for ref in refs if ref.WhichOneof("source") == "blob"]
+
+
+def _once(function: Callable[[], None]) -> Callable[[], None]:
+    lock, done = threading.Lock(), []
+
+    def call() -> None:
+        with lock:
+            if done:
+                return
+            done.append(True)
+        function()
+    return call
 
 
 class CurvscopeServicer(pb_grpc.CurvscopeServicer):
@@ -78,31 +102,58 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
         return description_message(digest, description)
 
     async def Analyze(self, request: pb.AnalyzeRequest, context: aio.ServicerContext) -> AsyncIterator[pb.AnalyzeEvent]:
-        model = await asyncio.to_thread(self._resolve, request.model, "model")
-        data = await asyncio.to_thread(self._resolve, request.data, "data") if request.HasField("data") else None
-        job_spec = job_from_request(request, model, data)
-        engine.validate_job(job_spec, self.config.limits)
+        digests = _blob_digests(request)
+        self.store.acquire(digests)  # before resolving, so the GC cannot remove them in between
+        release = _once(lambda: self.store.release(digests))
+        try:
+            model = await asyncio.to_thread(self._resolve, request.model, "model")
+            data = await asyncio.to_thread(self._resolve, request.data, "data") if request.HasField("data") else None
+            job_spec = job_from_request(request, model, data)
+            specs = engine.validate_job(job_spec, self.config.limits)
+            key = result_key(canonical_request(job_spec, specs, self.config.limits))
+            cached = await asyncio.to_thread(self.store.get_result, key)
+            if cached is not None:
+                metrics.CACHE_REQUESTS.labels("hit").inc()
+                release()
+                yield pb.AnalyzeEvent(report=json_format.ParseDict(cached, pb.Report()))
+                return
 
-        def work(device: str, progress, check) -> dict:
-            return engine.run_analysis(job_spec, device=device, limits=self.config.limits, progress=progress, check=check)
+            def work(device: str, progress, check) -> pb.Report:
+                try:
+                    report = engine.run_analysis(job_spec, device=device, limits=self.config.limits,
+                                                 progress=progress, check=check)
+                finally:
+                    metrics.record_device_peak(device)
+                message = report_message(report)
+                try:
+                    self.store.put_result(key, json_format.MessageToDict(message, preserving_proto_field_name=True))
+                except OSError as error:  # a full disk costs the cache entry, not the answer
+                    log.warning("could not cache the report: %s", error)
+                return message
 
-        job = self.scheduler.submit(work, timeout=context.time_remaining())
-        context.add_done_callback(lambda _call: job.cancel())
+            ticket = self.scheduler.submit(work, timeout=context.time_remaining(), key=key,
+                                           request_id=REQUEST_ID.get(), on_finish=release)
+        except BaseException:
+            release()
+            raise
+        metrics.CACHE_REQUESTS.labels("miss" if ticket.job.work is work else "shared").inc()
+        context.add_done_callback(lambda _call: ticket.cancel())
         try:
             while True:
-                event = await job.events.get()
+                event = await ticket.events.get()
                 if event.kind == "queued":
                     yield pb.AnalyzeEvent(queued=pb.Queued(position=event.payload))
                 elif event.kind == "progress":
                     yield pb.AnalyzeEvent(progress=pb.Progress(**event.payload))
                 elif event.kind == "done":
-                    yield pb.AnalyzeEvent(report=report_message(event.payload))
+                    yield pb.AnalyzeEvent(report=event.payload)
                     return
                 elif event.kind == "error":
                     raise event.payload
         finally:
-            # A client that went away (or a deadline) ends this generator; stop the device work.
-            job.cancel()
+            # A client that went away (or a deadline) ends this generator; the device work stops
+            # when no other caller shares it.
+            ticket.cancel()
 
     async def GetCapabilities(self, request: pb.GetCapabilitiesRequest, context: aio.ServicerContext) -> pb.Capabilities:
         return pb.Capabilities(
@@ -114,6 +165,8 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
             limits=pb.Limits(
                 max_upload_bytes=self.config.max_upload_bytes, max_queue_depth=self.config.max_queue_depth,
                 upload_chunk_bytes=UPLOAD_CHUNK_BYTES, max_hvps=self.config.limits.max_hvps,
+                max_parameters=self.config.limits.max_parameters, max_samples=self.config.limits.max_samples,
+                max_analysis_seconds=self.config.max_analysis_seconds, concurrency_per_device=self.config.concurrency,
             ),
             auth_required=bool(self.config.tokens()),
         )
