@@ -71,11 +71,21 @@ def build_request(
     return request
 
 
+def _read(path: str | Path | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise CurvscopeError("INVALID_ARGUMENT", f"cannot read {path}: {error.strerror}") from None
+
+
 class Client:
     """A connection to a curvscope server.
 
     ``target`` defaults to ``CURVSCOPE_SERVER`` (else localhost:50051) and ``token`` to
-    ``CURVSCOPE_TOKEN``. Local files are uploaded once: a file the server already holds (same
+    ``CURVSCOPE_TOKEN``. TLS: ``tls_ca`` (the server's CA; ``tls=True`` for the system roots),
+    plus ``tls_cert``/``tls_key`` for mutual TLS. Local files are uploaded once: a file the server already holds (same
     sha256) is not sent again.
 
     Scaling out: ``load_balancing="round_robin"`` spreads the calls over every address the
@@ -85,17 +95,22 @@ class Client:
     """
 
     def __init__(self, target: str | None = None, *, token: str | None = None, tls_ca: str | Path | None = None,
-                 tls: bool = False, load_balancing: str | None = None,
-                 options: Sequence[tuple[str, Any]] = ()):
+                 tls: bool = False, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                 load_balancing: str | None = None, options: Sequence[tuple[str, Any]] = ()):
         self.target = target or os.environ.get("CURVSCOPE_SERVER") or DEFAULT_SERVER
         token = token if token is not None else os.environ.get("CURVSCOPE_TOKEN")
         self._metadata = (("authorization", f"Bearer {token.strip()}"),) if token else ()
         channel_options = list(options)
         if load_balancing:
             channel_options.append(("grpc.lb_policy_name", load_balancing))
-        if tls or tls_ca:
-            root = Path(tls_ca).read_bytes() if tls_ca else None
-            self._channel = grpc.secure_channel(self.target, grpc.ssl_channel_credentials(root), channel_options)
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key go together (the client certificate and its private key)")
+        if tls or tls_ca or tls_cert:
+            # tls_ca: the server's CA (else the system roots); tls_cert/tls_key: this client's
+            # certificate, for servers that require mutual TLS.
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert))
+            self._channel = grpc.secure_channel(self.target, credentials, channel_options)
         else:
             self._channel = grpc.insecure_channel(self.target, channel_options)
         self._stub = pb_grpc.CurvscopeStub(self._channel)
