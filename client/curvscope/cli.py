@@ -1,4 +1,4 @@
-"""The ``curvscope`` command line: serve, analyze, demo.
+"""The ``curvscope`` command line: serve, analyze, gate, report, compare, demo.
 
 Exit codes: 0 ok, 1 a gate failed, 2 usage or input error, 3 the server could not be reached
 or failed.
@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .client import Client, CurvscopeError, build_request
@@ -60,6 +61,8 @@ def _add_analysis_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int, default=0, help="use at most this many samples, chosen with the seed")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the server gives up (deadline)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here ('-' for stdout)")
+    parser.add_argument("--plot", type=Path, metavar="OUT.svg",
+                        help="write an SVG plot: the spectral density when present, else the eigenvalues")
 
 
 def _request_options(args: argparse.Namespace) -> dict:
@@ -93,6 +96,13 @@ def _emit(report: Report, args: argparse.Namespace) -> None:
             return
         args.json.write_text(text + "\n")
     print(render_report(data))
+    if getattr(args, "plot", None):
+        from .plots import density_svg, eigenvalues_svg
+
+        svg = density_svg(data) or eigenvalues_svg(data)
+        if svg is None:
+            raise CurvscopeError("INVALID_ARGUMENT", "--plot: the report has no spectral density or eigenvalues to plot")
+        args.plot.write_text(svg)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -124,6 +134,171 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _gate_runner(args: argparse.Namespace, client: Client | None, timeout: float | None, progress: ProgressLine):
+    """Send a policy's request with this invocation's model and data; returns the report dict."""
+    if client is None:
+        local = _service_module("local")
+        for path in filter(None, [args.model, args.data]):
+            if not Path(path).is_file():
+                raise CurvscopeError("INVALID_ARGUMENT", f"{path} is not a file")
+        model = pb.ModelRef(uri=Path(args.model).resolve().as_uri())
+        data = pb.DataRef(uri=Path(args.data).resolve().as_uri()) if args.data else None
+    else:
+        model = client.model_ref(args.model)  # uploaded once, however many requests follow
+        data = client.data_ref(args.data) if args.data else None
+
+    def run(request: pb.AnalyzeRequest) -> dict:
+        request.model.CopyFrom(model)
+        if data is not None:
+            request.data.CopyFrom(data)
+        if client is None:
+            return local.analyze_local(request, progress=progress).to_dict()
+        return client.analyze_request(request, progress=progress, timeout=timeout).to_dict()
+
+    return run
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from .gate import GateResult, ReportError, evaluate, github_annotations, load_report, render_table, run_policy
+    from .policy import STARTER_POLICY, PolicyError, load_policy
+
+    if args.init:
+        target = args.policy or Path("curvscope.toml")
+        if target.exists() and not args.force:
+            print(f"curvscope gate: {target} exists; pass --force to overwrite it", file=sys.stderr)
+            return EXIT_INPUT
+        target.write_text(STARTER_POLICY)
+        print(f"wrote a starter policy to {target}; edit it, then: curvscope gate --policy {target} MODEL --data DATA")
+        return EXIT_OK
+    if args.policy is None or (args.model is None) == (args.report is None):
+        print("curvscope gate: needs --policy POLICY.toml and either MODEL or --report REPORT.json "
+              "(or --init to write a starter policy)", file=sys.stderr)
+        return EXIT_INPUT
+    started = time.perf_counter()
+    try:
+        policy = load_policy(args.policy)
+        baseline = None
+        if args.baseline is not None:
+            if args.baseline.is_file():
+                baseline = load_report(args.baseline)
+            else:
+                print(f"curvscope gate: no baseline at {args.baseline}; change bounds are not checked", file=sys.stderr)
+        if args.report is not None:
+            report, failed = load_report(args.report), {}
+        else:
+            timeout = args.timeout or policy.request.get("timeout")
+            progress = ProgressLine()
+            try:
+                if args.local:
+                    report, failed = run_policy(policy, _gate_runner(args, None, timeout, progress))
+                else:
+                    with Client(args.server, token=_token(args), tls_ca=args.tls_ca) as client:
+                        report, failed = run_policy(policy, _gate_runner(args, client, timeout, progress))
+            finally:
+                progress.close()
+    except (PolicyError, ReportError) as error:
+        print(f"curvscope gate: {error}", file=sys.stderr)
+        return EXIT_INPUT
+    result: GateResult = evaluate(policy, report, baseline, failed)
+    print(render_table(result))
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        print("\n".join(github_annotations(result)))
+    _write_gate_outputs(result, args, time.perf_counter() - started)
+    return result.exit_code
+
+
+def _write_gate_outputs(result, args: argparse.Namespace, seconds: float) -> None:
+    from .html_report import render_html
+    from .junit import write_junit
+    from .markdown_report import gate_markdown
+
+    if args.junit:
+        write_junit(result, args.junit, seconds)
+    markdown = gate_markdown(result)
+    if args.markdown:
+        args.markdown.write_text(markdown, encoding="utf-8")
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as handle:
+            handle.write(markdown)
+    if args.json:
+        args.json.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+    if args.html:
+        args.html.write_text(render_html(result.to_dict(), title="curvscope gate"), encoding="utf-8")
+
+
+def _read_report(path: Path) -> dict:
+    from .gate import ReportError, load_report
+
+    try:
+        return load_report(path)
+    except ReportError as error:
+        raise CurvscopeError("INVALID_ARGUMENT", str(error)) from None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .gate import GATE_SCHEMA
+    from .html_report import render_html
+
+    report = _read_report(args.report)
+    print(render_report(report))
+    if args.html:
+        raw = json.loads(args.report.read_text())
+        # A gate's output keeps its verdicts on the page.
+        page = {**raw, "report": report} if raw.get("schema") == GATE_SCHEMA else report
+        args.html.write_text(render_html(page, title=args.title or f"curvscope report: {args.report.name}"),
+                             encoding="utf-8")
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_markdown, render_compare
+
+    first, second = _read_report(args.a), _read_report(args.b)
+    names = (args.a.name, args.b.name) if args.a.name != args.b.name else (str(args.a), str(args.b))
+    print(render_compare(first, second, names, changed_only=args.changed_only))
+    if args.markdown:
+        args.markdown.write_text(compare_markdown(first, second, names), encoding="utf-8")
+    return EXIT_OK
+
+
+def _add_gate_parser(commands) -> None:
+    gate = commands.add_parser(
+        "gate", help="check a checkpoint against a policy (exit 1 when a check fails)",
+        description="Run a policy's analyses on MODEL (or read --report) and judge its checks. Exit codes: 0 every "
+                    "check passed (warnings allowed), 1 a check failed or a value could not be measured, 2 usage "
+                    "or input error, 3 the server could not be reached or failed.")
+    gate.add_argument("model", nargs="?", help="model: a local .pt2/.safetensors file, a file:// URI on the server, or sha256:DIGEST")
+    gate.add_argument("--policy", type=Path, help="the TOML policy (with --init: where to write the starter policy)")
+    gate.add_argument("--init", action="store_true", help="write a commented starter policy and stop")
+    gate.add_argument("--force", action="store_true", help="with --init: overwrite an existing policy")
+    gate.add_argument("--data", help="data batch: a .safetensors file with inputs and targets (or file://, sha256:)")
+    gate.add_argument("--report", type=Path, help="gate this existing JSON report instead of analysing MODEL")
+    gate.add_argument("--baseline", type=Path, help="report (or gate --json output) to measure changes against")
+    where = gate.add_mutually_exclusive_group()
+    where.add_argument("--server", help="HOST:PORT of a curvscope server (default: CURVSCOPE_SERVER)")
+    where.add_argument("--local", action="store_true", help="run in this process (needs the service package)")
+    gate.add_argument("--token-file", type=Path, help="file holding the bearer token (default: CURVSCOPE_TOKEN)")
+    gate.add_argument("--tls-ca", type=Path, help="CA certificate of a TLS server")
+    gate.add_argument("--timeout", type=float, default=None, help="seconds per request before the server gives up")
+    gate.add_argument("--junit", type=Path, metavar="OUT.xml", help="write JUnit XML (a testcase per checked value)")
+    gate.add_argument("--markdown", type=Path, metavar="OUT.md", help="write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY)")
+    gate.add_argument("--json", type=Path, metavar="OUT.json", help="write the verdicts and the report (usable as a later --baseline)")
+    gate.add_argument("--html", type=Path, metavar="OUT.html", help="write the verdicts, plots and values as one HTML page")
+    gate.set_defaults(run=cmd_gate)
+    report = commands.add_parser("report", help="show a JSON report; --html writes a page with its plots")
+    report.add_argument("report", type=Path, help="a report (analyze --json) or a gate --json output")
+    report.add_argument("--html", type=Path, metavar="OUT.html", help="write one self-contained HTML page")
+    report.add_argument("--title", help="title of the page")
+    report.set_defaults(run=cmd_report)
+    compare = commands.add_parser("compare", help="two reports side by side, with the change of every value")
+    compare.add_argument("a", type=Path, help="the first report (e.g. main's)")
+    compare.add_argument("b", type=Path, help="the second report (e.g. the candidate's)")
+    compare.add_argument("--changed-only", action="store_true", help="only the values that differ")
+    compare.add_argument("--markdown", type=Path, metavar="OUT.md", help="also write the comparison as Markdown")
+    compare.set_defaults(run=cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curvscope", description="Curvature analysis of model checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = commands.add_parser("analyze", help="analyse a checkpoint on a data batch")
     _add_analysis_flags(analyze)
     analyze.set_defaults(run=cmd_analyze)
+    _add_gate_parser(commands)
     demo = commands.add_parser("demo", help="a small model on scikit-learn's digits, an in-process server, a report")
     demo.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here ('-' for stdout)")
     demo.add_argument("--whole-model-only", action="store_true", help="skip the per-layer eigenvalues")
