@@ -43,6 +43,8 @@ def _add_analysis_flags(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--local", action="store_true", help="run in this process (needs the service package)")
     parser.add_argument("--token-file", type=Path, help="file holding the bearer token (default: CURVSCOPE_TOKEN)")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate of a TLS server")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate, for servers that require mutual TLS")
+    parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
     parser.add_argument("--eigen", type=int, default=None, metavar="K", help="K largest Hessian eigenvalues (default 1)")
     parser.add_argument("--smallest", type=int, default=0, metavar="K", help="K smallest Hessian eigenvalues")
     parser.add_argument("--tolerance", type=float, default=0.0, help="relative Ritz residual to stop at (default 1e-3)")
@@ -119,7 +121,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 pb.DataRef(uri=Path(args.data).resolve().as_uri()) if args.data else None, **options)
             report = local.analyze_local(request, progress=progress)
         else:
-            with Client(args.server, token=_token(args), tls_ca=args.tls_ca) as client:
+            with Client(args.server, token=_token(args), tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key) as client:
                 report = client.analyze(args.model, args.data, progress=progress, timeout=args.timeout, **options)
     finally:
         progress.close()
