@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import shutil
 import subprocess
 import sys
@@ -186,6 +187,27 @@ def test_service_monitor_scrapes_the_metrics_port_of_the_service():
     # The headless Service carries the same labels: the monitor must not scrape it twice.
     headless = next(s for s in manifests["Service"] if s["spec"].get("clusterIP") == "None")
     assert "metrics" not in {port["name"] for port in headless["spec"]["ports"]}
+
+
+def test_rendered_environment_is_what_the_server_parses(monkeypatch):
+    from curvscope_service.config import build_parser, config_from_args
+
+    helps = " ".join(action.help or "" for action in build_parser()._actions)
+    known = set(re.findall(r"\((CURVSCOPE_[A-Z_]+)\)", helps))
+    env = env_of(render(ALL_FEATURES))
+    chart = {name for name in env if name.startswith("CURVSCOPE_")}
+    assert chart <= known, chart - known
+    # Every server setting is reachable from the chart (the host stays the image's [::]).
+    assert known - chart <= {"CURVSCOPE_HOST"}, known - chart
+    for name in known:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = config_from_args([])
+    assert (config.port, config.metrics_port, config.max_queue_depth) == (50051, 9090, 32)
+    assert str(config.store) == "/var/lib/curvscope/store" and config.model_roots == [Path("/models")]
+    assert str(config.tls_client_ca) == "/etc/curvscope/tls/ca.crt"
+    assert str(config.token_file) == "/etc/curvscope/auth/tokens"
 
 
 def test_cpu_variant_without_persistence():
