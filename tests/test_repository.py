@@ -3,6 +3,7 @@ installs and works in a virtual environment without torch, numpy or cvxpy."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,3 +52,17 @@ def test_thin_client_installs_and_runs_without_torch(tmp_path, server, digits_fi
     local = subprocess.run([environment / "bin" / "curvscope", "analyze", str(model_path), "--local"],
                            capture_output=True, text=True, timeout=60)
     assert local.returncode == 2 and "curvscope-service" in local.stderr and "Traceback" not in local.stderr
+
+    # The CI gate with the thin client alone: starter policy, a run against the server, every output.
+    policy = tmp_path / "curvscope.toml"
+    assert subprocess.run([environment / "bin" / "curvscope", "gate", "--init", "--policy", str(policy)],
+                          capture_output=True, timeout=60).returncode == 0
+    outputs = {name: tmp_path / f"gate.{name}" for name in ("xml", "md", "json", "html")}
+    gate = subprocess.run(
+        [environment / "bin" / "curvscope", "gate", "--policy", str(policy), str(model_path), "--data", str(data_path),
+         "--baseline", str(tmp_path / "report.json"), "--junit", str(outputs["xml"]), "--markdown", str(outputs["md"]),
+         "--json", str(outputs["json"]), "--html", str(outputs["html"])],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert gate.returncode == 0, gate.stdout + gate.stderr
+    assert "curvscope gate: " in gate.stdout and all(path.is_file() for path in outputs.values())
+    assert json.loads(outputs["json"].read_text())["exit_code"] == gate.returncode
