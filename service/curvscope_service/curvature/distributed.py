@@ -166,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_model(args.model, device=device, dtype=dtype)
         data = load_data(args.data, dtype=dtype)  # on the host: only this rank's shard goes to the device
         start, stop = shard_range(data.num_samples, rank, world_size)
+        if model.fixed_batch_size is not None and model.fixed_batch_size != stop - start:
+            raise InvalidInput(f"the model was exported for batches of {model.fixed_batch_size} samples, a shard has "
+                               f"{stop - start}; export it with a dynamic batch dimension")
         local = HessianOperator(model.module, data.inputs[start:stop], data.targets[start:stop],
                                 get_loss(args.loss), micro_batch_size=args.micro_batch_size)
         operator = DataParallelOperator(local, module=model.module)
