@@ -8,6 +8,8 @@ import math
 import socket
 import xml.etree.ElementTree as ET
 
+from pathlib import Path
+
 import jsonschema
 import pytest
 
@@ -15,6 +17,8 @@ from curvscope import CurvscopeError, json_schema
 from curvscope.cli import main
 from curvscope.gate import ERROR, FAIL, PASS, WARN, evaluate, github_annotations, normalize_report, run_policy
 from curvscope.policy import STARTER_POLICY, PolicyError, format_path, parse_path, parse_policy, resolve
+
+REPO = Path(__file__).resolve().parents[2]
 
 # The JUnit XML schema Jenkins and Maven Surefire read (jenkins-junit.xsd), as the CI tools use it.
 JUNIT_XSD = """<?xml version="1.0" encoding="UTF-8"?>
@@ -442,3 +446,13 @@ def test_gate_against_a_server(server, client, digits_files, files, tmp_path, ca
     assert main(["gate", "--policy", str(passing), str(model_path), "--data", str(data_path),
                  "--server", f"127.0.0.1:{free_port}", "--timeout", "5"]) == 3
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_documented_examples_load_and_match_the_docs():
+    docs = REPO / "docs"
+    policy = parse_policy((docs / "examples" / "curvscope.toml").read_text())
+    assert {check.analysis for check in policy.checks} == set(policy.analyses)
+    page = (docs / "gate.md").read_text()
+    for name in ("github-actions.yml", "gitlab-ci.yml"):
+        example = (docs / "examples" / name).read_text().split("\n", 1)[1]  # less its "where it goes" line
+        assert example.strip() in page, name
