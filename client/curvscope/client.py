@@ -104,7 +104,7 @@ class Client:
         if load_balancing:
             channel_options.append(("grpc.lb_policy_name", load_balancing))
         if bool(tls_cert) != bool(tls_key):
-            raise ValueError("tls_cert and tls_key go together (the client certificate and its private key)")
+            raise CurvscopeError("INVALID_ARGUMENT", "tls_cert and tls_key go together (--tls-cert, --tls-key)")
         if tls or tls_ca or tls_cert:
             # tls_ca: the server's CA (else the system roots); tls_cert/tls_key: this client's
             # certificate, for servers that require mutual TLS.
