@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import socket
-import xml.etree.ElementTree as ET
-
 from pathlib import Path
 
 import jsonschema
