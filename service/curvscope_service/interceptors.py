@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 from grpc import aio
 
-from .errors import CurvscopeError
+from .errors import CurvscopeError, InvalidInput
 from .logging_setup import REQUEST_ID
 from .metrics import REQUESTS, RPC_SECONDS
 
@@ -32,19 +32,54 @@ _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-def _wrap(handler: grpc.RpcMethodHandler, wrap_behavior: Callable[[Any, bool], Any]) -> grpc.RpcMethodHandler:
-    """Rebuild a method handler with its behavior wrapped, whatever its streaming kind."""
+def _wrap(handler: grpc.RpcMethodHandler, wrap_behavior: Callable[[Any, bool], Any],
+          deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
+    """Rebuild a method handler with its behavior wrapped (and optionally its request
+    deserializer replaced), whatever its streaming kind."""
+    deserializer = deserializer or handler.request_deserializer
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            wrap_behavior(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer)
+            wrap_behavior(handler.unary_unary, False), deserializer, handler.response_serializer)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            wrap_behavior(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer)
+            wrap_behavior(handler.unary_stream, True), deserializer, handler.response_serializer)
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            wrap_behavior(handler.stream_unary, False), handler.request_deserializer, handler.response_serializer)
+            wrap_behavior(handler.stream_unary, False), deserializer, handler.response_serializer)
     return grpc.stream_stream_rpc_method_handler(
-        wrap_behavior(handler.stream_stream, True), handler.request_deserializer, handler.response_serializer)
+        wrap_behavior(handler.stream_stream, True), deserializer, handler.response_serializer)
+
+
+class _Undecodable:
+    """Stands for request bytes that did not parse: grpc would answer UNKNOWN for a deserializer
+    that raises; the behavior turns this into INVALID_ARGUMENT instead."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - DecodeError and friends: bytes from outside
+            return _UNDECODABLE
+    return deserialize
+
+
+def _decoded(request: Any) -> Any:
+    if request is _UNDECODABLE:
+        raise InvalidInput("the request is not a valid message for this method; are client and server "
+                           "on the same API version?")
+    return request
+
+
+async def _decoded_stream(requests: Any) -> Any:
+    async for request in requests:
+        yield _decoded(request)
 
 
 def _status_of(error: CurvscopeError) -> grpc.StatusCode:
@@ -67,6 +102,7 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         offered = metadata.get(REQUEST_ID_HEADER, "")
         # Health probes come every few seconds: count them, do not log them.
         quiet = method.startswith(("/grpc.health.v1.Health/", "/grpc.reflection."))
+        request_streaming = handler.request_streaming
 
         def wrap_behavior(behavior: Any, streaming: bool) -> Any:
             if streaming:
@@ -74,6 +110,7 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
                     started = _begin(context, offered)
                     code = grpc.StatusCode.OK
                     try:
+                        request = _decoded_stream(request) if request_streaming else _decoded(request)
                         async for response in behavior(request, context):
                             yield response
                     except BaseException as error:  # noqa: BLE001 - mapped below, re-raised when not ours
@@ -87,6 +124,7 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
                 started = _begin(context, offered)
                 code = grpc.StatusCode.OK
                 try:
+                    request = _decoded_stream(request) if request_streaming else _decoded(request)
                     return await behavior(request, context)
                 except BaseException as error:  # noqa: BLE001
                     code = grpc.StatusCode.CANCELLED
@@ -95,7 +133,7 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
                     _end(method, code, context, started, quiet)
             return unary_behavior
 
-        return _wrap(handler, wrap_behavior)
+        return _wrap(handler, wrap_behavior, _tolerant(handler.request_deserializer))
 
 
 def _begin(context: aio.ServicerContext, offered: str) -> float:
