@@ -24,6 +24,7 @@ import ast
 import builtins
 import io
 import json
+import pickletools
 import re
 import zipfile
 from pathlib import Path
@@ -189,16 +190,70 @@ def _check_payload_config(read, name: str, what: str, *, constants: bool) -> Non
 
 
 def _check_sample_inputs(payload: bytes) -> None:
-    # torch tries weights_only=True first and falls back to a full unpickle on failure:
-    # succeed here and its first attempt succeeds too.
+    # torch.load(weights_only=True) is what torch.export.load runs on this payload (and on failure
+    # it falls back to a full unpickle). We never unpickle it ourselves: its pickle is read as a
+    # list of opcodes, without executing anything, and must only rebuild plain tensors in tuples,
+    # lists and dicts, so torch's restricted loader succeeds at its first attempt.
     if not payload:
         return
     try:
-        torch.load(io.BytesIO(payload), weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError, ... from arbitrary bytes
+        with zipfile.ZipFile(io.BytesIO(payload)) as zf:
+            pickles = [name for name in zf.namelist() if name.endswith(".pkl")]
+            if len(pickles) != 1 or not pickles[0].endswith("/data.pkl"):
+                raise ValueError(f"expected one data.pkl, found {pickles}")
+            program = zf.read(pickles[0])
+        _check_tensor_pickle(program)
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
         raise InvalidInput(
             f"torch.export archive's sample inputs are not plain tensors ({one_line(e)}); curvscope never unpickles; {REEXPORT}"
         ) from None
+
+
+# What torch.save writes for tensors nested in tuples, lists and dicts, and nothing more.
+_TENSOR_PICKLE_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("collections", "OrderedDict"),
+} | {
+    ("torch", f"{kind}Storage")
+    for kind in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")
+}
+# Opcodes that call or construct something other than through REDUCE on an allowed global.
+_CALLING_OPCODES = {"INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD", "EXT1", "EXT2", "EXT4"}
+_STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
+
+
+def _check_tensor_pickle(program: bytes) -> None:
+    """Raise ValueError unless the pickle only imports ``_TENSOR_PICKLE_GLOBALS``; never executes it."""
+    # STACK_GLOBAL takes its module and name from the stack: follow which stack tops and memo
+    # entries are strings (torch.save reuses 'torch' from the memo), and refuse anything unresolved.
+    memo: dict[int, str | None] = {}
+    strings: list[str] = []  # the run of strings on top of the stack
+    for opcode, argument, _ in pickletools.genops(program):
+        name = opcode.name
+        top = strings[-1] if strings else None
+        if name in _STRING_OPCODES:
+            strings.append(str(argument))
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            value = memo.get(int(argument))
+            strings = [*strings, value] if value is not None else []
+        elif name == "MEMOIZE":
+            memo[len(memo)] = top
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(argument)] = top
+        elif name == "GLOBAL":
+            module, _, attribute = str(argument).partition(" ")
+            if (module, attribute) not in _TENSOR_PICKLE_GLOBALS:
+                raise ValueError(f"it imports {module}.{attribute}")
+            strings = []
+        elif name == "STACK_GLOBAL":
+            if len(strings) < 2 or tuple(strings[-2:]) not in _TENSOR_PICKLE_GLOBALS:
+                shown = ".".join(strings[-2:]) if len(strings) >= 2 else "a name the scan cannot resolve"
+                raise ValueError(f"it imports {shown}")
+            strings = []
+        elif name in _CALLING_OPCODES:
+            raise ValueError(f"it uses the {name} opcode")
+        else:
+            strings = []
 
 
 def _check_program(payload: bytes) -> None:

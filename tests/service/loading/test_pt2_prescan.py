@@ -6,7 +6,10 @@ runs the payload, so the refusals below are tested against live ammunition.
 
 from __future__ import annotations
 
+import collections
+import io
 import json
+import pickle
 import re
 import zipfile
 
@@ -15,6 +18,7 @@ import torch
 
 from curvscope_service.errors import InvalidInput
 from curvscope_service.loading import load_model
+from curvscope_service.loading.pt2_prescan import _check_sample_inputs, prescan
 from loading_fixtures import evil_pickle, read_json_member, read_member, rewrite_archive
 
 WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
@@ -102,6 +106,67 @@ def test_pickled_sample_inputs_are_refused_unexecuted(exported_dynamic, tmp_path
     with refuses(InvalidInput, "sample inputs", "never unpickles"):
         load_model(path)
     assert not marker.exists()
+
+
+def _torch_save_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _with_data_pkl(saved: bytes, data_pkl: bytes) -> bytes:
+    """A torch.save zip whose pickle is replaced, the way an attacker would craft it."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(saved)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, data_pkl if info.filename.endswith("/data.pkl") else src.read(info))
+    return out.getvalue()
+
+
+class _BuildPayload:
+    """Unpickling this calls ``__setstate__`` through the BUILD opcode."""
+
+    def __reduce__(self):
+        return (collections.OrderedDict, (), {"x": 1})
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_torch_save_zip_with_a_code_pickle_is_refused_unexecuted(exported_dynamic, tmp_path, refuses, protocol):
+    marker = tmp_path / "ran"
+    payload = _with_data_pkl(_torch_save_bytes(((torch.zeros(2, 3),), {})), evil_pickle(marker, protocol=protocol))
+    path = rewrite_archive(exported_dynamic[0], tmp_path / "evil.pt2", replace={"data/sample_inputs/model.pt": payload})
+    with refuses(InvalidInput, "sample inputs", "imports", "never unpickles"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_sample_inputs_with_other_opcodes_than_tensor_rebuilds_are_refused(exported_dynamic, tmp_path, refuses):
+    payload = _with_data_pkl(_torch_save_bytes(((torch.zeros(2, 3),), {})), pickle.dumps(_BuildPayload(), protocol=2))
+    path = rewrite_archive(exported_dynamic[0], tmp_path / "odd.pt2", replace={"data/sample_inputs/model.pt": payload})
+    with refuses(InvalidInput, "sample inputs", "BUILD"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [((torch.zeros(2, 3),), {}), ((torch.zeros(2, 3, dtype=torch.float64), [torch.ones(1, dtype=torch.long)]), {"mask": torch.ones(2, dtype=torch.bool)})],
+)
+def test_the_opcode_scan_accepts_what_torch_save_writes_for_tensors(sample, monkeypatch):
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("the pre-scan unpickled the sample inputs")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    monkeypatch.setattr(pickle, "Unpickler", no_unpickling)
+    for protocol in (2, 4):
+        buffer = io.BytesIO()
+        torch.save(sample, buffer, pickle_protocol=protocol)
+        _check_sample_inputs(buffer.getvalue())
+
+
+def test_a_plain_archive_is_prescanned_without_unpickling(exported_dynamic, monkeypatch):
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("the pre-scan unpickled"))
+    prescan(exported_dynamic[0])
 
 
 @pytest.mark.parametrize("legacy", ["data/weights/model.pt", "data/constants/model.pt"])
