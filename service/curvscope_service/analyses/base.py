@@ -13,6 +13,7 @@ import torch
 from ..curvature.fisher import EmpiricalFisherOperator, FisherOperator
 from ..curvature.ggn import GGNOperator, OutputCurvatureOperator
 from ..curvature.hessian import HessianOperator
+from ..curvature.lanczos import RitzPairs
 from ..loading import LoadedData, LoadedModel
 
 ProgressFn = Callable[[dict], None]
@@ -50,6 +51,9 @@ class AnalysisContext:
     # Results of analyses that ran earlier in the same request (whole model only), so that
     # one can reuse another's work (e.g. sharpness reads hessian_eigen's largest eigenvalue).
     earlier: dict[str, Any] = field(default_factory=dict)
+    # The Ritz pairs of this context's operator from a hessian_eigen run earlier in the request
+    # (whole model or this block), which hessian_trace deflates; not part of any report.
+    ritz: RitzPairs | None = None
     _operators: dict[tuple[str, ...] | None, CurvatureOperator] = field(default_factory=dict)
 
     def operator(self) -> CurvatureOperator:

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from ..curvature.hessian_eigen import compute_hessian_eigen
+from ..curvature.lanczos import BASIS_BUDGET_BYTES, RitzPairs
 from ..errors import InvalidInput
 from .base import Analysis, AnalysisContext, EngineLimits
 
@@ -29,10 +30,19 @@ def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
 
 
 def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
+    operator = context.operator()
+
+    def keep(ritz: RitzPairs) -> None:
+        context.ritz = ritz
+
+    # The Ritz vectors are kept for a later hessian_trace of the same request when they fit in
+    # the memory the Lanczos basis itself may take (float64, k vectors of the operator's size).
+    fits = 8 * operator.dim * (spec["top_k"] + spec["bottom_k"]) <= BASIS_BUDGET_BYTES
     return compute_hessian_eigen(
-        context.operator(), top_k=spec["top_k"], bottom_k=spec["bottom_k"], tol=spec["tolerance"],
+        operator, top_k=spec["top_k"], bottom_k=spec["bottom_k"], tol=spec["tolerance"],
         max_hvps=spec["max_hvps"], seed=context.seed,
         progress=lambda step, total, estimate: context.progress("hessian_eigen", step, total, estimate),
+        on_ritz=keep if fits else None,
     )
 
 

@@ -1,4 +1,9 @@
-"""``hessian_trace``: tr(H) (and optionally tr(H^2)) by XTrace, Hutch++ or Hutchinson."""
+"""``hessian_trace``: tr(H) (and optionally tr(H^2)) by XTrace, Hutch++ or Hutchinson.
+
+When ``hessian_eigen`` ran earlier in the same request on the same operator, its Ritz pairs
+seed the estimate: their values are taken exactly and the estimator runs on the deflated
+operator (``curvature/trace.py``); ``seeded_eigenpairs`` in the result says how many.
+"""
 
 from __future__ import annotations
 
@@ -40,9 +45,10 @@ def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
         context.operator(), method=spec["method"], max_products=spec["max_hvps"],
         relative_tolerance=spec["relative_tolerance"], frobenius=spec["frobenius"], seed=context.seed,
         progress=lambda step, total, estimate: context.progress("hessian_trace", step, total, estimate),
+        ritz=context.ritz,
     )
     report = {"estimate": result.estimate, "stderr": result.stderr, "method": result.method,
-              "hvps": result.products, "seconds": result.seconds}
+              "hvps": result.products, "seconds": result.seconds, "seeded_eigenpairs": result.seeded}
     if result.frobenius_squared is not None:
         report["frobenius_squared"] = result.frobenius_squared
         report["frobenius_squared_stderr"] = result.frobenius_squared_stderr

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from ..errors import InvalidInput
 from .hessian import HessianOperator
-from .lanczos import lanczos
+from .lanczos import RitzPairs, lanczos
 
 
 def compute_hessian_eigen(
@@ -18,11 +20,14 @@ def compute_hessian_eigen(
     max_hvps: int = 500,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
+    on_ritz: Callable[[RitzPairs], None] | None = None,
 ) -> dict:
     """The report block: the ``top_k`` largest and ``bottom_k`` smallest Hessian eigenvalues.
 
     ``progress(step, total, current_estimate)`` is called after every product with the
-    products so far, the budget ``max_hvps`` and the current largest Ritz value.
+    products so far, the budget ``max_hvps`` and the current largest Ritz value. ``on_ritz``,
+    when given, receives the Ritz pairs behind the values (largest then smallest, float64
+    vectors), e.g. to deflate a trace estimate of the same operator.
     """
     if top_k < 0 or bottom_k < 0 or top_k + bottom_k == 0:
         raise InvalidInput(f"ask for at least one eigenvalue, got top_k={top_k}, bottom_k={bottom_k}")
@@ -51,7 +56,16 @@ def compute_hessian_eigen(
         dtype=operator.dtype,
         device=operator.device,
         on_step=on_step,
+        return_eigenvectors=on_ritz is not None,
+        eigenvector_dtype=torch.float64,
     )
+    if on_ritz is not None and result.eigenvectors is not None:
+        largest, smallest = result.eigenvectors
+        on_ritz(RitzPairs(
+            values=result.largest + result.smallest,
+            vectors=torch.stack(largest + smallest, dim=1),
+            residuals=result.largest_residuals + result.smallest_residuals,
+        ))
     return {
         "largest": result.largest,
         "smallest": result.smallest,

@@ -23,6 +23,7 @@ def hutchinson(
     device: torch.device | str = "cpu",
     block_size: int = 8,
     progress: Progress | None = None,
+    offset: float = 0.0,
 ) -> TraceEstimate:
     """tr(A) from at most ``max_products`` probes, drawn ``block_size`` at a time.
 
@@ -42,6 +43,7 @@ def hutchinson(
         squares.append((AZ * AZ).sum(0))
         done += k
         estimate, stderr = mean_and_stderr(torch.cat(quadratic))
+        estimate += offset
         if progress is not None:
             progress(done, max_products, estimate)
         if reached(estimate, stderr, done, relative_tolerance):

@@ -25,6 +25,7 @@ def hutchpp(
     device: torch.device | str = "cpu",
     block_size: int = 8,
     progress: Progress | None = None,
+    offset: float = 0.0,
 ) -> TraceEstimate:
     """tr(A) from at most ``max_products`` products: sketch, its trace, residual probes.
 
@@ -37,7 +38,7 @@ def hutchpp(
     k = min(max_products // 3, dim)
     Q, _ = torch.linalg.qr(apply(rademacher(generator, dim, k, device)))
     AQ = apply(Q)
-    sketched = (Q * AQ).sum().item()
+    sketched = offset + (Q * AQ).sum().item()
     sketched_squares = (AQ * AQ).sum().item()
     done = 2 * k
     if progress is not None:

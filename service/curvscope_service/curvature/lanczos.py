@@ -46,6 +46,21 @@ class EigenResult:
     eigenvectors: tuple[list[Tensor], list[Tensor]] | None = None
 
 
+@dataclass
+class RitzPairs:
+    """Ritz pairs of one operator from one Krylov basis, for reuse by other estimators.
+
+    ``vectors`` (dim, k) are orthonormal float64 columns y_i = V s_i, so that y_i^T A y_i equals
+    the Ritz value theta_i exactly (up to rounding) whether or not the pair converged, and
+    ||A y_i - theta_i y_i|| is ``residuals[i]`` (an upper bound: Lanczos floors it at the
+    products' rounding).
+    """
+
+    values: list[float]
+    vectors: Tensor
+    residuals: list[float]
+
+
 BASIS_BUDGET_BYTES = 512 << 20
 MAX_DEFAULT_BASIS = 160
 
@@ -75,6 +90,7 @@ def lanczos(
     device: torch.device | str | None = None,
     on_step: Callable[[int, float], None] | None = None,
     return_eigenvectors: bool = False,
+    eigenvector_dtype: torch.dtype | None = None,
 ) -> EigenResult:
     """The ``top_k`` largest and ``bottom_k`` smallest eigenvalues of the operator ``matvec``.
 
@@ -83,7 +99,8 @@ def lanczos(
     default it is ``default_basis_size(dim, top_k + bottom_k)``. ``on_step(matvecs, largest Ritz value)`` runs after every
     product. With a budget of ``max_matvecs`` products, ``converged`` is True only if every
     wanted value met the residual test (or the whole space was spanned: then the values are
-    exact). Like any single-vector Krylov method it can miss copies of a repeated eigenvalue
+    exact). ``eigenvector_dtype`` is that of the returned eigenvectors (default ``dtype``; they
+    are computed in float64). Like any single-vector Krylov method it can miss copies of a repeated eigenvalue
     that converged before the invariant subspace around it was exhausted.
     """
     wanted = top_k + bottom_k
@@ -148,7 +165,7 @@ def lanczos(
         if converged or matvecs >= max_matvecs:
             vectors = None
             if return_eigenvectors:
-                ritz = (_to_torch(S[:, chosen], device).T @ V[:m]).to(dtype)
+                ritz = (_to_torch(S[:, chosen], device).T @ V[:m]).to(eigenvector_dtype or dtype)
                 vectors = (list(ritz[len(low) :]), list(ritz[: len(low)]))
             return EigenResult(
                 largest=theta[high].tolist(),

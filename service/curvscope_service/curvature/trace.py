@@ -5,16 +5,33 @@
   taken exactly, Hutchinson on the rest.
 - ``xtrace``: XTrace (Epperly, Tropp & Webber 2024): Hutch++'s split made exchangeable, every
   probe used both for the sketch and for the residual.
+
+Seeding with Ritz pairs (``ritz``): when Lanczos already ran on the same operator, its Ritz
+vectors Y (orthonormal, dim x k) split the trace without any further product,
+
+    tr(A) = tr(Y^T A Y) + tr((I - P) A (I - P)),   P = Y Y^T,
+
+(the cross terms tr(P A (I - P)) vanish), and tr(Y^T A Y) = sum_i theta_i exactly, converged or
+not. The estimator then runs on the deflated operator (I - P) A (I - P), one product per
+vector as before, whose variance no longer carries the eigenvalues found; the standard error
+is that of the deflated part. For tr(A^2): ||A||_F^2 = ||Y^T A Y||_F^2 + 2 ||(I - P) A Y||_F^2 +
+||(I - P) A (I - P)||_F^2 = sum_i theta_i^2 + 2 sum_i r_i^2 + (the estimated rest), with r_i the
+Ritz residual norms ((I - P) A y_i = A y_i - theta_i y_i because Y^T A Y = diag(theta)).
 """
 
 from __future__ import annotations
 
+import math
 import time
+
+import torch
+from torch import Tensor
 
 from ..errors import InvalidInput
 from .hutchinson import hutchinson
+from .lanczos import RitzPairs
 from .hutchpp import hutchpp
-from .trace_probes import BlockProducts, Operator, Progress, TraceEstimate
+from .trace_probes import Apply, BlockProducts, Operator, Progress, TraceEstimate
 from .xtrace import xtrace
 
 ESTIMATORS = {"hutchinson": hutchinson, "hutchpp": hutchpp, "xtrace": xtrace}
@@ -31,12 +48,15 @@ def estimate_trace(
     seed: int = 0,
     block_size: int = 8,
     progress: Progress | None = None,
+    ritz: RitzPairs | None = None,
 ) -> TraceEstimate:
     """tr(A) of ``operator`` (anything with ``matmat``, ``dim``, ``dtype``, ``device``).
 
     ``max_products`` bounds the operator products; with ``relative_tolerance`` > 0 the estimator
-    stops earlier once its standard error is at most that fraction of the estimate.
-    ``progress(products, max_products, current estimate)`` runs after every block.
+    stops earlier once its standard error is at most that fraction of the (whole) estimate.
+    ``progress(products, max_products, current estimate)`` runs after every block. ``ritz``:
+    Ritz pairs of the same operator (from ``lanczos``) to deflate, see the module docstring;
+    ``TraceEstimate.seeded`` is then their number.
     """
     if method not in ESTIMATORS:
         raise InvalidInput(f"unknown trace method '{method}'; choose one of {', '.join(METHODS)}")
@@ -49,11 +69,49 @@ def estimate_trace(
         raise InvalidInput(f"block_size must be positive, got {block_size}")
 
     start = time.perf_counter()
-    apply = BlockProducts(operator, block_size)
+    apply: Apply = BlockProducts(operator, block_size)
+    counter = apply
+    offset = 0.0
+    if ritz is not None:
+        Y = _checked_ritz(ritz, operator.dim)
+        Y = Y.to(operator.device)
+        apply = _deflated(apply, Y)
+        offset = math.fsum(ritz.values)
     result = ESTIMATORS[method](
         apply, operator.dim, max_products=max_products, relative_tolerance=relative_tolerance,
         frobenius=frobenius, seed=seed, device=operator.device, block_size=block_size, progress=progress,
+        offset=offset,
     )
-    result.products = apply.products
+    if ritz is not None:
+        result.seeded = len(ritz.values)
+        if result.frobenius_squared is not None:
+            result.frobenius_squared += math.fsum(t * t for t in ritz.values) + 2 * math.fsum(
+                r * r for r in ritz.residuals)
+    result.products = counter.products
     result.seconds = time.perf_counter() - start
     return result
+
+
+# Ritz vectors must be orthonormal to this (float64) accuracy for tr(Y^T A Y) = sum theta_i.
+RITZ_ORTHONORMALITY = 1e-8
+
+
+def _checked_ritz(ritz: RitzPairs, dim: int) -> Tensor:
+    Y = ritz.vectors
+    k = len(ritz.values)
+    if Y.dtype != torch.float64 or Y.dim() != 2 or Y.shape != (dim, k) or len(ritz.residuals) != k:
+        raise ValueError(f"Ritz vectors must be a float64 ({dim}, {k}) block with {k} values and residuals, "
+                         f"got {Y.dtype} {tuple(Y.shape)}")
+    gram = Y.T @ Y
+    if (gram - torch.eye(k, dtype=Y.dtype, device=Y.device)).abs().max().item() > RITZ_ORTHONORMALITY:
+        raise ValueError("Ritz vectors are not orthonormal")
+    return Y
+
+
+def _deflated(apply: Apply, Y: Tensor) -> Apply:
+    """X -> (I - Y Y^T) A (I - Y Y^T) X, one product of A per column."""
+
+    def project(X: Tensor) -> Tensor:
+        return X - Y @ (Y.T @ X)
+
+    return lambda X: project(apply(project(X)))

@@ -46,6 +46,8 @@ class TraceEstimate:
     frobenius_squared: float | None = None
     frobenius_squared_stderr: float | None = None
     seconds: float = 0.0
+    # Ritz pairs the estimate was deflated with (0: none; see trace.estimate_trace).
+    seeded: int = 0
 
 
 class BlockProducts:

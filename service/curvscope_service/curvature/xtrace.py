@@ -32,6 +32,7 @@ def xtrace(
     device: torch.device | str = "cpu",
     block_size: int = 8,
     progress: Progress | None = None,
+    offset: float = 0.0,
 ) -> TraceEstimate:
     """tr(A) from ``max_products // 2`` probes (at most ``dim``), two products each.
 
@@ -61,6 +62,7 @@ def xtrace(
         W, Y, Q = torch.cat([W, W_new], 1), torch.cat([Y, Y_new], 1), torch.cat([Q, Q_new], 1)
         Z = torch.cat([Z, apply(Q_new)], 1)
         result = _estimates(W, Y, Q, R, Z, frobenius)
+        result.estimate += offset
         if progress is not None:
             progress(2 * Q.shape[1], max_products, result.estimate)
         if reached(result.estimate, result.stderr, Q.shape[1], relative_tolerance):

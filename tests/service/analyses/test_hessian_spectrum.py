@@ -96,6 +96,26 @@ def test_eigen_and_trace_of_every_curvature(files, curvature):
     assert report["loss"]["value"] == pytest.approx(loss(model(inputs), targets).item(), rel=1e-10)
 
 
+def test_trace_seeded_by_the_eigenpairs_of_the_same_request(files):
+    analyses = {"hessian_eigen": {"top_k": 3, "bottom_k": 1, "tolerance": 1e-8},
+                "hessian_trace": {"method": "TRACE_METHOD_HUTCHINSON", "max_hvps": 30, "frobenius": True}}
+    report = run_analysis(job(files, analyses, per_layer=True, seed=1))
+    result = report["results"]["hessian_trace"]
+    H = dense_hessian(*stored(files))
+    assert result["seeded_eigenpairs"] == 4 and result["hvps"] == 30
+    assert abs(result["estimate"] - H.trace().item()) <= 3 * result["stderr"]
+    assert abs(result["frobenius_squared"] - (H**2).sum().item()) <= 3 * result["frobenius_squared_stderr"]
+    for block, names in load_model(files / "mlp.safetensors").parameter_blocks.items():
+        block_result = report["per_layer"][block]["hessian_trace"]
+        truth = dense_hessian(*stored(files), param_names=names).trace().item()
+        assert block_result["seeded_eigenpairs"] == 4
+        assert abs(block_result["estimate"] - truth) <= 3 * block_result["stderr"] + 1e-9
+    assert report_message(report).results.hessian_trace.seeded_eigenpairs == 4
+    # Listed before hessian_eigen, the trace has nothing to seed it with.
+    reordered = run_analysis(job(files, dict(reversed(list(analyses.items()))), seed=1))
+    assert reordered["results"]["hessian_trace"]["seeded_eigenpairs"] == 0
+
+
 def test_adaptive_trace_stops_early(files):
     result = run_analysis(job(files, {"hessian_trace": {"relative_tolerance": 0.02}}))["results"]["hessian_trace"]
     assert result["hvps"] < EngineLimits().max_hvps

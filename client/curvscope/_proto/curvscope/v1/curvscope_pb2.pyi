@@ -438,7 +438,7 @@ class HessianEigenResult(_message.Message):
     def __init__(self, largest: _Optional[_Iterable[float]] = ..., smallest: _Optional[_Iterable[float]] = ..., residuals: _Optional[_Union[EigenResiduals, _Mapping]] = ..., converged: _Optional[bool] = ..., hvps: _Optional[int] = ..., seconds: _Optional[float] = ..., tolerance: _Optional[float] = ...) -> None: ...
 
 class HessianTraceResult(_message.Message):
-    __slots__ = ("estimate", "stderr", "method", "hvps", "frobenius_squared", "frobenius_squared_stderr", "seconds")
+    __slots__ = ("estimate", "stderr", "method", "hvps", "frobenius_squared", "frobenius_squared_stderr", "seconds", "seeded_eigenpairs")
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -446,6 +446,7 @@ class HessianTraceResult(_message.Message):
     FROBENIUS_SQUARED_FIELD_NUMBER: _ClassVar[int]
     FROBENIUS_SQUARED_STDERR_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SEEDED_EIGENPAIRS_FIELD_NUMBER: _ClassVar[int]
     estimate: float
     stderr: float
     method: str
@@ -453,7 +454,8 @@ class HessianTraceResult(_message.Message):
     frobenius_squared: float
     frobenius_squared_stderr: float
     seconds: float
-    def __init__(self, estimate: _Optional[float] = ..., stderr: _Optional[float] = ..., method: _Optional[str] = ..., hvps: _Optional[int] = ..., frobenius_squared: _Optional[float] = ..., frobenius_squared_stderr: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
+    seeded_eigenpairs: int
+    def __init__(self, estimate: _Optional[float] = ..., stderr: _Optional[float] = ..., method: _Optional[str] = ..., hvps: _Optional[int] = ..., frobenius_squared: _Optional[float] = ..., frobenius_squared_stderr: _Optional[float] = ..., seconds: _Optional[float] = ..., seeded_eigenpairs: _Optional[int] = ...) -> None: ...
 
 class HessianDensityResult(_message.Message):
     __slots__ = ("grid", "density", "nodes", "weights", "negative_mass", "hvps", "seconds")
