@@ -1,5 +1,10 @@
 """The dense Hessian of the mean loss by ``torch.func.hessian``: the independent reference that
-every matrix-free result is checked against, for models of at most a few thousand parameters."""
+every matrix-free result is checked against, for models of at most a few thousand parameters.
+
+Not for models with LayerNorm: on torch 2.13 torch.func's vmap'd second derivatives through
+layer_norm are off by a few percent (measured against finite differences of the gradient);
+use torch.autograd.functional.hessian there (tests/service/curvature/test_hessian_operator.py).
+"""
 
 from __future__ import annotations
 
