@@ -49,6 +49,58 @@ def cnn() -> nn.Module:
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {"mlp": mlp, "cnn": cnn}
 
 
+class BasicBlock(nn.Module):
+    """He et al.'s basic residual block: two 3x3 conv-BatchNorm layers, ReLU, identity or 1x1 shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet(widths: tuple[int, ...] = (32, 64, 128), classes: int = 10) -> nn.Module:
+    """A small ResNet for 3x32x32 inputs: stride-2 3x3 stem, one basic block per stage (the
+    later ones halve the resolution), global average pooling, linear head. 308,650 parameters
+    with the default widths, every conv followed by BatchNorm."""
+    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
+                               nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    cin = widths[0]
+    for i, width in enumerate(widths):
+        layers.append(BasicBlock(cin, width, 1 if i == 0 else 2))
+        cin = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+    return nn.Sequential(*layers)
+
+
+def random_images(n: int, *, seed: int = 0, classes: int = 10) -> tuple[Tensor, Tensor]:
+    """n random N(0, 1) 3x32x32 images and uniformly random labels (a fixed seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=generator), torch.randint(0, classes, (n,), generator=generator)
+
+
+def trained_resnet(n: int, *, steps: int = 30, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The ResNet after a few Adam steps in train mode on ``random_images(n)`` (so BatchNorm has
+    running statistics of the data and the loss has moved off its initial value), in eval mode."""
+    torch.manual_seed(0)
+    model = resnet()
+    inputs, targets = random_images(n)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimiser.step()
+    return model.to(dtype).eval()
+
+
 def trained(name: str, *, steps: int = 150, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The architecture trained for a few Adam steps on all digits, in eval mode."""
     torch.manual_seed(0)
