@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from .client import CurvscopeError
 from ._proto.curvscope.v1 import curvscope_pb2 as pb
 from .policy import Bounds, Check, Policy, format_path, resolve
-from .report import Report
+from .report import Report, json_ready
 
 GATE_SCHEMA = "curvscope.gate/v1"
 PASS, WARN, FAIL, ERROR = "pass", "warn", "fail", "error"
@@ -83,7 +83,7 @@ class GateResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON data; non-finite numbers as protobuf's JSON writes them ("NaN", "Infinity")."""
-        return _finite({
+        return json_ready({
             "schema": GATE_SCHEMA, "status": self.status, "exit_code": self.exit_code, "policy": self.policy,
             "counts": self.counts(), "failed_analyses": self.failed_analyses,
             "verdicts": [asdict(verdict) for verdict in self.verdicts],
@@ -91,16 +91,6 @@ class GateResult:
             "baseline": None if self.baseline is None else {
                 "model": self.baseline.get("model"), "data": self.baseline.get("data")},
         })
-
-
-def _finite(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {key: _finite(value) for key, value in data.items()}
-    if isinstance(data, list):
-        return [_finite(value) for value in data]
-    if isinstance(data, float) and not math.isfinite(data):
-        return "NaN" if math.isnan(data) else ("Infinity" if data > 0 else "-Infinity")
-    return data
 
 
 # -- reports ----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from importlib import resources
 from typing import Any
 
@@ -47,6 +48,24 @@ def _scalar(field: FieldDescriptor, value: Any) -> Any:
     return value
 
 
+def json_ready(data: Any) -> Any:
+    """``data`` with every non-finite float written as protobuf's JSON mapping writes it
+    ("NaN", "Infinity", "-Infinity"), so that ``json.dumps(..., allow_nan=False)`` succeeds and
+    ``Report.from_dict`` reads the value back as the same float (a null would read back as 0.0)."""
+    if isinstance(data, dict):
+        return {key: json_ready(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_ready(value) for value in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return "NaN" if math.isnan(data) else ("Infinity" if data > 0 else "-Infinity")
+    return data
+
+
+def dumps(data: Any, indent: int | None = 2) -> str:
+    """Strict JSON (never a bare NaN or Infinity, which JSON does not have)."""
+    return json.dumps(json_ready(data), indent=indent, allow_nan=False)
+
+
 class Report:
     """A finished analysis: ``report.message`` is the typed API message, ``report.to_dict()``
     the JSON report. Results are read like ``report.results.hessian_eigen.largest``."""
@@ -66,7 +85,9 @@ class Report:
         return message_to_dict(self.message)
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        """The JSON report; a non-finite value (a diverged loss, a NaN eigenvalue) is written
+        as the string "NaN", "Infinity" or "-Infinity", as protobuf's JSON mapping does."""
+        return dumps(self.to_dict(), indent=indent)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Report":

@@ -1,6 +1,8 @@
 """The report's JSON form: proto field names, numbers stay numbers, schema-valid."""
 
+import argparse
 import json
+import math
 
 import jsonschema
 import pytest
@@ -51,3 +53,64 @@ def test_optional_fields_only_when_set():
     assert "gd_stable" not in as_dict and "margin" not in as_dict
     results.sharpness.gd_stable = False
     assert Report(pb.Report(results=results)).to_dict()["results"]["sharpness"]["gd_stable"] is False
+
+
+def _strict(text: str):
+    """Parse as strict JSON: a bare NaN or Infinity (Python's extension) is refused."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_values_are_strict_json_and_read_back():
+    report = Report.from_dict(REPORT)
+    message = report.message
+    message.loss.value = float("nan")
+    message.results.hessian_eigen.largest[0] = float("inf")
+    message.results.hessian_eigen.smallest[0] = float("-inf")
+    message.results.hessian_eigen.residuals.largest[1] = float("nan")
+    message.results.hessian_trace.estimate = float("nan")
+    message.results.hessian_trace.stderr = float("inf")
+    data = _strict(report.to_json())
+    assert data["loss"]["value"] == "NaN"
+    assert data["results"]["hessian_eigen"]["largest"][:1] == ["Infinity"]
+    assert data["results"]["hessian_eigen"]["smallest"] == ["-Infinity"]
+    assert data["results"]["hessian_eigen"]["residuals"]["largest"] == [1e-4, "NaN"]
+    assert data["results"]["hessian_trace"]["stderr"] == "Infinity"
+    jsonschema.validate(data, json_schema())
+    # Read back as the same floats (a null would read back as 0.0 and pass a gate's bound).
+    again = Report.from_dict(data).message
+    assert math.isnan(again.loss.value) and math.isnan(again.results.hessian_trace.estimate)
+    assert list(again.results.hessian_eigen.largest) == [math.inf, 2.0]
+    assert list(again.results.hessian_eigen.smallest) == [-math.inf]
+    assert math.isinf(again.results.hessian_trace.stderr)
+    _strict(repr(report).removeprefix("Report(").removesuffix(")"))
+
+
+def test_schema_allows_only_the_spelled_non_finite_values():
+    broken = json.loads(json.dumps(REPORT))
+    broken["results"]["hessian_eigen"]["largest"][0] = "nan"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, json_schema())
+    broken["results"]["hessian_eigen"]["largest"][0] = None
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, json_schema())
+    broken["results"]["hessian_eigen"]["largest"][0] = "NaN"
+    broken["results"]["hessian_eigen"]["residuals"]["largest"][0] = "-Infinity"  # a norm is never negative
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, json_schema())
+
+
+def test_analyze_json_writes_strict_json_for_a_diverged_model(tmp_path, capsys):
+    from curvscope.cli import _emit
+
+    message = Report.from_dict(REPORT).message
+    message.loss.value = float("inf")
+    message.results.hessian_eigen.largest[0] = float("nan")
+    out = tmp_path / "report.json"
+    _emit(Report(message), argparse.Namespace(json=out, plot=None))
+    data = _strict(out.read_text())
+    assert data["loss"]["value"] == "Infinity" and data["results"]["hessian_eigen"]["largest"][0] == "NaN"
+    assert "nan" in capsys.readouterr().out  # the table still shows it
+    _emit(Report(message), argparse.Namespace(json="-", plot=None))
+    assert _strict(capsys.readouterr().out)["loss"]["value"] == "Infinity"
