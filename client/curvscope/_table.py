@@ -8,29 +8,43 @@ from typing import Any, TextIO
 from ._proto.curvscope.v1 import curvscope_pb2 as pb
 
 
-def _numbers(values: list[float]) -> str:
-    return "  ".join(f"{value: .6g}" for value in values) or "-"
+def _fmt(value: Any, spec: str = ".6g") -> str:
+    """A number in ``spec``; "-" for a missing one, and anything else (a "NaN" read from JSON) as it is."""
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
+    return str(value)
+
+
+def _numbers(values: list[float] | None) -> str:
+    return "  ".join(_fmt(value, " .6g") for value in values or []) or "-"
 
 
 def render_report(report: dict[str, Any]) -> str:
-    model = report["model"]
-    lines = [f"model     {model['sha256'][:12]}  {model['format']}, {model['num_parameters']:,} parameters"]
-    if "data" in report:
-        lines.append(f"data      {report['data']['sha256'][:12]}  {report['data']['num_samples']:,} samples")
-    if "loss" in report:
-        lines.append(f"loss      {report['loss']['name']} = {report['loss']['value']:.6g}")
+    """The report as the terminal table. Any section or value may be missing (an older server,
+    a hand-written or trimmed report): it is shown as "-" or left out, never a KeyError."""
+    model = report.get("model") or {}
+    lines = [f"model     {str(model.get('sha256', '-'))[:12]}  {model.get('format', '-')}, "
+             f"{_fmt(model.get('num_parameters'), ',')} parameters"]
+    data = report.get("data")
+    if data:
+        lines.append(f"data      {str(data.get('sha256', '-'))[:12]}  {_fmt(data.get('num_samples'), ',')} samples")
+    loss = report.get("loss")
+    if loss:
+        lines.append(f"loss      {loss.get('name', '-')} = {_fmt(loss.get('value'))}")
     lines += [
-        f"run       {report.get('curvature', 'hessian')}, {report.get('precision', 'float32')}, seed {report.get('seed', 0)}, "
-        f"{report['device']}, {report['seconds']:.2f} s",
+        f"run       {report.get('curvature') or 'hessian'}, {report.get('precision') or 'float32'}, "
+        f"seed {report.get('seed', 0)}, {report.get('device') or '-'}, {_fmt(report.get('seconds'), '.2f')} s",
     ]
-    lines += _results(report["results"], indent="")
+    lines += _results(report.get("results") or {}, indent="")
     per_layer = report.get("per_layer") or {}
     if per_layer:
         lines.append("")
         lines.append("per layer")
         for block, results in per_layer.items():
             lines.append(f"  [{block}]")
-            lines += _results(results, indent="    ")
+            lines += _results(results or {}, indent="    ")
     return "\n".join(lines)
 
 
@@ -38,15 +52,14 @@ def _results(results: dict[str, Any], indent: str) -> list[str]:
     lines = []
     eigen = results.get("hessian_eigen")
     if eigen:
-        state = "converged" if eigen["converged"] else "NOT converged (raise --max-hvps or the tolerance)"
-        lines.append(f"{indent}Hessian eigenvalues: {eigen['hvps']} HVPs, {eigen['seconds']:.2f} s, "
-                     f"tolerance {eigen.get('tolerance', 0):.0e}, {state}")
-        if eigen["largest"]:
-            lines.append(f"{indent}  largest   {_numbers(eigen['largest'])}")
-            lines.append(f"{indent}  residual  {_numbers(eigen['residuals']['largest'])}")
-        if eigen["smallest"]:
-            lines.append(f"{indent}  smallest  {_numbers(eigen['smallest'])}")
-            lines.append(f"{indent}  residual  {_numbers(eigen['residuals']['smallest'])}")
+        state = "converged" if eigen.get("converged") else "NOT converged (raise --max-hvps or the tolerance)"
+        lines.append(f"{indent}Hessian eigenvalues: {_fmt(eigen.get('hvps'), '')} HVPs, "
+                     f"{_fmt(eigen.get('seconds'), '.2f')} s, tolerance {_fmt(eigen.get('tolerance', 0), '.0e')}, {state}")
+        residuals = eigen.get("residuals") or {}
+        for end in ("largest", "smallest"):
+            if eigen.get(end):
+                lines.append(f"{indent}  {end:<9} {_numbers(eigen[end])}")
+                lines.append(f"{indent}  residual  {_numbers(residuals.get(end))}")
     lines += _spectrum(results, indent)
     lines += _stability(results, indent)
     lines += _lipschitz(results, indent)
@@ -62,11 +75,11 @@ def _lipschitz(results: dict[str, Any], indent: str) -> list[str]:
     lines = []
     lip = results.get("lipschitz")
     if lip:
-        lines.append(f"{indent}Lipschitz constant in [{lip.get('lower', 0.0):.6g}, {lip.get('upper', 0.0):.6g}]"
-                     f"  (upper from {lip.get('method') or 'none'}, relative gap {lip.get('relative_gap', 0.0):.3g})")
+        lines.append(f"{indent}Lipschitz constant in [{_fmt(lip.get('lower', 0.0))}, {_fmt(lip.get('upper', 0.0))}]"
+                     f"  (upper from {lip.get('method') or 'none'}, relative gap {_fmt(lip.get('relative_gap', 0.0), '.3g')})")
         for detail in lip.get("details", []):
-            value = f"{detail['value']:.6g}" if "value" in detail else detail.get("status", "")
-            extra = ", ".join(x for x in (detail.get("solver", ""), f"{detail.get('seconds', 0.0):.2f} s", detail.get("note", "")) if x)
+            value = _fmt(detail["value"]) if "value" in detail else detail.get("status", "")
+            extra = ", ".join(x for x in (detail.get("solver", ""), f"{_fmt(detail.get('seconds', 0.0), '.2f')} s", detail.get("note", "")) if x)
             lines.append(f"{indent}  {detail.get('method', ''):<14} {value}  ({extra})")
         if lip.get("note"):
             lines.append(f"{indent}  {lip['note']}")
@@ -74,9 +87,9 @@ def _lipschitz(results: dict[str, Any], indent: str) -> list[str]:
     if spectra:
         lines.append(f"{indent}weight spectra: layer, spectral norm, Frobenius norm, stable rank, alpha")
         for layer in spectra.get("layers", []):
-            alpha = f"{layer['alpha']:.3g}" if "alpha" in layer else "-"
-            lines.append(f"{indent}  {layer.get('name', ''):<12} {layer.get('spectral_norm', 0.0):.6g}  "
-                         f"{layer.get('frobenius_norm', 0.0):.6g}  {layer.get('stable_rank', 0.0):.4g}  {alpha}")
+            lines.append(f"{indent}  {layer.get('name', ''):<12} {_fmt(layer.get('spectral_norm', 0.0))}  "
+                         f"{_fmt(layer.get('frobenius_norm', 0.0))}  {_fmt(layer.get('stable_rank', 0.0), '.4g')}  "
+                         f"{_fmt(layer.get('alpha'), '.3g')}")
     return lines
 
 
@@ -85,16 +98,18 @@ def _spectrum(results: dict[str, Any], indent: str) -> list[str]:
     lines = []
     trace = results.get("hessian_trace")
     if trace:
-        lines.append(f"{indent}trace = {trace.get('estimate', 0.0):.6g} +- {trace.get('stderr', 0.0):.2g}  "
-                     f"({trace.get('method', '')}, {trace.get('hvps', 0)} HVPs, {trace.get('seconds', 0.0):.2f} s)")
+        lines.append(f"{indent}trace = {_fmt(trace.get('estimate', 0.0))} +- {_fmt(trace.get('stderr', 0.0), '.2g')}  "
+                     f"({trace.get('method', '')}, {trace.get('hvps', 0)} HVPs, {_fmt(trace.get('seconds', 0.0), '.2f')} s)")
         if "frobenius_squared" in trace:
-            lines.append(f"{indent}  tr(H^2) = {trace['frobenius_squared']:.6g} +- {trace.get('frobenius_squared_stderr', 0.0):.2g}")
+            lines.append(f"{indent}  tr(H^2) = {_fmt(trace['frobenius_squared'])} +- "
+                         f"{_fmt(trace.get('frobenius_squared_stderr', 0.0), '.2g')}")
     density = results.get("hessian_density")
     if density:
-        nodes = density.get("nodes") or [0.0]
-        lines.append(f"{indent}spectral density: {density.get('hvps', 0)} HVPs, {density.get('seconds', 0.0):.2f} s, "
+        nodes = [n for n in density.get("nodes") or [] if isinstance(n, (int, float))] or [0.0]
+        mass = density.get("negative_mass")
+        lines.append(f"{indent}spectral density: {density.get('hvps', 0)} HVPs, {_fmt(density.get('seconds', 0.0), '.2f')} s, "
                      f"nodes in [{min(nodes):.4g}, {max(nodes):.4g}], "
-                     f"negative mass {100 * density.get('negative_mass', 0.0):.2f} %")
+                     f"negative mass {_fmt(100 * mass if isinstance(mass, (int, float)) else mass, '.2f')} %")
     return lines
 
 
@@ -108,21 +123,22 @@ def _stability(results: dict[str, Any], indent: str) -> list[str]:
     sharp = results.get("sharpness")
     if sharp:
         state = "" if sharp.get("converged", True) else ", NOT converged"
-        lines.append(f"{indent}sharpness a = {sharp['value']:.6g}  ({sharp.get('source', 'lanczos')}{state})")
-        if "gd_stable" in sharp:
-            lines.append(f"{indent}  GD at lr {sharp['learning_rate']:.4g}: {_verdict(sharp['gd_stable'])} "
-                         f"(a <= 2/lr = {2 / sharp['learning_rate']:.6g}, margin {sharp['margin']:.4g})")
+        lines.append(f"{indent}sharpness a = {_fmt(sharp.get('value'))}  ({sharp.get('source', 'lanczos')}{state})")
+        rate = sharp.get("learning_rate")
+        if "gd_stable" in sharp and isinstance(rate, (int, float)) and rate > 0:
+            lines.append(f"{indent}  GD at lr {rate:.4g}: {_verdict(sharp['gd_stable'])} "
+                         f"(a <= 2/lr = {2 / rate:.6g}, margin {_fmt(sharp.get('margin'), '.4g')})")
     nu = results.get("non_uniformity")
     if nu:
         state = "" if nu.get("converged", True) else ", NOT converged"
-        lines.append(f"{indent}non-uniformity s = {nu['value']:.6g}  ({nu.get('method', 'exact')}, "
-                     f"{nu.get('sigma_samples', nu.get('num_samples', 0))} samples, sharpness {nu.get('sharpness', 0):.6g}{state})")
+        lines.append(f"{indent}non-uniformity s = {_fmt(nu.get('value'))}  ({nu.get('method', 'exact')}, "
+                     f"{nu.get('sigma_samples', nu.get('num_samples', 0))} samples, sharpness {_fmt(nu.get('sharpness', 0))}{state})")
         if "sgd_stable" in nu:
-            lines.append(f"{indent}  SGD at lr {nu['learning_rate']:.4g}, batch {nu['batch_size']}: "
-                         f"{_verdict(nu['sgd_stable'])} (lambda_max = {nu['stability_eigenvalue']:.6g}, stable if <= 1)")
+            lines.append(f"{indent}  SGD at lr {_fmt(nu.get('learning_rate'), '.4g')}, batch {_fmt(nu.get('batch_size'))}: "
+                         f"{_verdict(nu['sgd_stable'])} (lambda_max = {_fmt(nu.get('stability_eigenvalue'))}, stable if <= 1)")
             bound = nu.get("non_uniformity_bound")
-            lines.append(f"{indent}  necessary conditions a <= {nu['sharpness_bound']:.6g}"
-                         + (f", s <= {bound:.6g}" if bound is not None else "")
+            lines.append(f"{indent}  necessary conditions a <= {_fmt(nu.get('sharpness_bound'))}"
+                         + (f", s <= {_fmt(bound)}" if bound is not None else "")
                          + f": {'met' if nu.get('necessary_conditions_met') else 'NOT met'}")
     return lines
 
