@@ -197,15 +197,20 @@ class Client:
                         timeout: float | None = None) -> Report:
         """Send a prepared request; ``progress`` sees every Queued and Progress event."""
         call = self._stub.Analyze(request, metadata=self._metadata, timeout=timeout)
+        report = None
         try:
+            # Read the stream to its end, past the report: stopping at the report would cancel
+            # the call, and the server would count a finished analysis as CANCELLED.
             for event in call:
                 if event.HasField("report"):
-                    return Report(event.report)
-                if progress is not None:
+                    report = Report(event.report)
+                elif progress is not None:
                     progress(event)
         except grpc.RpcError as error:
             raise CurvscopeError.from_rpc(error) from None
         except BaseException:
             call.cancel()  # e.g. Ctrl-C: stop the work on the server too
             raise
-        raise CurvscopeError("INTERNAL", "the server closed the stream without a report")
+        if report is None:
+            raise CurvscopeError("INTERNAL", "the server closed the stream without a report")
+        return report
