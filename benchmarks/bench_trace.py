@@ -6,8 +6,13 @@ Digits MLP and CNN, 512 samples, float32 products; the truth is the trace of the
 Hessian. For each budget of products: the root-mean-square relative error over the seeds, and
 the mean reported standard error relative to the trace. PyHessian's ``trace()`` (Hutchinson that
 stops when the running mean changes by less than 1e-3 relative, at most 100 samples) is run on
-the same model and batch when the ``pyhessian`` package is installed (``.[bench]``). Last, the
-time of one XTrace estimate with products batched 8 at a time (vmap'd) vs one vector at a time.
+the same model and batch when the ``pyhessian`` package is installed (``.[bench]``), and so are
+curvlinops' ``hutchinson_trace``, ``hutchpp_trace`` and ``xtrace`` on its ``HessianLinearOperator``
+at the same budgets (Hutch++ needs a multiple of 3 products, XTrace an even number: the budget is
+rounded down). Then each of our estimators seeded with the Ritz pairs of a top-``--seeded``
+Lanczos solve at tol 1e-3 (what ``hessian_eigen`` hands on to ``hessian_trace`` in one request),
+at the same trace budgets; the solve's own products are printed apart. Last, the time of one XTrace estimate with products batched 8 at a time (vmap'd)
+vs one vector at a time.
 """
 
 from __future__ import annotations
@@ -19,9 +24,33 @@ import time
 import torch
 from torch import nn
 
+from curvscope_service.curvature.hessian_eigen import compute_hessian_eigen
 from curvscope_service.curvature.trace import METHODS, estimate_trace
 from models import batch, dense_hessian, operator, trained
 
+
+def curvlinops_traces(name: str, budgets: list[int], seeds: int, truth: float) -> dict[tuple[str, int], float] | None:
+    """{(method, budget): rms relative error} of curvlinops' estimators, or None if not installed."""
+    try:
+        import curvlinops
+    except ImportError:
+        return None
+    model = trained(name)
+    inputs, targets = batch()
+    H = curvlinops.HessianLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()),
+                                         [(inputs, targets)], check_deterministic=False)
+    estimators = {"hutchinson": (curvlinops.hutchinson_trace, 1), "hutchpp": (curvlinops.hutchpp_trace, 3),
+                  "xtrace": (curvlinops.xtrace, 2)}
+    errors = {}
+    for method, (estimator, multiple) in estimators.items():
+        for budget in budgets:
+            squares = 0.0
+            for seed in range(seeds):
+                torch.manual_seed(seed)
+                estimate = estimator(H, budget - budget % multiple).item()
+                squares += ((estimate - truth) / truth) ** 2
+            errors[method, budget] = math.sqrt(squares / seeds)
+    return errors
 
 
 def pyhessian_trace(name: str, seeds: int, truth: float) -> tuple[float, float] | None:
@@ -46,6 +75,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared box)")
     parser.add_argument("--seeds", type=int, default=8, help="independent runs per method and budget")
     parser.add_argument("--budgets", type=int, nargs="+", default=[30, 99, 300], help="HVP counts compared")
+    parser.add_argument("--seeded", type=int, default=10, help="Ritz pairs seeding the trace (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -64,11 +94,33 @@ def main() -> None:
                 stderr = sum(r.stderr for r in results) / len(results) / abs(truth)
                 cells.append(f"{rms:.2e} ({stderr:.1e})")
             print(f"| {budget} | " + " | ".join(cells) + " |")
+        if args.seeded:
+            kept = []
+            eigen = compute_hessian_eigen(op, top_k=args.seeded, tol=1e-3, max_hvps=2000, on_ritz=kept.append)
+            print(f"seeded with the top {args.seeded} Ritz pairs (Lanczos: {eigen['hvps']} HVPs, "
+                  f"sum {sum(kept[0].values):.6g})")
+            print("| HVPs | " + " | ".join(f"{m} seeded rms err (stderr)" for m in METHODS) + " |")
+            for budget in args.budgets:
+                cells = []
+                for method in METHODS:
+                    results = [estimate_trace(op, method=method, max_products=budget, seed=s, ritz=kept[0])
+                               for s in range(args.seeds)]
+                    rms = math.sqrt(sum((r.estimate - truth) ** 2 for r in results) / len(results)) / abs(truth)
+                    stderr = sum(r.stderr for r in results) / len(results) / abs(truth)
+                    cells.append(f"{rms:.2e} ({stderr:.1e})")
+                print(f"| {budget} | " + " | ".join(cells) + " |")
         reference = pyhessian_trace(name, args.seeds, truth)
         if reference is None:
             print("PyHessian: not installed (pip install '.[bench]')")
         else:
             print(f"PyHessian trace(): {reference[0]:.1f} HVPs on average, rms relative error {reference[1]:.2e}")
+        theirs = curvlinops_traces(name, args.budgets, args.seeds, truth)
+        if theirs is None:
+            print("curvlinops: not installed (pip install '.[bench]')")
+        else:
+            print("| HVPs | " + " | ".join(f"curvlinops {m} rms err" for m in METHODS) + " |")
+            for budget in args.budgets:
+                print(f"| {budget} | " + " | ".join(f"{theirs[m, budget]:.2e}" for m in METHODS) + " |")
         for block in (8, 1):
             start = time.perf_counter()
             estimate_trace(op, method="xtrace", max_products=100, block_size=block)
