@@ -52,6 +52,10 @@ def test_thin_client_installs_and_runs_without_torch(tmp_path, server, digits_fi
     local = subprocess.run([environment / "bin" / "curvscope", "analyze", str(model_path), "--local"],
                            capture_output=True, text=True, timeout=60)
     assert local.returncode == 2 and "curvscope-service" in local.stderr and "Traceback" not in local.stderr
+    # A PNG plot needs the optional extra; the error names it before any work is sent.
+    png = subprocess.run([environment / "bin" / "curvscope", "analyze", str(model_path), "--data", str(data_path),
+                          "--plot", str(tmp_path / "plot.png")], capture_output=True, text=True, env=env, timeout=60)
+    assert png.returncode == 2 and "curvscope[plot]" in png.stderr and not (tmp_path / "plot.png").exists()
 
     # The CI gate with the thin client alone: starter policy, a run against the server, every output.
     policy = tmp_path / "curvscope.toml"

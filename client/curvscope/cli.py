@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .client import Client, CurvscopeError, build_request
+from .client import CURVATURES, TRACE_METHODS, Client, CurvscopeError, build_request
 from ._proto.curvscope.v1 import curvscope_pb2 as pb
 from ._table import ProgressLine, render_report
 from .report import Report
@@ -34,17 +34,33 @@ def _service_module(name: str):
         raise
 
 
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the work runs and how to reach the server: the same flags for every subcommand
+    that talks to one."""
+    group = parser.add_argument_group("server connection")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument("--server", help="HOST:PORT of a curvscope server (default: CURVSCOPE_SERVER)")
+    where.add_argument("--local", action="store_true", help="run in this process (needs the service package)")
+    group.add_argument("--token-file", type=Path, help="file holding the bearer token (default: CURVSCOPE_TOKEN)")
+    group.add_argument("--tls", action="store_true", help="use TLS, trusting the system's root certificates")
+    group.add_argument("--tls-ca", type=Path, help="CA certificate of a TLS server (implies --tls)")
+    group.add_argument("--tls-cert", type=Path, help="client certificate, for servers that require mutual TLS")
+    group.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
+
+
+def _connect(args: argparse.Namespace) -> Client:
+    return Client(args.server, token=_token(args), tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                  tls_key=args.tls_key)
+
+
 def _add_analysis_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model: a local .pt2/.safetensors file, a file:// URI on the server, or sha256:DIGEST")
     parser.add_argument("--data", help="data batch: a .safetensors file with inputs and targets (or file://, sha256:)")
     parser.add_argument("--loss", default="cross_entropy", help="cross_entropy (default) or mse")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--server", help="HOST:PORT of a curvscope server (default: CURVSCOPE_SERVER)")
-    where.add_argument("--local", action="store_true", help="run in this process (needs the service package)")
-    parser.add_argument("--token-file", type=Path, help="file holding the bearer token (default: CURVSCOPE_TOKEN)")
-    parser.add_argument("--tls-ca", type=Path, help="CA certificate of a TLS server")
-    parser.add_argument("--tls-cert", type=Path, help="client certificate, for servers that require mutual TLS")
-    parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
+    parser.add_argument("--curvature", choices=list(CURVATURES), default=None,
+                        help="the matrix every analysis measures (default: hessian; ggn = J^T H_loss J; fisher: "
+                             "labels sampled from the model with the seed; empirical_fisher: the data's labels)")
+    _add_connection_flags(parser)
     parser.add_argument("--eigen", type=int, default=None, metavar="K", help="K largest Hessian eigenvalues (default 1)")
     parser.add_argument("--smallest", type=int, default=0, metavar="K", help="K smallest Hessian eigenvalues")
     parser.add_argument("--tolerance", type=float, default=0.0, help="relative Ritz residual to stop at (default 1e-3)")
@@ -63,8 +79,22 @@ def _add_analysis_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int, default=0, help="use at most this many samples, chosen with the seed")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the server gives up (deadline)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here ('-' for stdout)")
-    parser.add_argument("--plot", type=Path, metavar="OUT.svg",
-                        help="write an SVG plot: the spectral density when present, else the eigenvalues")
+    parser.add_argument("--plot", type=Path, metavar="OUT.png|OUT.svg",
+                        help="plot the spectral density (log scale) and the top eigenvalues per layer: .svg needs "
+                             "nothing more, .png needs matplotlib (pip install 'curvscope[plot]')")
+    trace = parser.add_argument_group("trace (with --trace)")
+    trace.add_argument("--trace-method", choices=list(TRACE_METHODS), default=None,
+                       help="estimator (default: the server's, xtrace; seeded with the Ritz pairs of --eigen when both run)")
+    trace.add_argument("--trace-max-hvps", type=int, default=0, metavar="N", help="budget of products (default: the server's)")
+    trace.add_argument("--trace-tolerance", type=float, default=0.0, metavar="REL",
+                       help="adaptive mode: stop once stderr/|trace| <= REL (default: use the whole budget)")
+    trace.add_argument("--frobenius", action="store_true", help="also estimate tr(H^2), the squared Frobenius norm")
+    density = parser.add_argument_group("spectral density (with --density)")
+    density.add_argument("--density-steps", type=int, default=0, metavar="M", help="Lanczos steps per probe (default 90)")
+    density.add_argument("--density-probes", type=int, default=0, metavar="P", help="random probes (default 10)")
+    density.add_argument("--density-grid", type=int, default=0, metavar="G", help="points of the output grid (default 1000)")
+    density.add_argument("--density-sigma", type=float, default=0.0, metavar="S",
+                         help="Gaussian broadening width, relative to the spectral range (default: the server's)")
 
 
 def _request_options(args: argparse.Namespace) -> dict:
@@ -77,6 +107,9 @@ def _request_options(args: argparse.Namespace) -> dict:
         trace=args.trace, density=args.density, sharpness=args.sharpness, non_uniformity=args.non_uniformity,
         lipschitz=args.lipschitz, learning_rate=args.lr, batch_size=args.batch_size, per_layer=args.per_layer,
         seed=args.seed, precision=args.precision, micro_batch_size=args.micro_batch_size, max_samples=args.max_samples,
+        curvature=args.curvature, trace_method=args.trace_method, trace_max_hvps=args.trace_max_hvps,
+        trace_tolerance=args.trace_tolerance, frobenius=args.frobenius, density_steps=args.density_steps,
+        density_probes=args.density_probes, density_grid=args.density_grid, density_sigma=args.density_sigma,
     )
 
 
@@ -89,25 +122,43 @@ def _token(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _check_plot(path: Path | None) -> None:
+    """Refuse a --plot that cannot be written before any work is done."""
+    if path is None:
+        return
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        from .plots_png import require_matplotlib
+
+        require_matplotlib()
+    elif suffix != ".svg":
+        raise CurvscopeError("INVALID_ARGUMENT", f"--plot {path}: write a .png or an .svg file")
+
+
 def _emit(report: Report, args: argparse.Namespace) -> None:
     data = report.to_dict()
-    if args.json:
-        text = json.dumps(data, indent=2, allow_nan=False)
-        if str(args.json) == "-":
-            print(text)
-            return
-        args.json.write_text(text + "\n")
-    print(render_report(data))
+    if args.json and str(args.json) == "-":
+        print(report.to_json(indent=2))  # stdout is the JSON alone: no table
+    else:
+        if args.json:
+            args.json.write_text(report.to_json(indent=2) + "\n")
+        print(render_report(data))
     if getattr(args, "plot", None):
-        from .plots import density_svg, eigenvalues_svg
+        if args.plot.suffix.lower() == ".png":
+            from .plots_png import spectrum_png
 
-        svg = density_svg(data) or eigenvalues_svg(data)
-        if svg is None:
+            image = spectrum_png(data)
+        else:
+            from .plots import spectrum_svg
+
+            image = spectrum_svg(data)
+        if image is None:
             raise CurvscopeError("INVALID_ARGUMENT", "--plot: the report has no spectral density or eigenvalues to plot")
-        args.plot.write_text(svg)
+        args.plot.write_bytes(image) if isinstance(image, bytes) else args.plot.write_text(image)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    _check_plot(args.plot)
     options = _request_options(args)
     progress = ProgressLine()
     try:
@@ -121,8 +172,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 pb.DataRef(uri=Path(args.data).resolve().as_uri()) if args.data else None, **options)
             report = local.analyze_local(request, progress=progress)
         else:
-            with Client(args.server, token=_token(args), tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                        tls_key=args.tls_key) as client:
+            with _connect(args) as client:
                 report = client.analyze(args.model, args.data, progress=progress, timeout=args.timeout, **options)
     finally:
         progress.close()
@@ -195,7 +245,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
                 if args.local:
                     report, failed = run_policy(policy, _gate_runner(args, None, timeout, progress))
                 else:
-                    with Client(args.server, token=_token(args), tls_ca=args.tls_ca) as client:
+                    with _connect(args) as client:
                         report, failed = run_policy(policy, _gate_runner(args, client, timeout, progress))
             finally:
                 progress.close()
@@ -278,11 +328,7 @@ def _add_gate_parser(commands) -> None:
     gate.add_argument("--data", help="data batch: a .safetensors file with inputs and targets (or file://, sha256:)")
     gate.add_argument("--report", type=Path, help="gate this existing JSON report instead of analysing MODEL")
     gate.add_argument("--baseline", type=Path, help="report (or gate --json output) to measure changes against")
-    where = gate.add_mutually_exclusive_group()
-    where.add_argument("--server", help="HOST:PORT of a curvscope server (default: CURVSCOPE_SERVER)")
-    where.add_argument("--local", action="store_true", help="run in this process (needs the service package)")
-    gate.add_argument("--token-file", type=Path, help="file holding the bearer token (default: CURVSCOPE_TOKEN)")
-    gate.add_argument("--tls-ca", type=Path, help="CA certificate of a TLS server")
+    _add_connection_flags(gate)
     gate.add_argument("--timeout", type=float, default=None, help="seconds per request before the server gives up")
     gate.add_argument("--junit", type=Path, metavar="OUT.xml", help="write JUnit XML (a testcase per checked value)")
     gate.add_argument("--markdown", type=Path, metavar="OUT.md", help="write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY)")

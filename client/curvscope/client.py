@@ -15,6 +15,11 @@ from .report import Report, message_to_dict
 
 DEFAULT_SERVER = "localhost:50051"
 ProgressCallback = Callable[[pb.AnalyzeEvent], None]
+# The curvature matrices and trace estimators a request can name (the report's spelling).
+CURVATURES = {"hessian": pb.CURVATURE_HESSIAN, "ggn": pb.CURVATURE_GGN, "fisher": pb.CURVATURE_FISHER,
+              "empirical_fisher": pb.CURVATURE_EMPIRICAL_FISHER}
+TRACE_METHODS = {"hutchinson": pb.TRACE_METHOD_HUTCHINSON, "hutchpp": pb.TRACE_METHOD_HUTCH_PLUS_PLUS,
+                 "xtrace": pb.TRACE_METHOD_XTRACE}
 
 
 class CurvscopeError(Exception):
@@ -40,17 +45,28 @@ def build_request(
     trace: bool = False, density: bool = False, sharpness: bool = False, non_uniformity: bool = False,
     lipschitz: bool = False, learning_rate: float = 0.0, batch_size: int = 0,
     per_layer: bool = False, seed: int = 0, precision: str = "float32", micro_batch_size: int = 0,
-    max_samples: int = 0,
+    max_samples: int = 0, curvature: str | None = None,
+    trace_method: str | None = None, trace_max_hvps: int = 0, trace_tolerance: float = 0.0, frobenius: bool = False,
+    density_steps: int = 0, density_probes: int = 0, density_grid: int = 0, density_sigma: float = 0.0,
 ) -> pb.AnalyzeRequest:
-    """The request the CLI and ``Client.analyze`` send; one analysis entry per flag."""
+    """The request the CLI and ``Client.analyze`` send; one analysis entry per flag.
+
+    ``curvature`` is one of CURVATURES (None: the server's default, the Hessian); ``trace_method``
+    one of TRACE_METHODS (None: the server's choice). Zeros leave a setting to the server.
+    """
     analyses = []
     if eigen or smallest:
         analyses.append(pb.AnalysisSpec(hessian_eigen=pb.HessianEigenSpec(
             top_k=eigen, bottom_k=smallest, tolerance=tolerance, max_hvps=max_hvps)))
     if trace:
-        analyses.append(pb.AnalysisSpec(hessian_trace=pb.HessianTraceSpec()))
+        if trace_method is not None and trace_method not in TRACE_METHODS:
+            raise ValueError(f"trace_method must be one of {', '.join(TRACE_METHODS)}, not {trace_method!r}")
+        analyses.append(pb.AnalysisSpec(hessian_trace=pb.HessianTraceSpec(
+            method=TRACE_METHODS[trace_method] if trace_method else pb.TRACE_METHOD_UNSPECIFIED,
+            max_hvps=trace_max_hvps, relative_tolerance=trace_tolerance, frobenius=frobenius)))
     if density:
-        analyses.append(pb.AnalysisSpec(hessian_density=pb.HessianDensitySpec()))
+        analyses.append(pb.AnalysisSpec(hessian_density=pb.HessianDensitySpec(
+            lanczos_steps=density_steps, num_probes=density_probes, grid_points=density_grid, sigma=density_sigma)))
     if sharpness:
         analyses.append(pb.AnalysisSpec(sharpness=pb.SharpnessSpec(learning_rate=learning_rate)))
     if non_uniformity:
@@ -61,10 +77,13 @@ def build_request(
     precisions = {"float32": pb.PRECISION_FLOAT32, "float64": pb.PRECISION_FLOAT64}
     if precision not in precisions:
         raise ValueError(f"precision must be float32 or float64, not {precision!r}")
+    if curvature is not None and curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {', '.join(CURVATURES)}, not {curvature!r}")
     request = pb.AnalyzeRequest(
         model=model, loss=loss, analyses=analyses,
         options=pb.AnalysisOptions(seed=seed, per_layer=per_layer, precision=precisions[precision],
-                                   micro_batch_size=micro_batch_size, max_samples=max_samples),
+                                   micro_batch_size=micro_batch_size, max_samples=max_samples,
+                                   curvature=CURVATURES[curvature] if curvature else pb.CURVATURE_UNSPECIFIED),
     )
     if data is not None:
         request.data.CopyFrom(data)

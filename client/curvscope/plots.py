@@ -9,6 +9,7 @@ size) region where SGD can be linearly stable given the sharpness a and non-unif
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
@@ -234,6 +235,26 @@ def stability_svg(report: dict[str, Any]) -> str | None:
         figure.circle(x(eta), y(min(max(batch, 1), n)), "#1a9850" if stable else "#d73027",
                       tooltip=f"η = {eta:.4g}, B = {batch}: {'stable' if stable else 'unstable'}")
     return figure.svg()
+
+
+def spectrum_svg(report: dict[str, Any]) -> str | None:
+    """``analyze --plot OUT.svg``: the spectral density above the top eigenvalues per layer,
+    as one document (either alone when the report has only one); None when it has neither."""
+    panels = [svg for svg in (density_svg(report), eigenvalues_svg(report)) if svg is not None]
+    if len(panels) < 2:
+        return panels[0] if panels else None
+    sizes = [tuple(int(float(v)) for v in re.search(r"width='([\d.]+)' height='([\d.]+)'", svg).groups())
+             for svg in panels]
+    width, height = max(w for w, _ in sizes), sum(h for _, h in sizes)
+    body, offset = [], 0
+    for svg, (_, panel_height) in zip(panels, sizes):
+        # A nested <svg> placed at its offset keeps each panel's own coordinates.
+        body.append(svg.replace("<svg ", f"<svg x='0' y='{offset}' ", 1).strip())
+        offset += panel_height
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+            f"viewBox='0 0 {width} {height}' role='img' aria-label='Hessian spectrum'>"
+            f"<title>Hessian spectrum</title><rect width='100%' height='100%' fill='white'/>"
+            + "".join(body) + "</svg>\n")
 
 
 def all_plots(report: dict[str, Any]) -> dict[str, str]:

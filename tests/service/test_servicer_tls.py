@@ -88,3 +88,42 @@ def test_mutual_tls_in_the_client_and_the_cli(tmp_path, pki, digits_files, capsy
         assert "2,410 parameters" in capsys.readouterr().out  # the report table
         assert cli_main(flags) == 3  # no client certificate: the server could not be reached
         assert cli_main(flags + ["--tls-cert", str(pki / "client.pem")]) == 2
+
+
+GATE_POLICY = """
+[analyses.hessian_eigen]
+top_k = 1
+
+[[checks]]
+name = "sharpness"
+path = "results.hessian_eigen.largest[0]"
+fail = { max = 1e9 }
+"""
+
+
+def test_gate_takes_the_same_tls_and_token_flags_as_analyze(tmp_path, pki, digits_files, capsys):
+    """Mutual TLS and a bearer token together, through ``curvscope gate``."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\n")
+    config = ServerConfig(store=tmp_path / "store", tls_cert=pki / "server.pem", tls_key=pki / "server.key",
+                          tls_client_ca=pki / "ca.pem", token_file=tokens)
+    policy = tmp_path / "curvscope.toml"
+    policy.write_text(GATE_POLICY)
+    with InProcessServer(config) as server:
+        gate = ["gate", "--policy", str(policy), str(digits_files[0]), "--data", str(digits_files[1]),
+                "--server", server.target, "--tls-ca", str(pki / "ca.pem"), "--token-file", str(tokens),
+                "--json", str(tmp_path / "gate.json")]
+        mutual = ["--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]
+        assert cli_main(gate + mutual) == 0
+        assert "PASS" in capsys.readouterr().out
+        assert (tmp_path / "gate.json").is_file()
+        assert cli_main(gate) == 3  # no client certificate: the handshake fails
+        assert "UNAVAILABLE" in capsys.readouterr().err
+        assert cli_main(gate + ["--tls-cert", str(pki / "stranger.pem"), "--tls-key", str(pki / "stranger.key")]) == 3
+        capsys.readouterr()
+        wrong = tmp_path / "wrong"
+        wrong.write_text("guess\n")
+        # The last --token-file counts: a wrong token is refused (an input error, exit 2).
+        assert cli_main(gate + mutual + ["--token-file", str(wrong)]) == 2
+        assert "PERMISSION_DENIED" in capsys.readouterr().err
+        assert cli_main(gate + ["--tls-cert", str(pki / "client.pem")]) == 2  # half a client certificate
