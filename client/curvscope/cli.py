@@ -58,7 +58,7 @@ def _add_analysis_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="data batch: a .safetensors file with inputs and targets (or file://, sha256:)")
     parser.add_argument("--loss", default="cross_entropy", help="cross_entropy (default) or mse")
     parser.add_argument("--curvature", choices=list(CURVATURES), default=None,
-                        help="the matrix every analysis measures (default: hessian; ggn = J^T H_loss J; fisher: "
+                        help="the matrix the spectral analyses (eigen, trace, density) measure (default: hessian; ggn = J^T H_loss J; fisher: "
                              "labels sampled from the model with the seed; empirical_fisher: the data's labels)")
     _add_connection_flags(parser)
     parser.add_argument("--eigen", type=int, default=None, metavar="K", help="K largest Hessian eigenvalues (default 1)")
@@ -70,6 +70,15 @@ def _add_analysis_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sharpness", action="store_true", help="sharpness and the GD stability verdict")
     parser.add_argument("--non-uniformity", action="store_true", help="non-uniformity and the SGD stability verdict")
     parser.add_argument("--lipschitz", action="store_true", help="Lipschitz bounds")
+    parser.add_argument("--epsilon-sharpness", action="store_true", help="epsilon-sharpness (Keskar et al. 2017)")
+    parser.add_argument("--adaptive-sharpness", action="store_true",
+                        help="adaptive worst- or average-case sharpness (Kwon et al. 2021; Andriushchenko et al. 2023)")
+    parser.add_argument("--weight-spectra", action="store_true",
+                        help="per-layer spectral norms, stable rank and power-law alpha (no data needed)")
+    parser.add_argument("--set", action="append", default=[], metavar="ANALYSIS.SETTING=VALUE", dest="settings",
+                        help="any setting of an analysis's spec, adding that analysis; repeatable, e.g. "
+                             "--set non_uniformity.method=gauss_newton --set lipschitz.methods=lipsdp_neuron,lower "
+                             "--set adaptive_sharpness.rho=0.05 (names as in the API's *Spec messages)")
     parser.add_argument("--lr", type=float, default=0.0, metavar="ETA", help="learning rate for the stability verdicts")
     parser.add_argument("--batch-size", type=int, default=0, metavar="B", help="SGD batch size for the stability verdict")
     parser.add_argument("--per-layer", action="store_true", help="also analyse each layer's parameter block")
@@ -97,12 +106,30 @@ def _add_analysis_flags(parser: argparse.ArgumentParser) -> None:
                          help="Gaussian broadening width, relative to the spectral range (default: the server's)")
 
 
+def _spec_fields(settings: list[str]) -> dict[str, dict[str, str]]:
+    """``--set ANALYSIS.SETTING=VALUE`` flags, grouped by analysis."""
+    fields: dict[str, dict[str, str]] = {}
+    for setting in settings:
+        name, dot, rest = setting.partition(".")
+        key, equals, value = rest.partition("=")
+        if not (dot and equals and name and key):
+            raise CurvscopeError("INVALID_ARGUMENT", f"--set {setting!r}: write ANALYSIS.SETTING=VALUE, "
+                                                     "e.g. non_uniformity.method=gauss_newton")
+        fields.setdefault(name, {})[key] = value
+    return fields
+
+
 def _request_options(args: argparse.Namespace) -> dict:
+    spec_fields = _spec_fields(args.settings)
     eigen = args.eigen
     if eigen is None:
-        others = args.smallest or args.trace or args.density or args.sharpness or args.non_uniformity or args.lipschitz
+        others = (args.smallest or args.trace or args.density or args.sharpness or args.non_uniformity or args.lipschitz
+                  or args.epsilon_sharpness or args.adaptive_sharpness or args.weight_spectra
+                  or any(name != "hessian_eigen" for name in spec_fields))
         eigen = 0 if others else 1
-    return dict(
+    options = dict(
+        epsilon_sharpness=args.epsilon_sharpness, adaptive_sharpness=args.adaptive_sharpness,
+        weight_spectra=args.weight_spectra, spec_fields=spec_fields,
         loss=args.loss, eigen=eigen, smallest=args.smallest, tolerance=args.tolerance, max_hvps=args.max_hvps,
         trace=args.trace, density=args.density, sharpness=args.sharpness, non_uniformity=args.non_uniformity,
         lipschitz=args.lipschitz, learning_rate=args.lr, batch_size=args.batch_size, per_layer=args.per_layer,
@@ -111,6 +138,11 @@ def _request_options(args: argparse.Namespace) -> dict:
         trace_tolerance=args.trace_tolerance, frobenius=args.frobenius, density_steps=args.density_steps,
         density_probes=args.density_probes, density_grid=args.density_grid, density_sigma=args.density_sigma,
     )
+    try:  # a bad setting is a usage error before anything is uploaded
+        build_request(pb.ModelRef(), **options)
+    except ValueError as error:
+        raise CurvscopeError("INVALID_ARGUMENT", str(error)) from None
+    return options
 
 
 def _token(args: argparse.Namespace) -> str | None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 
 from ._files import CHUNK_BYTES, sha256_of_file
 from ._proto.curvscope.v1 import curvscope_pb2 as pb
@@ -48,11 +49,15 @@ def build_request(
     max_samples: int = 0, curvature: str | None = None,
     trace_method: str | None = None, trace_max_hvps: int = 0, trace_tolerance: float = 0.0, frobenius: bool = False,
     density_steps: int = 0, density_probes: int = 0, density_grid: int = 0, density_sigma: float = 0.0,
+    epsilon_sharpness: bool = False, adaptive_sharpness: bool = False, weight_spectra: bool = False,
+    spec_fields: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> pb.AnalyzeRequest:
     """The request the CLI and ``Client.analyze`` send; one analysis entry per flag.
 
     ``curvature`` is one of CURVATURES (None: the server's default, the Hessian); ``trace_method``
     one of TRACE_METHODS (None: the server's choice). Zeros leave a setting to the server.
+    ``spec_fields`` sets any field of any analysis's spec by name, and adds that analysis:
+    ``{"non_uniformity": {"method": "gauss_newton"}, "lipschitz": {"methods": ["lipsdp_neuron", "lower"]}}``.
     """
     analyses = []
     if eigen or smallest:
@@ -74,6 +79,14 @@ def build_request(
             learning_rate=learning_rate, batch_size=batch_size)))
     if lipschitz:
         analyses.append(pb.AnalysisSpec(lipschitz=pb.LipschitzSpec()))
+    if epsilon_sharpness:
+        analyses.append(pb.AnalysisSpec(epsilon_sharpness=pb.EpsilonSharpnessSpec()))
+    if adaptive_sharpness:
+        analyses.append(pb.AnalysisSpec(adaptive_sharpness=pb.AdaptiveSharpnessSpec()))
+    if weight_spectra:
+        analyses.append(pb.AnalysisSpec(weight_spectra=pb.WeightSpectraSpec()))
+    for name, fields in (spec_fields or {}).items():
+        _set_spec_fields(analyses, name, fields)
     precisions = {"float32": pb.PRECISION_FLOAT32, "float64": pb.PRECISION_FLOAT64}
     if precision not in precisions:
         raise ValueError(f"precision must be float32 or float64, not {precision!r}")
@@ -88,6 +101,67 @@ def build_request(
     if data is not None:
         request.data.CopyFrom(data)
     return request
+
+
+ANALYSIS_NAMES = tuple(field.name for field in pb.AnalysisSpec.DESCRIPTOR.oneofs_by_name["analysis"].fields)
+
+
+def _set_spec_fields(analyses: list[pb.AnalysisSpec], name: str, fields: Mapping[str, Any]) -> None:
+    """Set ``fields`` on the spec of analysis ``name``, adding the analysis when it is not there yet."""
+    if name not in ANALYSIS_NAMES:
+        raise ValueError(f"unknown analysis {name!r}; one of {', '.join(ANALYSIS_NAMES)}")
+    entry = next((a for a in analyses if a.WhichOneof("analysis") == name), None)
+    if entry is None:
+        entry = pb.AnalysisSpec()
+        getattr(entry, name).SetInParent()
+        analyses.append(entry)
+    spec = getattr(entry, name)
+    known = spec.DESCRIPTOR.fields_by_name
+    for field_name, value in fields.items():
+        field = known.get(field_name)
+        if field is None:
+            choices = ", ".join(known) or "none: it takes no settings"
+            raise ValueError(f"{name} has no setting {field_name!r} (settings: {choices})")
+        if field.is_repeated:
+            values = value.split(",") if isinstance(value, str) else list(value)
+            target = getattr(spec, field_name)
+            del target[:]
+            target.extend(_field_value(name, field, item) for item in values)
+        else:
+            setattr(spec, field_name, _field_value(name, field, value))
+
+
+def _field_value(analysis: str, field: FieldDescriptor, value: Any) -> Any:
+    """``value`` (a Python value, or the text of a command-line flag) as the field's type."""
+    where = f"{analysis}.{field.name}"
+    try:
+        if field.type == FieldDescriptor.TYPE_ENUM:
+            names = {v.name: v.number for v in field.enum_type.values if v.number != 0}
+            prefix = field.enum_type.values[0].name.removesuffix("UNSPECIFIED")
+            short = {n.removeprefix(prefix).lower(): number for n, number in names.items()}
+            text = str(value)
+            if text in names or text.lower() in short:
+                return names.get(text, short.get(text.lower()))
+            raise ValueError(f"one of {', '.join(short)}")
+        if field.type == FieldDescriptor.TYPE_BOOL:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError("true or false")
+        if field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+            return float(value)
+        if field.type == FieldDescriptor.TYPE_STRING:
+            return str(value)
+        number = int(value)
+        if field.type in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64) and number < 0:
+            raise ValueError("a whole number >= 0")
+        return number
+    except ValueError as error:
+        detail = str(error) if str(error).startswith(("one of", "true", "a whole")) else "a number"
+        raise ValueError(f"{where} must be {detail}, not {value!r}") from None
 
 
 def _read(path: str | Path | None) -> bytes | None:
@@ -208,7 +282,8 @@ class Client:
     def analyze(self, model: str | Path, data: str | Path | None = None, *, progress: ProgressCallback | None = None,
                 timeout: float | None = None, **options: Any) -> Report:
         """Analyse a model on a batch. ``options`` are those of ``build_request``
-        (eigen=5, smallest=2, per_layer=True, loss="mse", ...)."""
+        (eigen=5, smallest=2, per_layer=True, loss="mse", weight_spectra=True,
+        spec_fields={"non_uniformity": {"method": "gauss_newton"}}, ...)."""
         request = build_request(self.model_ref(model), self.data_ref(data) if data is not None else None, **options)
         return self.analyze_request(request, progress=progress, timeout=timeout)
 

@@ -92,6 +92,59 @@ def test_curvature_trace_and_density_flags_end_to_end(server, digits_files, tmp_
     assert json.loads(out.read_text())["curvature"] == "hessian"
 
 
+def test_every_analysis_has_a_flag_and_any_setting_can_be_set():
+    request = request_for("--epsilon-sharpness", "--adaptive-sharpness", "--weight-spectra",
+                          "--set", "non_uniformity.method=gauss_newton", "--set", "non_uniformity.batch_size=32",
+                          "--set", "lipschitz.methods=lipsdp_neuron,lower", "--set", "lipschitz.split_size=2",
+                          "--set", "adaptive_sharpness.norm=l2", "--set", "adaptive_sharpness.average_case=true",
+                          "--set", "epsilon_sharpness.epsilon=0.01")
+    assert [spec.WhichOneof("analysis") for spec in request.analyses] == [
+        "epsilon_sharpness", "adaptive_sharpness", "weight_spectra", "non_uniformity", "lipschitz"]
+    assert spec_of(request, "non_uniformity") == pb.NonUniformitySpec(
+        method=pb.NON_UNIFORMITY_METHOD_GAUSS_NEWTON, batch_size=32)
+    assert spec_of(request, "lipschitz") == pb.LipschitzSpec(
+        methods=[pb.LIPSCHITZ_METHOD_LIPSDP_NEURON, pb.LIPSCHITZ_METHOD_LOWER], split_size=2)
+    assert spec_of(request, "adaptive_sharpness") == pb.AdaptiveSharpnessSpec(norm=pb.SHARPNESS_NORM_L2, average_case=True)
+    assert spec_of(request, "epsilon_sharpness") == pb.EpsilonSharpnessSpec(epsilon=0.01)
+    # Only --set hessian_eigen.* keeps the default eigenvalue; the full enum names work too.
+    assert spec_of(request_for("--set", "hessian_eigen.tolerance=1e-4"), "hessian_eigen") == pb.HessianEigenSpec(
+        top_k=1, tolerance=1e-4)
+    assert spec_of(request_for("--set", "lipschitz.solver=SDP_SOLVER_SCS"), "lipschitz").solver == pb.SDP_SOLVER_SCS
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("lipschitz", "write ANALYSIS.SETTING=VALUE"),
+    ("lipschitz.split_size", "write ANALYSIS.SETTING=VALUE"),
+    ("kfac.damping=1", "unknown analysis 'kfac'"),
+    ("lipschitz.depth=3", "lipschitz has no setting 'depth' (settings: methods, solver"),
+    ("lipschitz.methods=magic", "lipschitz.methods must be one of naive, eclipse_fast"),
+    ("non_uniformity.batch_size=-2", "must be a whole number >= 0"),
+    ("adaptive_sharpness.rho=wide", "adaptive_sharpness.rho must be a number"),
+    ("adaptive_sharpness.adaptive=maybe", "must be true or false"),
+    ("weight_spectra.layers=1", "it takes no settings"),
+])
+def test_bad_settings_are_usage_errors_before_anything_is_sent(setting, message, capsys):
+    # The server address is unreachable: exit 2 proves the flag was refused before any call.
+    assert main(["analyze", "m.safetensors", "--server", "127.0.0.1:1", "--set", setting]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sharpness_measures_and_weight_spectra_end_to_end(server, digits_files, tmp_path):
+    model_path, data_path = digits_files
+    out = tmp_path / "report.json"
+    assert main(["analyze", str(model_path), "--data", str(data_path), "--server", server.target,
+                 "--epsilon-sharpness", "--set", "epsilon_sharpness.max_iterations=5",
+                 "--adaptive-sharpness", "--set", "adaptive_sharpness.steps=3", "--weight-spectra",
+                 "--set", "non_uniformity.method=gauss_newton", "--set", "non_uniformity.max_samples=64",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert set(results) == {"epsilon_sharpness", "adaptive_sharpness", "weight_spectra", "non_uniformity"}
+    assert results["non_uniformity"]["method"] == "gauss_newton"
+    assert results["epsilon_sharpness"]["value"] >= 0
+    assert results["weight_spectra"]["layers"]
+
+
 # -- connection flags ---------------------------------------------------------------------------
 CONNECTION = {"--server", "--local", "--token-file", "--tls", "--tls-ca", "--tls-cert", "--tls-key"}
 
