@@ -55,6 +55,13 @@ class DeadlineExceeded(CurvscopeError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Aborted(CurvscopeError):
+    """Work stopped from outside the request, not by its input: a solver process killed mid-solve
+    (by an operator or the out-of-memory killer). The server is unharmed; a retry may succeed."""
+
+    code = "ABORTED"
+
+
 class Unavailable(CurvscopeError):
     """The server is shutting down."""
 

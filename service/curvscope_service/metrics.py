@@ -43,6 +43,17 @@ CACHE_REQUESTS = Counter(
 )
 STORE_BYTES = Gauge("curvscope_store_bytes", "Bytes held in the store, by kind.", ["kind"])
 STORE_EVICTIONS = Counter("curvscope_store_evictions", "Files removed by the store's garbage collection.", ["kind"])
+SOLVER_PROCESSES = Gauge(
+    "curvscope_solver_processes",
+    "Live SDP solver subprocesses, by state: busy (starting or solving) or idle (warm, waiting for a solve).",
+    ["state"],
+)
+SOLVES = Counter(
+    "curvscope_solves",
+    "SDP solves sent to solver subprocesses, by outcome: ok (the solver answered), memory (over the memory cap), "
+    "time_cap, cancelled (the caller went away or its deadline passed), killed (the process was killed from "
+    "outside) or failed.", ["outcome"],
+)
 DEVICE_MEMORY_PEAK = Gauge(
     "curvscope_device_memory_peak_bytes",
     "Peak memory of the last analysis on a CUDA device; on the CPU, the process's peak resident set.", ["device"],

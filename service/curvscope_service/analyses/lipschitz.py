@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DeadlineExceeded, InvalidInput, ResourceExhausted
+from ..errors import Aborted, DeadlineExceeded, InvalidInput, ResourceExhausted
 from ..lipschitz import lipsdp
 from ..lipschitz.eclipse_fast import eclipse_fast
 from ..lipschitz.lower import lower_bound
@@ -99,7 +99,7 @@ def _lipsdp(
             try:
                 result = default_pool().solve(problem, time_limit_s=spec["time_limit_seconds"],
                                               memory_limit_mib=spec["memory_limit_mib"], check=context.check, what=what)
-            except (DeadlineExceeded, ResourceExhausted) as error:
+            except (Aborted, DeadlineExceeded, ResourceExhausted) as error:
                 so_far = ", ".join(f"{k} {v:.6g}" for k, v in reached.items()) or "nothing"
                 raise type(error)(f"{error}; bounds reached before it: {so_far}") from None
             solvers.add(result.get("solver", problem["solver"]))

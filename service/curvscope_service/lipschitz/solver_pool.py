@@ -4,25 +4,34 @@ cvxpy and its solvers never run in the server's process: a solve that runs away 
 memory, or a solver that crashes, takes down only its worker. Workers are fresh interpreters (not forked
 from a threaded server), import cvxpy once and stay warm between solves; a worker is killed
 when its solve passes the time cap, when the request is cancelled (``check`` raises), or when
-it dies, and a fresh one is started for the next solve.
+it dies, and a fresh one is started for the next solve. A worker killed from outside (SIGKILL
+by an operator or the out-of-memory killer) ends its solve with ``Aborted``.
+
+Live workers are counted in ``curvscope_solver_processes`` (busy / idle) and every solve in
+``curvscope_solves`` by outcome.
 """
 
 from __future__ import annotations
 
 import atexit
 import select
+import signal
 import subprocess
 import sys
 import threading
 import time
 from typing import Any, Callable
 
-from ..errors import DeadlineExceeded, ResourceExhausted
+from .. import metrics
+from ..errors import Aborted, DeadlineExceeded, ResourceExhausted
 from .solver_worker import read_message, write_message
 
 DEFAULT_TIME_LIMIT_S = 300.0
 DEFAULT_MEMORY_LIMIT_MIB = 4096
 POLL_S = 0.05
+# Signals that come from outside the solver (an operator, the OOM killer, a supervisor), as
+# opposed to a crash of the solver itself; the memory cap (RLIMIT_AS) never sends one.
+_EXTERNAL_SIGNALS = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
 
 
 class _Worker:
@@ -35,6 +44,16 @@ class _Worker:
         )
         self.memory_limit_mib = memory_limit_mib
         self.ready = False
+        self.state: str | None = None
+        self.set_state("busy")
+
+    def set_state(self, state: str | None) -> None:
+        """busy, idle or None (dead): kept in step with the solver-process gauge."""
+        if self.state is not None:
+            metrics.SOLVER_PROCESSES.labels(self.state).dec()
+        if state is not None:
+            metrics.SOLVER_PROCESSES.labels(state).inc()
+        self.state = state
 
     def send(self, value: Any) -> None:
         write_message(self.process.stdin, value)
@@ -49,6 +68,13 @@ class _Worker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def exit_code(self) -> int | None:
+        """The exit status once the process is gone (waits briefly: its pipe may close first)."""
+        try:
+            return self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
+
     def kill(self) -> None:
         if self.alive():
             self.process.kill()
@@ -58,6 +84,7 @@ class _Worker:
                 stream.close()
             except OSError:
                 pass
+        self.set_state(None)
 
 
 class SolverPool:
@@ -68,48 +95,69 @@ class SolverPool:
         self.memory_limit_mib = memory_limit_mib
         self._idle: list[_Worker] = []
         self._busy = 0
+        self._live: set[_Worker] = set()
         self._lock = threading.Condition()
 
     def solve(
         self, problem: dict[str, Any], *, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
         memory_limit_mib: int | None = None, check: Callable[[], None] | None = None, what: str = "the SDP",
     ) -> dict[str, Any]:
-        """The worker's answer, or DeadlineExceeded / ResourceExhausted; ``check`` may raise to cancel."""
+        """The worker's answer, or DeadlineExceeded / ResourceExhausted / Aborted; ``check`` may
+        raise to cancel."""
         memory = memory_limit_mib or self.memory_limit_mib
         worker = self._acquire(memory, check)
         started = time.monotonic()
         healthy = False
+        outcome = ["failed"]
         try:
             if not worker.ready:
-                self._wait(worker, started, time_limit_s, check, what, memory)  # the import of cvxpy
+                self._wait(worker, started, time_limit_s, check, what, memory, outcome)  # the import of cvxpy
                 worker.ready = True
-            worker.send(problem)
-            result = self._wait(worker, started, time_limit_s, check, what, memory)
+            try:
+                worker.send(problem)
+            except OSError:
+                pass  # the worker died since its last solve: _wait says how
+            result = self._wait(worker, started, time_limit_s, check, what, memory, outcome)
             if result.get("status") == "memory":
+                outcome[0] = "memory"
                 raise ResourceExhausted(f"{what} needs more than the memory cap of {memory} MiB; use network splitting (split_size)")
             healthy = True
+            outcome[0] = "ok"
             return result
         finally:
+            metrics.SOLVES.labels(outcome[0]).inc()
             self._release(worker, healthy)
 
     @staticmethod
     def _wait(worker: _Worker, started: float, time_limit_s: float, check: Callable[[], None] | None,
-              what: str, memory: int) -> Any:
+              what: str, memory: int, outcome: list[str]) -> Any:
         while not worker.poll(POLL_S):
             if check is not None:
+                outcome[0] = "cancelled"
                 check()
+                outcome[0] = "failed"
             if not worker.alive():
                 break
             if time.monotonic() - started > time_limit_s:
+                outcome[0] = "time_cap"
                 raise DeadlineExceeded(
                     f"{what} did not finish within its time cap of {time_limit_s:g} s; raise time_limit_seconds "
                     f"or use network splitting (split_size)")
         message = worker.receive() if worker.alive() or worker.poll(0) else None
-        if message is None:
-            raise ResourceExhausted(
-                f"{what} stopped its solver process (exit code {worker.process.poll()}), most likely over the memory "
-                f"cap of {memory} MiB; use network splitting (split_size) for a net this large")
-        return message
+        if message is not None:
+            return message
+        code = worker.exit_code()
+        if code is not None and code < 0 and -code in _EXTERNAL_SIGNALS:
+            outcome[0] = "killed"
+            raise Aborted(
+                f"the solver process of {what} was killed by {signal.Signals(-code).name} mid-solve, from outside "
+                f"the server (an operator, or the node's out-of-memory killer); the server is unharmed and starts "
+                f"a fresh solver process: retry the request, and if it recurs lower memory_limit_mib below the "
+                f"pod's memory limit or use network splitting (split_size)")
+        outcome[0] = "memory"
+        raise ResourceExhausted(
+            f"{what} stopped its solver process (exit code {code}), most likely over the memory "
+            f"cap of {memory} MiB; use network splitting (split_size) for a net this large")
 
     def _acquire(self, memory_limit_mib: int, check: Callable[[], None] | None) -> _Worker:
         with self._lock:
@@ -118,12 +166,21 @@ class SolverPool:
                 if check is not None:
                     check()
             self._busy += 1
+            # A warm worker killed while it waited is dropped, not handed a problem.
+            for dead in [w for w in self._idle if not w.alive()]:
+                self._idle.remove(dead)
+                self._live.discard(dead)
+                dead.kill()
             worker = next((w for w in self._idle if w.memory_limit_mib == memory_limit_mib), None)
             if worker is not None:
                 self._idle.remove(worker)
+                worker.set_state("busy")
                 return worker
         try:
-            return _Worker(memory_limit_mib)
+            worker = _Worker(memory_limit_mib)
+            with self._lock:
+                self._live.add(worker)
+            return worker
         except BaseException:
             with self._lock:
                 self._busy -= 1
@@ -135,23 +192,29 @@ class SolverPool:
             worker.kill()
         with self._lock:
             self._busy -= 1
+            if not healthy:
+                self._live.discard(worker)
             if healthy:
+                worker.set_state("idle")
                 self._idle.append(worker)
                 while len(self._idle) > self.size:
-                    self._idle.pop(0).kill()
+                    extra = self._idle.pop(0)
+                    self._live.discard(extra)
+                    extra.kill()
             self._lock.notify()
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
+            self._live.difference_update(idle)
         for worker in idle:
             worker.kill()
 
     @property
     def processes(self) -> list[int]:
-        """Process ids of the idle workers (for tests and metrics)."""
+        """Process ids of the live workers, idle and busy (for tests)."""
         with self._lock:
-            return [w.process.pid for w in self._idle]
+            return sorted(w.process.pid for w in self._live)
 
 
 _default: SolverPool | None = None
