@@ -30,6 +30,7 @@ from .logging_setup import configure_logging
 from .scheduler import Scheduler
 from .servicer import UPLOAD_CHUNK_BYTES, CurvscopeServicer
 from .store import BlobStore
+from .upload_wire import ZeroCopyUploadInterceptor
 
 log = logging.getLogger("curvscope")
 
@@ -88,6 +89,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     tokens = config.tokens()
     if tokens:
         interceptors.append(TokenAuthInterceptor(tokens))
+    interceptors.append(ZeroCopyUploadInterceptor())  # innermost: Upload's chunks read without a copy
     server = aio.server(
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

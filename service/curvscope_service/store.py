@@ -69,7 +69,7 @@ class BlobWriter:
         self._file = os.fdopen(fd, "wb")
         self._tmp_path = Path(name)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self._size += len(data)
         if self._size > self._max_bytes:
             raise ResourceExhausted(
