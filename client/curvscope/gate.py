@@ -24,10 +24,11 @@ from .report import Report, json_ready
 GATE_SCHEMA = "curvscope.gate/v1"
 PASS, WARN, FAIL, ERROR = "pass", "warn", "fail", "error"
 SEVERITY = {PASS: 0, WARN: 1, FAIL: 2, ERROR: 2}
-# Errors that may come from one analysis alone (a spec it refuses, a size limit, a bug): worth
-# asking for the analyses one by one. Anything else (unreachable, auth, deadline) stops the gate.
+# Errors that may come from one analysis alone (a spec it refuses, a size limit, a bug, a solver
+# process killed mid-solve): worth asking for the analyses one by one, which also retries the one
+# that was aborted. Anything else (unreachable, auth, deadline) stops the gate.
 ISOLATABLE = {"INVALID_ARGUMENT", "UNIMPLEMENTED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "OUT_OF_RANGE",
-              "INTERNAL", "UNKNOWN"}
+              "INTERNAL", "UNKNOWN", "ABORTED"}
 
 Runner = Callable[[pb.AnalyzeRequest], dict[str, Any]]
 

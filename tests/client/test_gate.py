@@ -315,7 +315,22 @@ def test_a_failing_analysis_is_isolated():
     assert report["results"]["hessian_eigen"]["largest"][0] == 4.0
 
 
-@pytest.mark.parametrize("code, expected_calls", [("UNAVAILABLE", 1), ("INVALID_ARGUMENT", 3)])
+def test_an_aborted_solve_is_retried_alone():
+    calls = []
+
+    def runner(request):
+        names = [spec.WhichOneof("analysis") for spec in request.analyses]
+        calls.append(names)
+        if len(calls) == 1:  # the solver process was killed during the first, combined request
+            raise CurvscopeError("ABORTED", "the solver process was killed (SIGKILL); retry the request")
+        return standard(4.0)
+
+    report, failed = run_policy(parse_policy(POLICY), runner)
+    assert calls == [["hessian_eigen", "non_uniformity"], ["hessian_eigen"], ["non_uniformity"]]
+    assert failed == {} and report["results"]["hessian_eigen"]["largest"][0] == 4.0
+
+
+@pytest.mark.parametrize("code, expected_calls", [("UNAVAILABLE", 1), ("INVALID_ARGUMENT", 3), ("ABORTED", 3)])
 def test_errors_common_to_every_analysis_stop_the_gate(code, expected_calls):
     calls = []
 
