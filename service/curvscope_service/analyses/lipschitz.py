@@ -2,8 +2,10 @@
 (input to output), with every bound that was computed and why any other is missing.
 
 Upper bounds: naive (product of layer norms), ECLipsE-Fast, LipSDP-Neuron and LipSDP-Layer
-(solved in subprocesses, certified afterwards, split into sub-networks when too large). The lower
-bound needs data. No data is needed otherwise.
+(solved in subprocesses, certified afterwards, split into sub-networks when too large). A network
+that is not a plain chain (residual blocks, max pooling) gets the naive bound over its graph
+(``lipschitz.graph_bound``) and the reason the others do not apply. The lower bound needs data.
+No data is needed otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from ..errors import Aborted, DeadlineExceeded, InvalidInput, ResourceExhausted
 from ..lipschitz import lipsdp
 from ..lipschitz.eclipse_fast import eclipse_fast
+from ..lipschitz.graph_bound import GraphBound, bound_graph
 from ..lipschitz.lower import lower_bound
 from ..lipschitz.naive import naive_bound
 from ..lipschitz.network import Network, extract_network
@@ -126,6 +129,11 @@ def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
     methods = spec["methods"]
     extraction = extract_network(context.model)
     network = extraction.network
+    graph: GraphBound | None = None
+    if network is None and context.model.input_shape is not None and (
+            "naive" in methods or ("lower" in methods and context.data is not None)):
+        graph = bound_graph(context.model.module, tuple(context.model.input_shape))
+    bounded = graph is not None and graph.value is not None
     details: list[dict[str, Any]] = []
     reached: dict[str, float] = {}
     total = len(methods)
@@ -141,7 +149,20 @@ def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
             context.check()
         started = time.perf_counter()
         if network is None:
-            record({"method": method, "status": "not_applicable", "seconds": 0.0, "note": extraction.reason})
+            if method == "naive" and bounded:
+                note = f"not a plain chain ({extraction.reason}); the product of layer norms over the graph: {graph.describe()}"
+                if not graph.exact:
+                    note += "; a layer too large to unroll: its norm is a converged power-iteration estimate"
+                record({"method": method, "value": graph.value, "status": "ok", "seconds": time.perf_counter() - started,
+                        "note": note})
+            elif method == "naive":
+                why = f"; no upper bound is known for the graph: {graph.reason}" if graph is not None and graph.reason != extraction.reason else ""
+                record({"method": method, "status": "not_applicable", "seconds": 0.0, "note": extraction.reason + why})
+            else:
+                note = f"needs a plain chain of affine layers and slope-restricted activations: {extraction.reason}"
+                if bounded:
+                    note += "; the naive bound covers the network"
+                record({"method": method, "status": "not_applicable", "seconds": 0.0, "note": note})
             continue
         if method == "naive":
             naive = naive_bound(network, seed=context.seed)
@@ -171,7 +192,7 @@ def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
             started = time.perf_counter()
             module = copy.deepcopy(context.model.module).to(device="cpu", dtype=torch.float64)
             try:
-                result = lower_bound(module, network, context.data.inputs.to("cpu", torch.float64),
+                result = lower_bound(module, network if network is not None else graph, context.data.inputs.to("cpu", torch.float64),
                                      steps=spec["ascent_steps"], seed=context.seed, check=context.check)
             except ValueError as error:
                 record({"method": "lower", "status": "not_applicable", "seconds": 0.0, "note": str(error)})
@@ -184,8 +205,13 @@ def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
     method = min(uppers, key=uppers.get) if uppers else ""
     upper = uppers[method] if uppers else math.inf
     note = "" if network is not None else f"not a LipSDP chain: {extraction.reason}"
+    if bounded and "naive" in uppers:
+        note += "; upper bound: the naive bound over the graph (residual adds as the sum of their paths, max pooling as √N)"
+    elif graph is not None and graph.reason and graph.reason != extraction.reason:
+        note += f"; no sound upper bound: {graph.reason}"
     if not uppers and lower == 0.0:
-        raise InvalidInput(f"no Lipschitz bound applies to this network ({extraction.reason}); pass data for a lower bound")
+        why = graph.reason if graph is not None and not bounded and graph.reason else extraction.reason
+        raise InvalidInput(f"no Lipschitz bound applies to this network ({why}); pass data for a lower bound")
     return {
         # no sound upper bound: infinite, in the proto JSON spelling (a 0 could pass a gate)
         "lower": lower, "upper": upper if uppers else "Infinity", "method": method,

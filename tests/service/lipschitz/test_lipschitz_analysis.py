@@ -90,15 +90,44 @@ def test_deep_linear_network_is_exact_and_the_interval_closes(tmp_path):
     assert result["upper"] == pytest.approx(exact, rel=1e-6) and result["lower"] == pytest.approx(exact, rel=1e-6)
 
 
-def test_not_a_chain_gets_a_reason_and_a_lower_bound_only(tmp_path):
+def test_max_pooling_gets_the_naive_bound_and_a_reason_for_the_rest(tmp_path):
     layers = [{"type": "conv2d", "in_channels": 1, "out_channels": 2, "kernel_size": 3}, {"type": "max_pool2d", "kernel_size": 2},
               {"type": "flatten"}, {"type": "linear", "in_features": 2, "out_features": 2}]
     model = write_sequential(tmp_path, "pool", layers, [1, 4, 4])
     result = run_analysis(job(model, write_data(tmp_path, (1, 4, 4), 2)))["results"]["lipschitz"]
     assert not result["chain"]["found"] and "max pooling" in result["note"]
-    assert result["lower"] > 0 and math.isinf(float(result["upper"]))
-    with pytest.raises(InvalidInput, match="max pooling"):
-        run_analysis(job(model))
+    assert 0 < result["lower"] <= result["upper"] == result["bounds"]["naive"] and result["method"] == "naive"
+    statuses = {d["method"]: d["status"] for d in result["details"]}
+    assert statuses == {"naive": "ok", "eclipse_fast": "not_applicable", "lipsdp_neuron": "not_applicable",
+                        "lipsdp_layer": "not_applicable", "lower": "ok"}
+    # no data: the naive bound alone
+    assert run_analysis(job(model))["results"]["lipschitz"]["upper"] == result["upper"]
+
+
+def test_a_network_without_a_sound_upper_bound_gets_the_lower_bound_only(tmp_path):
+    gated = export_gated(tmp_path)
+    result = run_analysis(job(gated, write_data(tmp_path, (3,), 2)))["results"]["lipschitz"]
+    assert not result["chain"]["found"] and "product of two data paths" in result["note"]
+    assert result["lower"] > 0 and math.isinf(float(result["upper"])) and result["method"] == ""
+    with pytest.raises(InvalidInput, match="product of two data paths"):
+        run_analysis(job(gated))
+
+
+def export_gated(root: Path) -> Path:
+    """y = C (relu(A x) ⊙ B x): a product of two data paths, Lipschitz on no unbounded domain."""
+
+    class Gated(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.c = torch.nn.Linear(3, 4), torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.a(x)) * self.b(x))
+
+    program = torch.export.export(Gated().eval(), (torch.randn(2, 3),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, root / "gated.pt2")
+    return root / "gated.pt2"
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -144,7 +173,13 @@ def test_report_goes_through_the_api_message_and_renders(tmp_path):
     pool = write_sequential(tmp_path, "pool", layers, [1, 4, 4])
     report = message_to_dict(report_message(run_analysis(job(pool, write_data(tmp_path, (1, 4, 4), 2), weight_spectra={}))))
     lip = report["results"]["lipschitz"]
-    assert math.isinf(lip["upper"]) and lip["lower"] > 0 and lip["chain"]["found"] is False
+    assert 0 < lip["lower"] <= lip["upper"] < math.inf and lip["chain"]["found"] is False
     assert report["results"]["weight_spectra"]["layers"][0]["name"] == "0"
     text = render_report(report)
-    assert f"Lipschitz constant in [{lip['lower']:.6g}, inf]" in text and "max pooling" in text
+    assert f"Lipschitz constant in [{lip['lower']:.6g}, {lip['upper']:.6g}]" in text and "max pooling" in text
+    # no sound upper bound: infinite through the message and the table
+    gated = export_gated(tmp_path)
+    report = message_to_dict(report_message(run_analysis(job(gated, write_data(tmp_path, (3,), 2)))))
+    lip = report["results"]["lipschitz"]
+    assert math.isinf(lip["upper"]) and lip["lower"] > 0
+    assert f"Lipschitz constant in [{lip['lower']:.6g}, inf]" in render_report(report)

@@ -1,0 +1,443 @@
+"""The naive bound of a network that is not a plain chain: residual blocks and max pooling.
+
+A bound U(v) on the ℓ2 Lipschitz constant of the map from the input to each value v of the
+graph, propagated in topological order by rules that are each sound on their own:
+
+- a run of affine operations, each with one data input (Linear, Conv, eval BatchNorm, average
+  pooling, reshapes, adding or multiplying by a constant): U(end) = ‖A‖₂ · U(start), A the run's
+  linear part, read off by running the run itself (as for a chain's segments);
+- a slope-restricted activation: U = max(|α|, |β|) · U(input);
+- max pooling with kernel k, stride s and dilation d per spatial axis:
+  U = √N · U(input), N = Π min(k, ⌈(d(k−1)+1)/s⌉). Every input element lies in at most N windows,
+  and |max_w x − max_w y| ≤ max_{i∈w} |x_i − y_i|, so ‖mp(x) − mp(y)‖² ≤ N‖x − y‖². (In ℓ∞ max
+  pooling is 1-Lipschitz; in ℓ2 overlapping windows count each element several times.)
+- softmax: U = U(input) / 2 (its Jacobian's Gershgorin bound); hardtanh: U = U(input);
+- a join of two paths, add or sub with alpha a: U = U(a) + |a| · U(b) (triangle inequality);
+- a concatenation: U = √(Σ U(part)²).
+
+For a residual block y = s(x) + f(x) this is U(y) = U(x)·(‖s‖ + L(f)) with L(f) the product of
+norms and slopes inside the block, 1 + L(f) for an identity skip: the naive bound is the product
+over the top-level chain of layer norms and of (‖skip‖ + L(block)) per block. Anything else (a
+product of two data paths, attention's softmax, an unknown op) stops the bound with its reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from ..loading.layer_chain import _AFFINE_OPS, _OP_REASONS, _is_tensor_valued, _live_users, _op_name
+from ..loading.torch_export import argument
+from .naive import spectral_norm
+from .network import MAX_DENSE_ENTRIES, Segment, Slope, _SegmentRun, _unroll, activation_slope
+
+# ops affine in their data argument besides the chain's own
+_MORE_AFFINE_OPS = {
+    "adaptive_avg_pool2d", "avg_pool1d", "mean", "unsqueeze", "squeeze", "permute", "transpose", "t",
+    "neg", "constant_pad_nd", "slice", "select", "expand", "repeat",
+}
+# affine in each tensor argument separately (the other arguments constant): data may sit anywhere
+_AFFINE_IN_ANY_ARGUMENT = {"linear", "conv1d", "conv2d", "convolution", "mm", "matmul", "addmm", "mul", "add", "sub"}
+_ELEMENTWISE_WITH_CONSTANT = {"add", "sub", "mul", "div"}
+_MAX_POOLS = {"max_pool1d": 1, "max_pool2d": 2, "max_pool2d_with_indices": 2, "max_pool3d": 3, "max_pool3d_with_indices": 3}
+_ACTIVATIONS = {"relu", "leaky_relu", "tanh", "sigmoid", "gelu"}
+# other ops of one data input with a known ℓ2 Lipschitz constant. Softmax: its Jacobian diag(p) − ppᵀ
+# is symmetric with row i's Gershgorin bound p_i(1 − p_i) + p_i Σ_{j≠i} p_j = 2p_i(1 − p_i) ≤ 1/2.
+_LIPSCHITZ_OPS = {"softmax": 0.5, "_softmax": 0.5, "hardtanh": 1.0}
+# bilinear: with two data arguments a product of two paths
+_BILINEAR_OPS = {"mul", "matmul", "mm", "bmm", "baddbmm", "linear", "conv1d", "conv2d", "convolution", "addmm", "einsum"}
+
+
+def max_pool_factor(kernel: Any, stride: Any, dilation: Any, dims: int) -> tuple[float, int]:
+    """(√N, N): the ℓ2 Lipschitz constant bound of max pooling, N the most windows an element is in."""
+    def per_axis(value: Any, default: list[int]) -> list[int]:
+        if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+            return default
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        return [int(v) for v in values] * dims if len(values) == 1 else [int(v) for v in values]
+
+    k = per_axis(kernel, [1] * dims)
+    s = per_axis(stride, k)
+    d = per_axis(dilation, [1] * dims)
+    count = math.prod(min(ki, math.ceil((di * (ki - 1) + 1) / si)) for ki, si, di in zip(k, s, d))
+    return math.sqrt(count), count
+
+
+@dataclass
+class Join:
+    """A residual add or a concatenation. With ``block_input`` (the node every path of the join
+    starts from), ``terms`` are the paths' bounds from there, the shortest path (the skip) first;
+    without, from the network's input."""
+
+    name: str
+    op: str
+    block_input: str | None
+    terms: list[float]
+
+    def describe(self) -> str:
+        if self.op == "cat":
+            return f"'{self.name}' (concatenation): √(Σ parts²)"
+        if self.block_input is None:
+            return f"'{self.name}' ({self.op}): the sum of its paths' bounds"
+        skip, block = self.terms
+        kind = "identity skip 1" if skip == 1.0 else f"shortcut of norm {skip:.6g}"
+        return f"'{self.name}' over '{self.block_input}': {kind} + L(block) {block:.6g} = {skip + block:.6g}"
+
+
+@dataclass
+class GraphBound:
+    """The naive bound of a non-chain network, what it is made of, and a smoothed forward for the ascent."""
+
+    value: float | None
+    reason: str  # why it is not a chain, or why no bound applies
+    exact: bool = True
+    joins: list[Join] = field(default_factory=list)
+    pools: list[str] = field(default_factory=list)
+    forward_fn: Callable[[torch.Tensor, float | None], torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor, smooth: float | None = None) -> torch.Tensor:
+        assert self.forward_fn is not None
+        return self.forward_fn(x, smooth)
+
+    def describe(self) -> str:
+        parts = []
+        if self.joins:
+            parts.append(f"{len(self.joins)} join(s) bounded by the sum of their paths: " + "; ".join(j.describe() for j in self.joins))
+        if self.pools:
+            parts.append("max pooling bounded by √N, N the most windows an element lies in: " + "; ".join(self.pools))
+        return ". ".join(parts)
+
+
+def bound_graph(module: nn.Module, input_shape: tuple[int, ...], max_dense_entries: int = MAX_DENSE_ENTRIES) -> GraphBound:
+    """The naive bound of an exported graph or a nested nn.Sequential, or why there is none."""
+    module = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
+    if isinstance(module, fx.GraphModule):
+        return _GraphWalk(module, tuple(input_shape), max_dense_entries).run()
+    if _is_nested_sequential(module):
+        return _sequential_bound(module, tuple(input_shape), max_dense_entries)
+    return GraphBound(None, f"{type(module).__name__} is not an nn.Sequential, so its data flow is unknown; export it as .pt2")
+
+
+def _is_nested_sequential(module: nn.Module) -> bool:
+    if not isinstance(module, nn.Sequential):
+        return False
+    return all(_is_nested_sequential(c) or not list(c.children()) for c in module.children())
+
+
+def _segment_norm(forward: Callable, name: str, in_shape: tuple[int, ...], max_dense_entries: int) -> tuple[float, bool]:
+    with torch.no_grad():
+        out_shape = tuple(forward(torch.zeros(1, *in_shape, dtype=torch.float64)).shape[1:])
+    segment = Segment(name, forward, in_shape, out_shape)
+    if segment.in_dim * segment.out_dim <= max_dense_entries:
+        segment.matrix = _unroll(segment)
+    return spectral_norm(segment)
+
+
+def _smooth_activation(slope: Slope, x: torch.Tensor, smooth: float | None, exact: Callable[[], torch.Tensor]) -> torch.Tensor:
+    if smooth and slope.name == "relu":
+        return nn.functional.softplus(x, beta=smooth)
+    if smooth and slope.name == "leaky_relu":
+        a = slope.alpha if slope.beta == 1.0 else slope.beta
+        return a * x + (1.0 - a) * nn.functional.softplus(x, beta=smooth)
+    return exact()
+
+
+# --------------------------------------------------------------------------------------------- #
+# nn.Sequential: a chain whose only non-chain layers are max pooling
+
+
+_AFFINE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Flatten, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                   nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout, nn.Identity)
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.GELU: "gelu"}
+_POOL_MODULES = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+
+
+def _sequential_bound(module: nn.Sequential, input_shape: tuple[int, ...], max_dense_entries: int) -> GraphBound:
+    leaves = [(name, m) for name, m in module.named_modules() if not list(m.children())]
+    factors: list[float] = []
+    pools: list[str] = []
+    exact = True
+    run: list[tuple[str, nn.Module]] = []
+    shape = input_shape
+
+    def close_run() -> None:
+        nonlocal shape, exact
+        if run:
+            seq = nn.Sequential(*(m for _, m in run))
+            norm, is_exact = _segment_norm(seq, "+".join(n for n, _ in run), shape, max_dense_entries)
+            with torch.no_grad():
+                shape = tuple(seq(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
+            factors.append(norm)
+            exact &= is_exact
+            run.clear()
+
+    for name, leaf in leaves:
+        if isinstance(leaf, _AFFINE_MODULES):
+            if isinstance(leaf, (nn.BatchNorm1d, nn.BatchNorm2d)) and leaf.training:
+                return GraphBound(None, f"layer '{name}' (BatchNorm) is in training mode")
+            run.append((name, leaf))
+        elif type(leaf) in _ACTIVATION_MODULES:
+            close_run()
+            slope = activation_slope(_ACTIVATION_MODULES[type(leaf)], negative_slope=getattr(leaf, "negative_slope", 0.01),
+                                     approximate=getattr(leaf, "approximate", "none"))
+            factors.append(slope.lipschitz)
+        elif type(leaf) in _POOL_MODULES:
+            close_run()
+            factor, count = max_pool_factor(leaf.kernel_size, leaf.stride, leaf.dilation, _POOL_MODULES[type(leaf)])
+            factors.append(factor)
+            pools.append(f"'{name}' √{count} = {factor:.6g}")
+            with torch.no_grad():
+                shape = tuple(leaf(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
+        else:
+            return GraphBound(None, f"layer '{name}' ({type(leaf).__name__}): it is neither affine, a supported "
+                                    "slope-restricted activation nor max pooling; no upper bound is known for it")
+    close_run()
+
+    smoothable = {
+        id(leaf): activation_slope(_ACTIVATION_MODULES[type(leaf)], negative_slope=getattr(leaf, "negative_slope", 0.01))
+        for _, leaf in leaves if _ACTIVATION_MODULES.get(type(leaf)) in ("relu", "leaky_relu")
+    }
+
+    def forward(x: torch.Tensor, smooth: float | None) -> torch.Tensor:
+        for _, leaf in leaves:
+            slope = smoothable.get(id(leaf))
+            x = _smooth_activation(slope, x, smooth, lambda x=x, leaf=leaf: leaf(x)) if slope else leaf(x)
+        return x
+
+    return GraphBound(math.prod(factors), "", exact, [], pools, forward)
+
+
+# --------------------------------------------------------------------------------------------- #
+# exported graphs
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class _GraphWalk:
+    def __init__(self, module: fx.GraphModule, input_shape: tuple[int, ...], max_dense_entries: int) -> None:
+        self.module, self.input_shape, self.max_dense = module, input_shape, max_dense_entries
+        self.input = [n for n in module.graph.nodes if n.op == "placeholder"][-1]
+        self.data: set[fx.Node] = {self.input}
+        self.kind: dict[fx.Node, str] = {self.input: "input"}
+        self.data_inputs: dict[fx.Node, list[fx.Node]] = {}
+        self.run_start: dict[fx.Node, fx.Node] = {}  # affine node -> the node its affine run starts from
+        self.norms: dict[tuple[fx.Node, fx.Node], float] = {}
+        self.factor: dict[fx.Node, float] = {}  # activation or pool -> its Lipschitz constant
+        self.alpha: dict[fx.Node, float] = {}
+        self.slopes: dict[fx.Node, Slope] = {}
+        self.exact = True
+        self.pools: list[str] = []
+        self.shapes = self._shapes()
+
+    def _shapes(self) -> dict[fx.Node, tuple[int, ...]]:
+        shapes: dict[fx.Node, tuple[int, ...]] = {}
+
+        class Record(fx.Interpreter):
+            def run_node(inner, node):  # noqa: N805
+                if node.op == "call_module" and node.target == "_guards_fn":
+                    return None
+                value = super(Record, inner).run_node(node)
+                if isinstance(value, torch.Tensor):
+                    shapes[node] = tuple(value.shape[1:])
+                return value
+
+        with torch.no_grad():
+            Record(self.module).run(torch.zeros(1, *self.input_shape, dtype=torch.float64))
+        return shapes
+
+    # classification --------------------------------------------------------------------------
+
+    def _occurrences(self, node: fx.Node) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if a in self.data else None)
+        return found
+
+    def _classify(self, node: fx.Node) -> str:
+        op = "getitem" if node.target is operator.getitem else _op_name(node)
+        occurrences = self._occurrences(node)
+        unique = list(dict.fromkeys(occurrences))
+        self.data_inputs[node] = unique
+        first_is_data = bool(node.args) and node.args[0] in self.data
+        if op == "getitem":
+            source = node.args[0]
+            if self.kind.get(source) == "pool":
+                if node.args[1] != 0:
+                    raise _Unsupported(f"'{node.name}': the indices of max pooling are not a Lipschitz function of the input")
+                return "alias"
+            return "affine"
+        if op in _MAX_POOLS and len(unique) == 1 and first_is_data:
+            return "pool"
+        if op in _ACTIVATIONS and len(unique) == 1 and first_is_data:
+            return "activation"
+        if op in _LIPSCHITZ_OPS and len(unique) == 1 and first_is_data and len(occurrences) == 1:
+            return "lipschitz"
+        if op in ("add", "sub") and len(unique) == 2:
+            return "join"
+        if op == "cat" and unique:
+            return "cat"
+        if len(unique) == 1:
+            if op in _ELEMENTWISE_WITH_CONSTANT and op in ("mul", "div") and len(occurrences) > 1:
+                raise _Unsupported(f"'{node.name}' ({op}): a product of the data with itself is not affine")
+            if op in ("add", "sub") or op in _AFFINE_IN_ANY_ARGUMENT and len(occurrences) == 1:
+                return "affine"
+            if (op in _AFFINE_OPS or op in _MORE_AFFINE_OPS or op == "div") and first_is_data and len(occurrences) == 1:
+                return "affine"
+        why = _OP_REASONS.get(op, "it is neither affine, a supported slope-restricted activation, max pooling nor a residual add")
+        if op in _BILINEAR_OPS and len(unique) > 1:
+            why = "a product of two data paths (a gate, attention's q·kᵀ) has no global Lipschitz constant"
+        elif len(unique) > 1:
+            why = "it combines two data paths in a way that has no bound here"
+        raise _Unsupported(f"'{node.name}' ({op}): {why}; no upper bound is known for it")
+
+    # bounds -----------------------------------------------------------------------------------
+
+    def _run_norm(self, start: fx.Node, end: fx.Node) -> float:
+        key = (start, end)
+        if key not in self.norms:
+            runner = _SegmentRun(self.module, start, end)
+            forward = lambda x, r=runner: r(x, self.input_shape)  # noqa: E731
+            norm, exact = _segment_norm(forward, f"{start.name}->{end.name}", self.shapes[start], self.max_dense)
+            self.norms[key] = norm
+            self.exact &= exact
+        return self.norms[key]
+
+    def _bounds(self, nodes: list[fx.Node], sources: dict[fx.Node, float], wanted: list[fx.Node]) -> list[float]:
+        """U of each ``wanted`` node, propagated through ``nodes`` (in order) from U of the ``sources``;
+        _Unsupported if one depends on data from outside them."""
+        u = dict(sources)
+        inside = set(nodes)
+
+        def of(v: fx.Node) -> float:
+            if v not in u:
+                if v not in inside or self.kind[v] != "affine":
+                    raise _Unsupported(f"'{v.name}' is reached from outside")
+                start = self.run_start[v]
+                u[v] = self._run_norm(start, v) * of(start)
+            return u[v]
+
+        for node in nodes:
+            kind, inputs = self.kind[node], self.data_inputs[node]
+            if node in u or kind == "affine":
+                continue  # an affine node's bound is taken when used: runs merge into one segment
+            if kind in ("activation", "pool", "lipschitz"):
+                u[node] = self.factor[node] * of(inputs[0])
+            elif kind == "alias":
+                u[node] = of(inputs[0])
+            elif kind == "join":
+                a, b = inputs
+                u[node] = of(a) + abs(self.alpha[node]) * of(b)
+            elif kind == "cat":
+                u[node] = math.sqrt(sum(of(v) ** 2 for v in inputs))
+        return [of(v) for v in wanted]
+
+    def run(self) -> GraphBound:
+        order: list[fx.Node] = []
+        try:
+            for node in self.module.graph.nodes:
+                if node.op != "call_function" or not any(a in self.data for a in node.all_input_nodes) or not _is_tensor_valued(node):
+                    continue
+                kind = self._classify(node)
+                self.data.add(node)
+                self.kind[node] = kind
+                order.append(node)
+                inputs = self.data_inputs[node]
+                op = _op_name(node) if node.target is not operator.getitem else "getitem"
+                if kind == "affine":
+                    (source,) = inputs
+                    extend = self.kind.get(source) == "affine" and _live_users(source) == [node]
+                    self.run_start[node] = self.run_start[source] if extend else source
+                elif kind == "activation":
+                    slope = node.args[1] if op == "leaky_relu" and len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+                    self.slopes[node] = activation_slope(op, negative_slope=slope, approximate=node.kwargs.get("approximate", "none"))
+                    self.factor[node] = self.slopes[node].lipschitz
+                elif kind == "lipschitz":
+                    self.factor[node] = _LIPSCHITZ_OPS[op]
+                elif kind == "pool":
+                    factor, count = max_pool_factor(argument(node, "kernel_size"), argument(node, "stride"),
+                                                    argument(node, "dilation"), _MAX_POOLS[op])
+                    self.factor[node] = factor
+                    self.pools.append(f"'{node.name}' √{count} = {factor:.6g}")
+                elif kind == "join":
+                    alpha = node.kwargs.get("alpha", 1)
+                    if len(self._occurrences(node)) != 2 or not isinstance(alpha, (int, float)):
+                        raise _Unsupported(f"'{node.name}' ({op}): a join of this form is not supported")
+                    self.alpha[node] = float(alpha)
+            outputs = [a for a in self._output_args() if a in self.data]
+            if len(outputs) != 1:
+                raise _Unsupported("the model has no single tensor output that depends on its input")
+            (output,) = outputs
+            (value,) = self._bounds(order, {self.input: 1.0}, [output])
+            joins = [self._join(node, order) for node in order if self.kind[node] in ("join", "cat")]
+        except _Unsupported as why:
+            return GraphBound(None, str(why), forward_fn=self._forward)
+        return GraphBound(value, "", self.exact, joins, self.pools, self._forward)
+
+    def _output_args(self) -> list[fx.Node]:
+        out = next(n for n in self.module.graph.nodes if n.op == "output")
+        found: list[fx.Node] = []
+        fx.node.map_arg(out.args, found.append)
+        return found
+
+    def _join(self, node: fx.Node, order: list[fx.Node]) -> Join:
+        """The join's paths relative to the nearest common ancestor, when every path starts there."""
+        inputs = self.data_inputs[node]
+        ancestors = [self._ancestors(v) for v in inputs]
+        common = set.intersection(*ancestors)
+        position = {v: i for i, v in enumerate([self.input, *order])}
+        for start in sorted(common, key=position.get, reverse=True)[:1]:
+            region = [v for v in order if position[v] > position[start] and v in set.union(*ancestors)]
+            try:
+                terms = self._bounds(region, {start: 1.0}, inputs)
+            except _Unsupported:
+                break
+            if self.kind[node] == "join":
+                terms[1] *= abs(self.alpha[node])
+                lengths = [len(a) for a in ancestors]
+                terms = [terms[0], terms[1]] if lengths[0] <= lengths[1] else [terms[1], terms[0]]
+            return Join(node.name, _op_name(node), start.name, terms)
+        terms = self._bounds(order, {self.input: 1.0}, inputs)
+        if self.kind[node] == "join":
+            terms[1] *= abs(self.alpha[node])
+        return Join(node.name, _op_name(node), None, terms)
+
+    def _ancestors(self, node: fx.Node) -> set[fx.Node]:
+        seen, stack = set(), [node]
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            stack.extend(self.data_inputs.get(v, []))
+        return seen
+
+    def _forward(self, x: torch.Tensor, smooth: float | None = None) -> torch.Tensor:
+        return _SmoothRun(self.module, self.slopes, smooth).run(x)
+
+
+class _SmoothRun(fx.Interpreter):
+    """The graph with its ReLU-like activations replaced by softplus of sharpness ``smooth``."""
+
+    def __init__(self, module: fx.GraphModule, slopes: dict[fx.Node, Slope], smooth: float | None) -> None:
+        super().__init__(module)
+        self.slopes, self.smooth = slopes, smooth
+
+    def run_node(self, node: fx.Node):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            return None
+        slope = self.slopes.get(node)
+        if slope is not None and self.smooth:
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            return _smooth_activation(slope, args[0], self.smooth, lambda: node.target(*args, **kwargs))
+        return super().run_node(node)
+
+    def run(self, x: torch.Tensor):  # type: ignore[override]
+        out = super().run(x)
+        return out[0] if isinstance(out, (tuple, list)) else out

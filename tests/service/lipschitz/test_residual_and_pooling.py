@@ -1,0 +1,286 @@
+"""Networks that are not a plain chain: residual blocks and max pooling get the naive bound over
+their graph (a block as ‖skip‖ + L(block), a pool as √N), never an SDP bound; anything else a
+reason and the lower bound only. Each against a truth computed here by hand."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from curvscope_service.engine import AnalysisJob, run_analysis
+from curvscope_service.errors import InvalidInput
+from curvscope_service.lipschitz.graph_bound import bound_graph, max_pool_factor
+from curvscope_service.lipschitz.lower import jacobian_norms
+from curvscope_service.loading import load_model
+
+from conftest import loaded
+
+
+def norm(m: nn.Module | torch.Tensor) -> float:
+    w = m if isinstance(m, torch.Tensor) else m.weight
+    return float(torch.linalg.matrix_norm(w.detach().double(), ord=2))
+
+
+def export(module: nn.Module, shape: tuple[int, ...], path: Path) -> Path:
+    module.eval()
+    program = torch.export.export(module, (torch.randn(2, *shape),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
+    return path
+
+
+def write_data(root: Path, model: nn.Module, shape: tuple[int, ...], n: int = 24, seed: int = 5) -> Path:
+    """Inputs, and zero targets of the model's output shape for the mse loss."""
+    inputs = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        targets = torch.zeros_like(model(inputs))
+    path = root / "data.safetensors"
+    save_file({"inputs": inputs, "targets": targets}, str(path))
+    return path
+
+
+def lipschitz(model: Path, data: Path | None = None, **spec) -> dict:
+    job = AnalysisJob(model_path=model, model_sha256="0" * 64, data_path=data, data_sha256="1" * 64 if data else "",
+                      loss="mse", analyses={"lipschitz": spec})
+    return run_analysis(job)["results"]["lipschitz"]
+
+
+class LinearResidual(nn.Module):
+    """f(x) = B (x + A x): its constant is exactly ‖B (I + A)‖₂."""
+
+    def __init__(self, n: int = 5, m: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b = nn.Linear(n, n), nn.Linear(n, m)
+
+    def forward(self, x):
+        return self.b(x + self.a(x))
+
+
+class ResidualReLU(nn.Module):
+    """input map, ReLU, an identity-skip block, a projection-shortcut block, ReLU, output map."""
+
+    def __init__(self, n_in: int = 4, width: int = 6, wide: int = 8, n_out: int = 2, seed: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(n_in, width)
+        self.l1, self.l2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.v1, self.v2, self.proj = nn.Linear(width, wide), nn.Linear(wide, wide), nn.Linear(width, wide, bias=False)
+        self.out = nn.Linear(wide, n_out)
+
+    def forward(self, x):
+        z = torch.relu(self.inp(x))
+        z = z + self.l2(torch.relu(self.l1(z)))
+        z = self.proj(z) + self.v2(torch.relu(self.v1(z)))
+        return self.out(torch.relu(z))
+
+    def hand_naive(self) -> float:
+        return norm(self.inp) * (1 + norm(self.l2) * norm(self.l1)) * (norm(self.proj) + norm(self.v2) * norm(self.v1)) * norm(self.out)
+
+
+def test_linear_residual_block_lower_exact_naive(tmp_path):
+    model = LinearResidual()
+    exact = norm(model.b.weight.double() @ (torch.eye(5, dtype=torch.float64) + model.a.weight.double()))
+    hand_naive = norm(model.b) * (1 + norm(model.a))
+    result = lipschitz(export(model, (5,), tmp_path / "lin.pt2"), write_data(tmp_path, model, (5,)))
+    b = result["bounds"]
+    assert b["naive"] == pytest.approx(hand_naive, rel=1e-9)
+    # the Jacobian is B (I + A) everywhere: the lower bound is the exact constant
+    assert b["lower"] == pytest.approx(exact, rel=1e-9)
+    assert b["lower"] <= exact * (1 + 1e-9) and exact <= b["naive"] * (1 + 1e-12)
+    assert exact < b["naive"] * (1 - 1e-3)  # the triangle inequality is not tight here: a real test of the order
+    assert result["upper"] == b["naive"] and result["method"] == "naive" and not result["chain"]["found"]
+    assert "residual" in result["chain"]["reason"]
+    details = {d["method"]: d for d in result["details"]}
+    for method in ("eclipse_fast", "lipsdp_neuron", "lipsdp_layer"):
+        assert details[method]["status"] == "not_applicable" and "value" not in details[method]
+        assert "plain chain" in details[method]["note"] and "residual" in details[method]["note"]
+    assert "identity skip 1 + L(block)" in details["naive"]["note"]
+    assert result["relative_gap"] == pytest.approx((b["naive"] - b["lower"]) / b["naive"])
+
+
+def test_relu_residual_net_naive_is_the_hand_product(tmp_path):
+    model = ResidualReLU().eval()
+    program = load_model(export(model, (4,), tmp_path / "res.pt2"))
+    graph = bound_graph(program.module, (4,))
+    assert graph.value == pytest.approx(model.hand_naive(), rel=1e-9)
+    first, second = graph.joins
+    assert first.terms[0] == 1.0 and first.terms[1] == pytest.approx(norm(model.l2) * norm(model.l1), rel=1e-9)
+    assert second.terms[0] == pytest.approx(norm(model.proj), rel=1e-9)
+    assert second.terms[1] == pytest.approx(norm(model.v2) * norm(model.v1), rel=1e-9)
+    # the graph's forward (used by the ascent) is the model, and its smoothed version is close
+    x = torch.randn(7, 4, dtype=torch.float64)
+    torch.testing.assert_close(graph.forward(x), model.double()(x))
+    # soundness: no Jacobian anywhere exceeds the bound
+    points = torch.randn(2000, 4, dtype=torch.float64) * 3
+    assert float(jacobian_norms(model.double(), points).max()) <= graph.value
+
+
+def test_scalar_residual_relu_net_against_its_true_constant(tmp_path):
+    """For R -> R a ReLU net is piecewise linear: its constant is max |f'| over a dense grid."""
+
+    class Scalar(ResidualReLU):
+        def __init__(self) -> None:
+            super().__init__(n_in=1, width=5, wide=6, n_out=1, seed=4)
+
+    model = Scalar().eval()
+    result = lipschitz(export(model, (1,), tmp_path / "scalar.pt2"), write_data(tmp_path, model, (1,)), ascent_steps=30)
+    grid = torch.linspace(-60.0, 60.0, 400_001, dtype=torch.float64, requires_grad=True)
+    (slope,) = torch.autograd.grad(model.double()(grid[:, None]).sum(), grid)
+    true = float(slope.abs().max())
+    assert result["lower"] <= true * (1 + 1e-9) and true <= result["upper"]
+    assert result["upper"] == pytest.approx(model.hand_naive(), rel=1e-9)
+    assert result["lower"] > 0.2 * true  # the ascent finds a real fraction of it
+
+
+@pytest.mark.parametrize("kernel, stride, dilation, count", [
+    (2, 2, 1, 1), (3, 1, 1, 9), (3, 2, 1, 4), (2, 1, 2, 4), ((3, 1), (1, 1), 1, 3), (3, None, 1, 1),
+])
+def test_max_pool_factor_is_attained(kernel, stride, dilation, count):
+    """√N is the pool's exact ℓ2 constant: a spike in the element lying in the most windows reaches it."""
+    factor, n = max_pool_factor(kernel, stride, dilation, 2)
+    assert n == count and factor == pytest.approx(math.sqrt(count))
+    pool = nn.MaxPool2d(kernel, stride=stride, dilation=dilation)
+    best = 0.0
+    for i in range(6):
+        for j in range(6):
+            x = torch.zeros(1, 1, 7, 7, dtype=torch.float64)
+            x[0, 0, i, j] = 1.0
+            best = max(best, float(pool(x).norm() / x.norm()))
+    assert best == pytest.approx(factor, rel=1e-12)
+    pairs = torch.randn(200, 1, 7, 7, dtype=torch.float64), torch.randn(200, 1, 7, 7, dtype=torch.float64)
+    ratios = (pool(pairs[0]) - pool(pairs[1])).flatten(1).norm(dim=1) / (pairs[0] - pairs[1]).flatten(1).norm(dim=1)
+    assert float(ratios.max()) <= factor
+
+
+def pool_cnn(kernel: int, stride: int) -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(kernel, stride), nn.Flatten(),
+                         nn.Linear(2 * ((6 - kernel) // stride + 1) ** 2, 3)).eval()
+
+
+def conv_norm(conv: nn.Conv2d, shape: tuple[int, ...]) -> float:
+    conv = copy.deepcopy(conv).double()
+    jac = torch.autograd.functional.jacobian(lambda x: conv(x.reshape(1, *shape)).reshape(-1),
+                                             torch.zeros(math.prod(shape), dtype=torch.float64))
+    return norm(jac)
+
+
+@pytest.mark.parametrize("kernel, stride", [(2, 2), (3, 1)])
+def test_max_pool_cnn_sequential_and_exported_agree_with_the_hand_product(tmp_path, kernel, stride):
+    model = pool_cnn(kernel, stride)
+    hand = conv_norm(model[0], (1, 6, 6)) * max_pool_factor(kernel, stride, 1, 2)[0] * norm(model[4])
+    from_module = bound_graph(loaded(model, (1, 6, 6)).module, (1, 6, 6))
+    assert from_module.value == pytest.approx(hand, rel=1e-9) and from_module.exact
+    from_graph = bound_graph(load_model(export(model, (1, 6, 6), tmp_path / "pool.pt2")).module, (1, 6, 6))
+    assert from_graph.value == pytest.approx(hand, rel=1e-6)  # the archive holds float32 weights
+    points = torch.randn(300, 1, 6, 6, dtype=torch.float64)
+    assert float(jacobian_norms(model.double(), points).max()) <= hand
+
+
+def test_max_pool_net_through_the_analysis(tmp_path):
+    from curvscope_service.loading import save_sequential
+    from curvscope_service.loading.sequential import build
+
+    layers = [{"type": "conv2d", "in_channels": 1, "out_channels": 3, "kernel_size": 3, "padding": 1}, {"type": "relu"},
+              {"type": "max_pool2d", "kernel_size": 3, "stride": 2}, {"type": "flatten"},
+              {"type": "linear", "in_features": 3 * 2 * 2, "out_features": 2}]
+    config = {"input_shape": [1, 5, 5], "layers": layers}
+    torch.manual_seed(0)
+    module = build(config).eval()
+    save_sequential(tmp_path / "pool.safetensors", config, module.state_dict())
+    hand = conv_norm(module[0], (1, 5, 5)) * 2.0 * norm(module[4])  # k=3, s=2: 4 windows per element, √4
+    result = lipschitz(tmp_path / "pool.safetensors", write_data(tmp_path, module, (1, 5, 5)), ascent_steps=15)
+    assert result["bounds"]["naive"] == pytest.approx(hand, rel=1e-9) and result["upper"] == result["bounds"]["naive"]
+    assert 0 < result["lower"] <= result["upper"] and "max pooling" in result["chain"]["reason"]
+    naive = next(d for d in result["details"] if d["method"] == "naive")
+    assert "√4 = 2" in naive["note"]
+    # without data the naive bound alone answers
+    alone = lipschitz(tmp_path / "pool.safetensors")
+    assert alone["upper"] == result["upper"] and alone["lower"] == 0.0
+
+
+class Gated(nn.Module):
+    """A product of two data paths (a gate): not Lipschitz globally, so no upper bound exists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x)) * self.b(x))
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):  # x: (batch, tokens, 4)
+        weights = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2), dim=-1)
+        return self.out(x + weights @ x).flatten(1)
+
+
+@pytest.mark.parametrize("model, shape, why", [(Gated(), (3,), "'mul' .*product of two data paths"),
+                                               (Attention(), (3, 4), "'matmul' .*product of two data paths")])
+def test_unbounded_graphs_get_a_reason_and_the_lower_bound_only(tmp_path, model, shape, why):
+    path = export(model, shape, tmp_path / "m.pt2")
+    result = lipschitz(path, write_data(tmp_path, model, shape), ascent_steps=9)
+    assert math.isinf(float(result["upper"])) and result["method"] == "" and set(result["bounds"]) == {"lower"}
+    details = {d["method"]: d for d in result["details"]}
+    assert details["naive"]["status"] == "not_applicable" and re.search(why, details["naive"]["note"])
+    assert result["lower"] > 0 and "no sound upper bound" in result["note"]
+    with pytest.raises(InvalidInput, match=why):
+        lipschitz(path)
+
+
+def test_a_block_inside_a_block_nests_the_rule(tmp_path):
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(6)
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            inner = x + self.b(torch.tanh(self.a(x)))
+            return x + self.c(torch.relu(inner))
+
+    model = Nested().eval()
+    graph = bound_graph(load_model(export(model, (4,), tmp_path / "n.pt2")).module, (4,))
+    hand = 1 + norm(model.c) * (1 + norm(model.b) * norm(model.a))
+    assert graph.value == pytest.approx(hand, rel=1e-9)
+    points = torch.randn(1000, 4, dtype=torch.float64) * 2
+    assert float(jacobian_norms(model.double(), points).max()) <= graph.value
+    assert np.isclose(graph.joins[-1].terms[1], norm(model.c) * (1 + norm(model.b) * norm(model.a)), rtol=1e-9)
+
+
+def test_softmax_head_is_half_lipschitz(tmp_path):
+    """Softmax's Jacobian diag(p) − ppᵀ has norm at most 1/2 (Gershgorin), reached for two equal logits."""
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(8)
+            self.a = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return torch.softmax(self.a(x), dim=-1)
+
+    model = Head().eval()
+    graph = bound_graph(load_model(export(model, (3,), tmp_path / "h.pt2")).module, (3,))
+    assert graph.value == pytest.approx(0.5 * norm(model.a), rel=1e-9)
+    logits = torch.randn(1000, 4, dtype=torch.float64) * 3
+    softmax_norms = jacobian_norms(lambda z: torch.softmax(z, dim=-1), logits)
+    assert float(softmax_norms.max()) <= 0.5
+    assert float(jacobian_norms(lambda z: torch.softmax(z, dim=-1), torch.tensor([[0.0, 0.0, -50.0, -50.0]], dtype=torch.float64))) \
+        == pytest.approx(0.5, rel=1e-9)
+    assert float(jacobian_norms(model.double(), logits[:, :3]).max()) <= graph.value
