@@ -11,9 +11,9 @@ graph, propagated in topological order by rules that are each sound on their own
   U = √N · U(input), N = Π min(k, ⌈(d(k−1)+1)/s⌉). Every input element lies in at most N windows,
   and |max_w x − max_w y| ≤ max_{i∈w} |x_i − y_i|, so ‖mp(x) − mp(y)‖² ≤ N‖x − y‖². (In ℓ∞ max
   pooling is 1-Lipschitz; in ℓ2 overlapping windows count each element several times.)
-- softmax: U = U(input) / 2 (its Jacobian's Gershgorin bound); hardtanh: U = U(input);
+- softmax: U = U(input) / 2 (its Jacobian's Gershgorin bound); hardtanh, clamp, abs: U = U(input);
 - a join of two paths, add or sub with alpha a: U = U(a) + |a| · U(b) (triangle inequality);
-- a concatenation: U = √(Σ U(part)²).
+- a concatenation: U = √(Σ U(part)²), a part counted as often as it occurs.
 
 For a residual block y = s(x) + f(x) this is U(y) = U(x)·(‖s‖ + L(f)) with L(f) the product of
 norms and slopes inside the block, 1 + L(f) for an identity skip: the naive bound is the product
@@ -49,7 +49,7 @@ _MAX_POOLS = {"max_pool1d": 1, "max_pool2d": 2, "max_pool2d_with_indices": 2, "m
 _ACTIVATIONS = {"relu", "leaky_relu", "tanh", "sigmoid", "gelu"}
 # other ops of one data input with a known ℓ2 Lipschitz constant. Softmax: its Jacobian diag(p) − ppᵀ
 # is symmetric with row i's Gershgorin bound p_i(1 − p_i) + p_i Σ_{j≠i} p_j = 2p_i(1 − p_i) ≤ 1/2.
-_LIPSCHITZ_OPS = {"softmax": 0.5, "_softmax": 0.5, "hardtanh": 1.0}
+_LIPSCHITZ_OPS = {"softmax": 0.5, "_softmax": 0.5, "hardtanh": 1.0, "clamp": 1.0, "clamp_min": 1.0, "clamp_max": 1.0, "abs": 1.0}
 # bilinear: with two data arguments a product of two paths
 _BILINEAR_OPS = {"mul", "matmul", "mm", "bmm", "baddbmm", "linear", "conv1d", "conv2d", "convolution", "addmm", "einsum"}
 
@@ -334,8 +334,8 @@ class _GraphWalk:
             elif kind == "join":
                 a, b = inputs
                 u[node] = of(a) + abs(self.alpha[node]) * of(b)
-            elif kind == "cat":
-                u[node] = math.sqrt(sum(of(v) ** 2 for v in inputs))
+            elif kind == "cat":  # every occurrence: cat([x, x]) is √2-Lipschitz
+                u[node] = math.sqrt(sum(of(v) ** 2 for v in self._occurrences(node)))
         return [of(v) for v in wanted]
 
     def run(self) -> GraphBound:

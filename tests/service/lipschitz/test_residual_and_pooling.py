@@ -284,3 +284,22 @@ def test_softmax_head_is_half_lipschitz(tmp_path):
     assert float(jacobian_norms(lambda z: torch.softmax(z, dim=-1), torch.tensor([[0.0, 0.0, -50.0, -50.0]], dtype=torch.float64))) \
         == pytest.approx(0.5, rel=1e-9)
     assert float(jacobian_norms(model.double(), logits[:, :3]).max()) <= graph.value
+
+
+def test_concatenation_counts_a_path_as_often_as_it_occurs(tmp_path):
+    """cat([x, W x, x]): √(1 + ‖W‖² + 1), attained on the top singular vector when it is a linear map."""
+
+    class Cat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(9)
+            self.w = nn.Linear(3, 3, bias=False)
+
+        def forward(self, x):
+            return torch.cat([x, self.w(x), x], dim=1)
+
+    model = Cat().eval()
+    graph = bound_graph(load_model(export(model, (3,), tmp_path / "c.pt2")).module, (3,))
+    exact = norm(torch.cat([torch.eye(3, dtype=torch.float64), model.w.weight.double(), torch.eye(3, dtype=torch.float64)]))
+    assert graph.value == pytest.approx(math.sqrt(2 + norm(model.w) ** 2), rel=1e-9)
+    assert exact == pytest.approx(graph.value, rel=1e-9)  # ‖[I; W; I]‖² = 2 + ‖W‖²: the rule is tight here
