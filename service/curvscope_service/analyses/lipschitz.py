@@ -158,10 +158,17 @@ def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
             elif method == "naive":
                 why = f"; no upper bound is known for the graph: {graph.reason}" if graph is not None and graph.reason != extraction.reason else ""
                 record({"method": method, "status": "not_applicable", "seconds": 0.0, "note": extraction.reason + why})
+            elif method == "eclipse_fast" and bounded and graph.eclipse is not None and graph.eclipse_pieces:
+                record({"method": method, "value": graph.eclipse, "status": "ok", "seconds": time.perf_counter() - started,
+                        "note": f"not a plain chain ({extraction.reason}): ECLipsE-Fast on each of the {graph.eclipse_pieces} "
+                                "chain pieces with activations between the joins and pools, combined by the naive bound's "
+                                "rules (a residual block as ‖skip‖ + L(block), max pooling as √N)"})
             else:
                 note = f"needs a plain chain of affine layers and slope-restricted activations: {extraction.reason}"
                 if bounded:
                     note += "; the naive bound covers the network"
+                    if method == "eclipse_fast":
+                        note += " (no piece between its joins could use ECLipsE-Fast: no activation, a negative slope or a layer too large to unroll)"
                 record({"method": method, "status": "not_applicable", "seconds": 0.0, "note": note})
             continue
         if method == "naive":
@@ -206,7 +213,7 @@ def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
     upper = uppers[method] if uppers else math.inf
     note = "" if network is not None else f"not a LipSDP chain: {extraction.reason}"
     if bounded and "naive" in uppers:
-        note += "; upper bound: the naive bound over the graph (residual adds as the sum of their paths, max pooling as √N)"
+        note += "; upper bounds over the graph (residual adds as the sum of their paths, max pooling as √N)"
     elif graph is not None and graph.reason and graph.reason != extraction.reason:
         note += f"; no sound upper bound: {graph.reason}"
     if not uppers and lower == 0.0:

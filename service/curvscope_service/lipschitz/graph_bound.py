@@ -29,11 +29,13 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import fx, nn
 
 from ..loading.layer_chain import _AFFINE_OPS, _OP_REASONS, _is_tensor_valued, _live_users, _op_name
 from ..loading.torch_export import argument
+from .eclipse_fast import eclipse_fast
 from .naive import spectral_norm
 from .network import MAX_DENSE_ENTRIES, Segment, Slope, _SegmentRun, _unroll, activation_slope
 
@@ -100,6 +102,10 @@ class GraphBound:
     joins: list[Join] = field(default_factory=list)
     pools: list[str] = field(default_factory=list)
     forward_fn: Callable[[torch.Tensor, float | None], torch.Tensor] | None = None
+    # the same rules with each chain piece (affine maps and activations between joins and pools)
+    # bounded by ECLipsE-Fast instead of its product of norms; None when it was not computed
+    eclipse: float | None = None
+    eclipse_pieces: int = 0  # pieces bounded by ECLipsE-Fast (the rest by their norms: no activation, or not dense)
 
     def forward(self, x: torch.Tensor, smooth: float | None = None) -> torch.Tensor:
         assert self.forward_fn is not None
@@ -131,12 +137,19 @@ def _is_nested_sequential(module: nn.Module) -> bool:
 
 
 def _segment_norm(forward: Callable, name: str, in_shape: tuple[int, ...], max_dense_entries: int) -> tuple[float, bool]:
+    norm, exact, _ = _segment(forward, name, in_shape, max_dense_entries)
+    return norm, exact
+
+
+def _segment(forward: Callable, name: str, in_shape: tuple[int, ...], max_dense_entries: int) -> tuple[float, bool, np.ndarray | None]:
+    """(‖A‖₂, exact, A or None when too large to unroll) of an affine map's linear part A."""
     with torch.no_grad():
         out_shape = tuple(forward(torch.zeros(1, *in_shape, dtype=torch.float64)).shape[1:])
     segment = Segment(name, forward, in_shape, out_shape)
     if segment.in_dim * segment.out_dim <= max_dense_entries:
         segment.matrix = _unroll(segment)
-    return spectral_norm(segment)
+    norm, exact = spectral_norm(segment)
+    return norm, exact, segment.matrix
 
 
 def _smooth_activation(slope: Slope, x: torch.Tensor, smooth: float | None, exact: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -229,7 +242,10 @@ class _GraphWalk:
         self.kind: dict[fx.Node, str] = {self.input: "input"}
         self.data_inputs: dict[fx.Node, list[fx.Node]] = {}
         self.run_start: dict[fx.Node, fx.Node] = {}  # affine node -> the node its affine run starts from
+        self.piece_start: dict[fx.Node, fx.Node] = {}  # affine or activation node -> where its chain piece starts
         self.norms: dict[tuple[fx.Node, fx.Node], float] = {}
+        self.matrices: dict[tuple[fx.Node, fx.Node], np.ndarray | None] = {}
+        self.eclipse_pieces = 0
         self.factor: dict[fx.Node, float] = {}  # activation or pool -> its Lipschitz constant
         self.alpha: dict[fx.Node, float] = {}
         self.slopes: dict[fx.Node, Slope] = {}
@@ -304,29 +320,63 @@ class _GraphWalk:
         if key not in self.norms:
             runner = _SegmentRun(self.module, start, end)
             forward = lambda x, r=runner: r(x, self.input_shape)  # noqa: E731
-            norm, exact = _segment_norm(forward, f"{start.name}->{end.name}", self.shapes[start], self.max_dense)
-            self.norms[key] = norm
+            norm, exact, matrix = _segment(forward, f"{start.name}->{end.name}", self.shapes[start], self.max_dense)
+            self.norms[key], self.matrices[key] = norm, matrix
             self.exact &= exact
         return self.norms[key]
 
-    def _bounds(self, nodes: list[fx.Node], sources: dict[fx.Node, float], wanted: list[fx.Node]) -> list[float]:
+    def _piece_bound(self, start: fx.Node, end: fx.Node) -> float:
+        """A bound of the chain piece start -> end: ECLipsE-Fast when it has an activation, every
+        affine part unrolls and every slope lies in [0, β]; else its product of norms and slopes."""
+        nodes = [end]
+        while self.data_inputs[nodes[-1]][0] is not start:
+            nodes.append(self.data_inputs[nodes[-1]][0])
+        nodes.reverse()
+        activations = [v for v in nodes if self.kind[v] == "activation"]
+        weights: list[np.ndarray | None] = []
+        norms: list[float] = []
+        previous = start
+        for boundary in [*activations, None]:  # the affine run before each activation, then the last
+            at = nodes.index(boundary) if boundary is not None else len(nodes)
+            upto = nodes[at - 1] if at > 0 else start
+            if upto is previous or self.kind[upto] == "activation":  # no affine op between: the identity
+                weights.append(np.eye(math.prod(self.shapes[previous])))
+                norms.append(1.0)
+            else:
+                norms.append(self._run_norm(previous, upto))
+                weights.append(self.matrices[(previous, upto)])
+            previous = boundary
+        slopes = [self.slopes[v] for v in activations]
+        naive = math.prod(norms) * math.prod(a.lipschitz for a in slopes)
+        if not slopes or any(w is None for w in weights) or any(a.alpha < 0 for a in slopes):
+            return naive
+        self.eclipse_pieces += 1
+        return min(naive, eclipse_fast(weights, slopes))  # type: ignore[arg-type]
+
+    def _bounds(self, nodes: list[fx.Node], sources: dict[fx.Node, float], wanted: list[fx.Node], pieces: bool = False) -> list[float]:
         """U of each ``wanted`` node, propagated through ``nodes`` (in order) from U of the ``sources``;
-        _Unsupported if one depends on data from outside them."""
+        _Unsupported if one depends on data from outside them. With ``pieces``, whole chain pieces
+        (affine maps and activations) are bounded at once by ``_piece_bound``."""
         u = dict(sources)
         inside = set(nodes)
+        lazy = ("affine", "activation") if pieces else ("affine",)
 
         def of(v: fx.Node) -> float:
             if v not in u:
-                if v not in inside or self.kind[v] != "affine":
+                if v not in inside or self.kind[v] not in lazy:
                     raise _Unsupported(f"'{v.name}' is reached from outside")
-                start = self.run_start[v]
-                u[v] = self._run_norm(start, v) * of(start)
+                if pieces:
+                    start = self.piece_start[v]
+                    u[v] = self._piece_bound(start, v) * of(start)
+                else:
+                    start = self.run_start[v]
+                    u[v] = self._run_norm(start, v) * of(start)
             return u[v]
 
         for node in nodes:
             kind, inputs = self.kind[node], self.data_inputs[node]
-            if node in u or kind == "affine":
-                continue  # an affine node's bound is taken when used: runs merge into one segment
+            if node in u or kind in lazy:
+                continue  # bounded when used: runs (pieces) merge into one
             if kind in ("activation", "pool", "lipschitz"):
                 u[node] = self.factor[node] * of(inputs[0])
             elif kind == "alias":
@@ -350,6 +400,10 @@ class _GraphWalk:
                 order.append(node)
                 inputs = self.data_inputs[node]
                 op = _op_name(node) if node.target is not operator.getitem else "getitem"
+                if kind in ("affine", "activation"):
+                    (source,) = inputs
+                    extend = self.kind.get(source) in ("affine", "activation") and _live_users(source) == [node]
+                    self.piece_start[node] = self.piece_start[source] if extend else source
                 if kind == "affine":
                     (source,) = inputs
                     extend = self.kind.get(source) == "affine" and _live_users(source) == [node]
@@ -376,9 +430,13 @@ class _GraphWalk:
             (output,) = outputs
             (value,) = self._bounds(order, {self.input: 1.0}, [output])
             joins = [self._join(node, order) for node in order if self.kind[node] in ("join", "cat")]
+            exact = self.exact
+            (eclipse,) = self._bounds(order, {self.input: 1.0}, [output], pieces=True)
+            if not self.exact:  # a run too large to unroll: its norm is an estimate, not used by this bound
+                eclipse, exact = None, exact
         except _Unsupported as why:
             return GraphBound(None, str(why), forward_fn=self._forward)
-        return GraphBound(value, "", self.exact, joins, self.pools, self._forward)
+        return GraphBound(value, "", exact, joins, self.pools, self._forward, eclipse, self.eclipse_pieces)
 
     def _output_args(self) -> list[fx.Node]:
         out = next(n for n in self.module.graph.nodes if n.op == "output")
