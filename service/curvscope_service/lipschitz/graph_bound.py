@@ -71,6 +71,10 @@ def max_pool_factor(kernel: Any, stride: Any, dilation: Any, dims: int) -> tuple
     return math.sqrt(count), count
 
 
+# (piece key, weights W_0 … W_L, slopes) -> an upper bound of that chain piece, or None for its norms
+PieceBounder = Callable[[tuple[str, str], list[np.ndarray], list[Slope]], "float | None"]
+
+
 @dataclass
 class Join:
     """A residual add or a concatenation. With ``block_input`` (the node every path of the join
@@ -106,6 +110,10 @@ class GraphBound:
     # bounded by ECLipsE-Fast instead of its product of norms; None when it was not computed
     eclipse: float | None = None
     eclipse_pieces: int = 0  # pieces bounded by ECLipsE-Fast (the rest by their norms: no activation, or not dense)
+    # the chain pieces with an activation and dense weights: (key, W_0 … W_L, slopes), and the
+    # function that combines a bound per piece (a callback key, weights, slopes -> bound or None)
+    pieces: list[tuple[tuple[str, str], list[np.ndarray], list[Slope]]] = field(default_factory=list)
+    combine: Callable[[PieceBounder], float] | None = None
 
     def forward(self, x: torch.Tensor, smooth: float | None = None) -> torch.Tensor:
         assert self.forward_fn is not None
@@ -245,7 +253,8 @@ class _GraphWalk:
         self.piece_start: dict[fx.Node, fx.Node] = {}  # affine or activation node -> where its chain piece starts
         self.norms: dict[tuple[fx.Node, fx.Node], float] = {}
         self.matrices: dict[tuple[fx.Node, fx.Node], np.ndarray | None] = {}
-        self.eclipse_pieces = 0
+        self.order: list[fx.Node] = []
+        self.output: fx.Node = self.input
         self.factor: dict[fx.Node, float] = {}  # activation or pool -> its Lipschitz constant
         self.alpha: dict[fx.Node, float] = {}
         self.slopes: dict[fx.Node, Slope] = {}
@@ -325,9 +334,9 @@ class _GraphWalk:
             self.exact &= exact
         return self.norms[key]
 
-    def _piece_bound(self, start: fx.Node, end: fx.Node) -> float:
-        """A bound of the chain piece start -> end: ECLipsE-Fast when it has an activation, every
-        affine part unrolls and every slope lies in [0, β]; else its product of norms and slopes."""
+    def _piece(self, start: fx.Node, end: fx.Node) -> tuple[list[np.ndarray | None], list[float], list[Slope]]:
+        """The chain piece start -> end as weights W_0 … W_L (None: too large to unroll), their norms,
+        and the L activations' slopes between them."""
         nodes = [end]
         while self.data_inputs[nodes[-1]][0] is not start:
             nodes.append(self.data_inputs[nodes[-1]][0])
@@ -346,17 +355,30 @@ class _GraphWalk:
                 norms.append(self._run_norm(previous, upto))
                 weights.append(self.matrices[(previous, upto)])
             previous = boundary
-        slopes = [self.slopes[v] for v in activations]
-        naive = math.prod(norms) * math.prod(a.lipschitz for a in slopes)
-        if not slopes or any(w is None for w in weights) or any(a.alpha < 0 for a in slopes):
-            return naive
-        self.eclipse_pieces += 1
-        return min(naive, eclipse_fast(weights, slopes))  # type: ignore[arg-type]
+        return weights, norms, [self.slopes[v] for v in activations]
 
-    def _bounds(self, nodes: list[fx.Node], sources: dict[fx.Node, float], wanted: list[fx.Node], pieces: bool = False) -> list[float]:
+    def _piece_bound(self, start: fx.Node, end: fx.Node, bounder: PieceBounder) -> float:
+        """The piece's product of norms and slopes, or the ``bounder``'s bound when it gives a smaller
+        one (only asked for a piece with an activation whose every affine part unrolls)."""
+        weights, norms, slopes = self._piece(start, end)
+        naive = math.prod(norms) * math.prod(a.lipschitz for a in slopes)
+        if not slopes or any(w is None for w in weights):
+            return naive
+        value = bounder((start.name, end.name), weights, slopes)  # type: ignore[arg-type]
+        return naive if value is None else min(naive, value)
+
+    def combine(self, bounder: PieceBounder) -> float:
+        """U(output) with every chain piece bounded by ``bounder`` (where it gives a bound) and
+        combined by the same rules as the naive bound."""
+        (value,) = self._bounds(self.order, {self.input: 1.0}, [self.output], bounder=bounder)
+        return value
+
+    def _bounds(self, nodes: list[fx.Node], sources: dict[fx.Node, float], wanted: list[fx.Node],
+                bounder: PieceBounder | None = None) -> list[float]:
         """U of each ``wanted`` node, propagated through ``nodes`` (in order) from U of the ``sources``;
-        _Unsupported if one depends on data from outside them. With ``pieces``, whole chain pieces
+        _Unsupported if one depends on data from outside them. With a ``bounder``, whole chain pieces
         (affine maps and activations) are bounded at once by ``_piece_bound``."""
+        pieces = bounder is not None
         u = dict(sources)
         inside = set(nodes)
         lazy = ("affine", "activation") if pieces else ("affine",)
@@ -367,7 +389,7 @@ class _GraphWalk:
                     raise _Unsupported(f"'{v.name}' is reached from outside")
                 if pieces:
                     start = self.piece_start[v]
-                    u[v] = self._piece_bound(start, v) * of(start)
+                    u[v] = self._piece_bound(start, v, bounder) * of(start)  # type: ignore[arg-type]
                 else:
                     start = self.run_start[v]
                     u[v] = self._run_norm(start, v) * of(start)
@@ -428,15 +450,17 @@ class _GraphWalk:
             if len(outputs) != 1:
                 raise _Unsupported("the model has no single tensor output that depends on its input")
             (output,) = outputs
+            self.order, self.output = order, output
             (value,) = self._bounds(order, {self.input: 1.0}, [output])
             joins = [self._join(node, order) for node in order if self.kind[node] in ("join", "cat")]
-            exact = self.exact
-            (eclipse,) = self._bounds(order, {self.input: 1.0}, [output], pieces=True)
-            if not self.exact:  # a run too large to unroll: its norm is an estimate, not used by this bound
-                eclipse, exact = None, exact
+            pieces: list[tuple[tuple[str, str], list[np.ndarray], list[Slope]]] = []
+            self.combine(lambda key, weights, slopes: pieces.append((key, weights, slopes)))
+            eclipse_pieces = [key for key, _, slopes in pieces if all(a.alpha >= 0 for a in slopes)]
+            eclipse = self.combine(lambda key, weights, slopes: eclipse_fast(weights, slopes) if key in eclipse_pieces else None)
         except _Unsupported as why:
             return GraphBound(None, str(why), forward_fn=self._forward)
-        return GraphBound(value, "", exact, joins, self.pools, self._forward, eclipse, self.eclipse_pieces)
+        return GraphBound(value, "", self.exact, joins, self.pools, self._forward,
+                          eclipse if self.exact else None, len(eclipse_pieces), pieces, self.combine)
 
     def _output_args(self) -> list[fx.Node]:
         out = next(n for n in self.module.graph.nodes if n.op == "output")
