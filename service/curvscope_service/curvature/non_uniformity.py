@@ -21,25 +21,29 @@ diagram). Both eigenvalues are computed here matrix-free by Lanczos to a residua
 Two ways to apply Sigma, both centred, Sigma v = (1/n) sum_i C_i (C_i v - C v), so that no
 large H^2 term is subtracted from another:
 
-- ``PerSampleHessians``: exact. C v = H v is one full-batch HVP; then for every sample, under
-  vmap and micro-batched so that memory is bounded, the gradient graph of f_i is built once and
-  differentiated twice (H_i v, then H_i (H_i v - H v)).
+- ``PerSampleHessians``: exact. The per-sample gradients are built under vmap, micro-batched
+  so that memory is bounded, with their autograd graph, kept between products up to a budget.
+  A product is then H_i v for every sample (a double backward pass over those graphs, or a
+  replay of their ``torch.func.linearize`` linearisation for large models), H v = (1/n) sum_i
+  H_i v from the same pass, and one backward pass with the centred cotangents H_i v - H v.
 - ``PerSampleGaussNewton``: C_i = G_i = J_i^T L_i J_i (J_i the output Jacobian of sample i, L_i
-  the loss' Hessian in the outputs). The C x C blocks K_i = J_i J_i^T are computed once; then
-  G_i^2 v = J_i^T L_i K_i L_i J_i v, so a Sigma product is two forward-mode passes and two
-  backward passes over the batch. G_i = H_i where the residuals vanish (mse at an
-  interpolating minimum: Wu, Ma & E's setting); elsewhere it is the Gauss-Newton analogue.
+  the loss' Hessian in the outputs). The C x C blocks K_i = J_i J_i^T are computed once, with
+  the forward graphs and the linearised forward; then G_i^2 v = J_i^T L_i K_i L_i J_i v, so a
+  Sigma product is two replays of the linearised forward and two backward passes over the
+  batch. G_i = H_i where the residuals vanish (mse at an interpolating minimum: Wu, Ma & E's
+  setting); elsewhere it is the Gauss-Newton analogue.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, grad, hessian, jacrev, jvp, linearize, vjp, vmap
 
 from ..errors import InvalidInput
 from .hessian import HessianOperator, LossFn
@@ -47,6 +51,14 @@ from .lanczos import lanczos
 
 # Per-sample tensors of length dim (or C x dim Jacobians) held at once: bounds the vmap chunk.
 PER_SAMPLE_BUDGET_ELEMENTS = 1 << 24
+# Exact path: the per-sample gradient graphs are kept between products while n * dim is at
+# most this (128 MiB of float32 per-sample gradients); beyond, they are rebuilt per product.
+RETAIN_BUDGET_ELEMENTS = 1 << 25
+# Gauss-Newton path: the forward graphs and their linearisation are kept up to this many samples
+# (HessianOperator's ``retain_max_samples`` default); beyond, every product re-runs the forward.
+RETAIN_MAX_SAMPLES = 4096
+# Exact path: per-sample gradients linearised (forward-mode replay) from this many parameters.
+LINEARISE_MIN_DIM = 16384
 METHODS = ("exact", "gauss_newton")
 
 
@@ -117,34 +129,47 @@ class _PerSample:
 class PerSampleHessians(_PerSample):
     """Exact Sigma products from per-sample Hessian-vector products under vmap.
 
-    ``hessian`` is the full-batch operator on the same module, data and parameters; it gives
-    H v with the fastest exact method. The per-sample chunk holds at most
-    ``PER_SAMPLE_BUDGET_ELEMENTS`` / dim samples (and at most ``micro_batch_size``).
+    The per-sample gradients g_i(theta) (under vmap, chunks of at most
+    ``PER_SAMPLE_BUDGET_ELEMENTS`` / (4 dim) samples and at most ``micro_batch_size``) are built
+    with their autograd graph, once, and kept while n * dim <= ``RETAIN_BUDGET_ELEMENTS``. A
+    product is then two passes over those graphs:
+
+    1. H_i v for every sample: the derivative in U of sum_i <H_i u_i, v>, i.e. a backward pass
+       with cotangents U = (u_i) (graph kept) and a backward pass of that in U;
+       H v = (1/n) sum_i H_i v comes with it, no full-batch HVP needed;
+    2. sum_i H_i (H_i v - H v): one backward pass with the centred cotangents (the graph's shared
+       parameters sum the samples).
+
+    Beyond the budget the graphs are rebuilt for every chunk and product, H v then comes first
+    from ``hessian`` (the full-batch operator on the same module, data and parameters), so each
+    chunk's graph is built once per product. ``hessian`` also gives H (H v) for the SGD criterion.
     """
 
     method = "exact"
 
     def __init__(self, module: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *,
                  hessian: HessianOperator, param_names: Sequence[str] | None = None,
-                 micro_batch_size: int = 256, check: Callable[[], None] | None = None) -> None:
+                 micro_batch_size: int = 256, check: Callable[[], None] | None = None,
+                 retain_budget_elements: int | None = None, linearise: bool | None = None) -> None:
         super().__init__(module, inputs, targets, loss_fn, param_names=param_names,
                          micro_batch_size=micro_batch_size, check=check)
         if hessian.dim != self.dim or hessian.num_samples != self.num_samples:
             raise ValueError("the full-batch operator must cover the same parameters and samples")
         self._hessian = hessian
         self._chunk = max(1, min(micro_batch_size, PER_SAMPLE_BUDGET_ELEMENTS // (4 * self.dim)))
+        budget = RETAIN_BUDGET_ELEMENTS if retain_budget_elements is None else retain_budget_elements
+        self.retained = self.num_samples * self.dim <= budget
+        self._leaves = tuple(p.detach().requires_grad_(True) for p in self._values)
+        self._graphs: list[tuple[Tensor, ...]] | None = None
+        self._pushes: list[Callable | None] = []
+        # Tracing costs about a second per chunk; it repays itself within a report (tens of
+        # products) only where the per-sample pass is large (benchmarks/README.md).
+        self.linearise = self.retained and (self.dim >= LINEARISE_MIN_DIM if linearise is None else linearise)
 
         def sample_loss(params: tuple[Tensor, ...], x: Tensor, t: Tensor) -> Tensor:
             return loss_fn(self._forward(params, x[None]), t[None])
 
-        def centred_square(x: Tensor, t: Tensor, vs: tuple[Tensor, ...], hvs: tuple[Tensor, ...]):
-            # One gradient graph of f_i, differentiated twice: H_i v, then H_i (H_i v - H v).
-            _, product = vjp(lambda params: grad(sample_loss)(params, x, t), self._values)
-            (hiv,) = product(vs)
-            (out,) = product(tuple(a - b for a, b in zip(hiv, hvs)))
-            return out
-
-        self._centred_square = vmap(centred_square, in_dims=(0, 0, None, None))
+        self._per_sample_gradients = vmap(grad(sample_loss), in_dims=(None, 0, 0))
 
     def matvec(self, v: Tensor) -> Tensor:
         """H v."""
@@ -152,13 +177,94 @@ class PerSampleHessians(_PerSample):
 
     def sigma_parts(self, v: Tensor, *, square: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         """(H v, Sigma v, H (H v) if ``square``)."""
-        hv = self._hessian.matvec(v)
-        vs, hvs = self._split(v), self._split(hv)
-        out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        for x, t in self._chunks(self._chunk):
-            out += self._flat_rows(self._centred_square(x, t, vs, hvs)).sum(0)
+        vs = self._split(v)
+        out = [torch.zeros_like(p) for p in self._values]
+        if self.retained:
+            graphs = self._retained_graphs()
+            per_sample = []
+            hv = [torch.zeros_like(p) for p in self._values]
+            for g, push in zip(graphs, self._pushes):
+                self._step()
+                products = self._per_sample_products(g, vs, push)
+                per_sample.append(products)
+                for total, part in zip(hv, products):
+                    total += part.sum(0)
+            hv = [total / self.num_samples for total in hv]
+            for g, products in zip(graphs, per_sample):
+                self._step()
+                centred = tuple(part - mean for part, mean in zip(products, hv))
+                for total, part in zip(out, self._pullback(g, centred, retain=True)):
+                    total += part
+            hv = self._flat(hv)
+        else:
+            hv = self._hessian.matvec(v)
+            hvs = self._split(hv)
+            for x, t in self._chunks(self._chunk):
+                g = self._gradient_graph(x, t)
+                centred = tuple(part - mean for part, mean in zip(self._per_sample_products(g, vs), hvs))
+                for total, part in zip(out, self._pullback(g, centred, retain=False)):
+                    total += part
         self.products += 1
-        return hv, out / self.num_samples, self._hessian.matvec(hv) if square else None
+        return hv, self._flat(out) / self.num_samples, self._hessian.matvec(hv) if square else None
+
+    def _gradient_graph(self, x: Tensor, t: Tensor) -> tuple[Tensor, ...]:
+        """The per-sample gradients of a chunk, (m, *shape) per parameter, with their graph."""
+        with torch.enable_grad():
+            return self._per_sample_gradients(self._leaves, x, t)
+
+    def _retained_graphs(self) -> list[tuple[Tensor, ...]]:
+        if self._graphs is None:
+            graphs, pushes = [], []
+            for x, t in self._chunks(self._chunk):
+                graphs.append(self._gradient_graph(x, t))
+                pushes.append(self._linearised(x, t) if self.linearise else None)
+            self._graphs, self._pushes = graphs, pushes
+        return self._graphs
+
+    def _linearised(self, x: Tensor, t: Tensor) -> Callable | None:
+        """v -> (H_i v)_i for the chunk: its per-sample gradients linearised, or None."""
+        return _linearise(lambda params: self._per_sample_gradients(params, x, t), self._values)
+
+    def _pullback(self, g: tuple[Tensor, ...], cotangents: Sequence[Tensor], *, retain: bool) -> tuple[Tensor, ...]:
+        """sum_i H_i u_i for per-sample cotangents u_i (m, *shape per parameter)."""
+        # Gradient entries that do not depend on the parameters have no graph: zero Hessian rows.
+        pairs = [(gi, ui) for gi, ui in zip(g, cotangents) if gi.requires_grad]
+        if not pairs:
+            return tuple(torch.zeros_like(p) for p in self._values)
+        with torch.enable_grad():
+            return torch.autograd.grad([gi for gi, _ in pairs], self._leaves, [ui for _, ui in pairs],
+                                       retain_graph=retain, allow_unused=True, materialize_grads=True)
+
+    def _per_sample_products(self, g: tuple[Tensor, ...], vs: Sequence[Tensor],
+                             push: Callable | None = None) -> tuple[Tensor, ...]:
+        """H_i v for every sample of the chunk: (m, *shape) per parameter.
+
+        With ``push`` (the linearised per-sample gradients) a replay of the tangent computation;
+        else by transposition: u -> sum_i H_i u_i is a backward pass, and v -> (H_i v)_i is the
+        backward pass of that backward pass with respect to the cotangents u (double backward)."""
+        if push is not None:
+            return push(tuple(vs))
+        m = self._chunk_size(g)
+        zeros = [torch.zeros((m, *p.shape), dtype=self.dtype, device=self.device) for p in self._values]
+        live = [index for index, gi in enumerate(g) if gi.requires_grad]
+        if not live:
+            return tuple(zeros)
+        with torch.enable_grad():
+            dummies = [torch.zeros_like(g[index], requires_grad=True) for index in live]
+            pulled = torch.autograd.grad([g[index] for index in live], self._leaves, dummies, create_graph=True,
+                                         retain_graph=True, allow_unused=True, materialize_grads=True)
+            pairs = [(pi, vi) for pi, vi in zip(pulled, vs) if pi.requires_grad]
+            if not pairs:
+                return tuple(zeros)
+            products = torch.autograd.grad([pi for pi, _ in pairs], dummies, [vi for _, vi in pairs],
+                                           retain_graph=True, allow_unused=True, materialize_grads=True)
+        for index, product in zip(live, products):
+            zeros[index] = product
+        return tuple(zeros)
+
+    @staticmethod
+    def _chunk_size(g: tuple[Tensor, ...]) -> int:
+        return g[0].shape[0]
 
 
 class PerSampleGaussNewton(_PerSample):
@@ -166,13 +272,17 @@ class PerSampleGaussNewton(_PerSample):
 
     Setting up computes, per sample, L_i (the loss' Hessian in the outputs, by torch.func) and
     K_i = J_i J_i^T from the per-sample output Jacobian (C x dim, chunked by memory), once.
+    Up to ``retain_max_samples`` samples it also keeps, per micro-batch, the forward graph (so
+    J^T u is one backward pass) and the forward pass linearised by ``torch.func.linearize`` (so
+    J v replays only the tangent computation); beyond, each product re-runs the forward passes.
     """
 
     method = "gauss_newton"
 
     def __init__(self, module: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *,
                  param_names: Sequence[str] | None = None, micro_batch_size: int = 256,
-                 check: Callable[[], None] | None = None) -> None:
+                 check: Callable[[], None] | None = None,
+                 retain_max_samples: int = RETAIN_MAX_SAMPLES) -> None:
         super().__init__(module, inputs, targets, loss_fn, param_names=param_names,
                          micro_batch_size=micro_batch_size, check=check)
         with torch.no_grad():
@@ -200,6 +310,16 @@ class PerSampleGaussNewton(_PerSample):
         self._kernels = torch.cat(kernels)        # n x C x C, K_i = J_i J_i^T
         self._curvatures = torch.cat(curvatures)  # n x C x C, L_i
         self.num_outputs = outputs
+        self._leaves = tuple(p.detach().requires_grad_(True) for p in self._values)
+        self._retained: list[tuple[Tensor, Tensor, Callable | None]] | None = None
+        if self.num_samples <= retain_max_samples:
+            self._retained = [self._linearise(x) for x, _ in self._chunks(micro_batch_size)]
+
+    def _linearise(self, x: Tensor) -> tuple[Tensor, Tensor, Callable | None]:
+        """(x, the micro-batch's outputs with their graph, its linearised forward or None)."""
+        with torch.enable_grad():
+            outputs = self._forward(self._leaves, x)
+        return x, outputs, _linearise(lambda params: self._forward(params, x), self._values)
 
     def _jvp(self, x: Tensor, vs: tuple[Tensor, ...]) -> Tensor:
         return jvp(lambda params: self._forward(params, x), (self._values,), (vs,))[1].reshape(x.shape[0], -1)
@@ -213,14 +333,31 @@ class PerSampleGaussNewton(_PerSample):
     def _jacobian_products(self, v: Tensor) -> Tensor:
         """J_i v for every sample: n x C."""
         vs = self._split(v)
-        return torch.cat([self._jvp(x, vs) for x, _ in self._chunks(self._micro_batch_size)])
+        if self._retained is None:
+            return torch.cat([self._jvp(x, vs) for x, _ in self._chunks(self._micro_batch_size)])
+        parts = []
+        for x, _, push in self._retained:
+            self._step()
+            parts.append((push(vs) if push is not None else self._jvp(x, vs)).reshape(x.shape[0], -1))
+        return torch.cat(parts)
 
     def _transpose_products(self, cotangents: Tensor) -> Tensor:
         """sum_i J_i^T u_i for k stacked cotangent sets (k, n, C): (k, dim)."""
         out = torch.zeros(cotangents.shape[0], self.dim, dtype=self.dtype, device=self.device)
         m = self._micro_batch_size
-        for index, (x, _) in enumerate(self._chunks(m)):
-            out += self._vjp(x, cotangents[:, index * m:(index + 1) * m])
+        if self._retained is None:
+            for index, (x, _) in enumerate(self._chunks(m)):
+                out += self._vjp(x, cotangents[:, index * m:(index + 1) * m])
+            return out
+        for index, (_, outputs, _) in enumerate(self._retained):
+            self._step()
+            if not outputs.requires_grad:  # outputs that do not depend on the parameters
+                continue
+            for row, u in zip(out, cotangents[:, index * m:(index + 1) * m]):
+                with torch.enable_grad():
+                    parts = torch.autograd.grad(outputs, self._leaves, u.reshape(outputs.shape), retain_graph=True,
+                                                allow_unused=True, materialize_grads=True)
+                row += self._flat(parts)
         return out
 
     def _apply(self, blocks: Tensor, u: Tensor) -> Tensor:
@@ -340,6 +477,17 @@ def compute_non_uniformity(
     block["products"] = operator.products
     block["seconds"] = time.perf_counter() - start
     return block
+
+
+def _linearise(fn: Callable, primals: tuple[Tensor, ...]) -> Callable | None:
+    """The jvp of fn at primals as a replayable function (``torch.func.linearize``), or None
+    where fn cannot be traced (the caller then runs a fresh jvp per product)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's tracer warns about its own internals
+            return linearize(fn, primals)[1]
+    except Exception:  # noqa: BLE001 - any tracing failure leaves the untraced path, same values
+        return None
 
 
 def _to(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:

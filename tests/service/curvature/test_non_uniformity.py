@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from curvscope_service.curvature.dense import dense_hessian
+from curvscope_service.curvature import non_uniformity
 from curvscope_service.curvature.hessian import HessianOperator
 from curvscope_service.curvature.non_uniformity import (
     PerSampleGaussNewton, PerSampleHessians, compute_non_uniformity, sgd_noise_factor,
@@ -78,20 +79,51 @@ def stability_matrix(h, sigma, eta, n, b):
     return (eye - eta * h) @ (eye - eta * h) + eta**2 * sgd_noise_factor(n, b) * sigma
 
 
-@pytest.mark.parametrize("method", ["exact", "gauss_newton"])
-def test_sigma_products_match_dense(case, method):
-    if method == "exact":
-        operator = exact_operator(case)
-        h, sigma = dense_sigma(per_sample_hessians(case))
+# Every way a product can be computed: per-sample gradient graphs kept (double backward or
+# linearised), rebuilt per product; Gauss-Newton forward graphs kept (linearised or, where tracing
+# fails, a fresh jvp) or rebuilt.
+PATHS = ["exact-kept", "exact-linearised", "exact-rebuilt", "gn-kept", "gn-untraced", "gn-rebuilt"]
+
+
+def path_operator(case, path, monkeypatch):
+    if path.startswith("exact"):
+        hessian = HessianOperator(case.model, case.inputs, case.targets, case.loss_fn)
+        options = {"exact-kept": {"linearise": False}, "exact-linearised": {"linearise": True},
+                   "exact-rebuilt": {"retain_budget_elements": 0}}[path]
+        operator = PerSampleHessians(case.model, case.inputs, case.targets, case.loss_fn, hessian=hessian,
+                                     micro_batch_size=4, **options)
+        assert operator.retained == (path != "exact-rebuilt")
+        assert operator.linearise == (path == "exact-linearised")
+        return operator
+    if path == "gn-untraced":
+        def refuse(*args, **kwargs):
+            raise RuntimeError("cannot trace")
+        monkeypatch.setattr(non_uniformity, "linearize", refuse)
+    options = {"retain_max_samples": 0} if path == "gn-rebuilt" else {}
+    operator = PerSampleGaussNewton(case.model, case.inputs, case.targets, case.loss_fn, micro_batch_size=4,
+                                    **options)
+    if path == "gn-rebuilt":
+        assert operator._retained is None
     else:
-        operator = PerSampleGaussNewton(case.model, case.inputs, case.targets, case.loss_fn, micro_batch_size=4)
-        h, sigma = dense_sigma(per_sample_gauss_newton(case))
-    v = torch.randn(operator.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    cv, sv, ccv = operator.sigma_parts(v, square=True)
-    assert torch.allclose(cv, h @ v, rtol=1e-9, atol=1e-11)
-    assert torch.allclose(sv, sigma @ v, rtol=1e-9, atol=1e-11)
-    assert torch.allclose(ccv, h @ (h @ v), rtol=1e-9, atol=1e-11)
+        assert all((push is None) == (path == "gn-untraced") for *_, push in operator._retained)
+    return operator
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_sigma_products_match_dense(case, path, monkeypatch):
+    operator = path_operator(case, path, monkeypatch)
+    h, sigma = dense_sigma(per_sample_hessians(case) if path.startswith("exact") else per_sample_gauss_newton(case))
+    generator = torch.Generator().manual_seed(3)
+    # Several products through the same kept graphs: none may be consumed by the one before.
+    for _ in range(3):
+        v = torch.randn(operator.dim, dtype=torch.float64, generator=generator)
+        cv, sv, ccv = operator.sigma_parts(v, square=True)
+        assert torch.allclose(cv, h @ v, rtol=1e-9, atol=1e-11)
+        assert torch.allclose(sv, sigma @ v, rtol=1e-9, atol=1e-11)
+        assert torch.allclose(ccv, h @ (h @ v), rtol=1e-9, atol=1e-11)
+        assert torch.allclose(operator.sigma_parts(v)[1], sv, rtol=1e-12, atol=1e-14)
     assert torch.allclose(operator.matvec(v), h @ v, rtol=1e-9, atol=1e-11)
+    assert operator.products == 6
 
 
 @pytest.mark.parametrize("method", ["exact", "gauss_newton"])
