@@ -180,45 +180,83 @@ _POOL_MODULES = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
 
 
 def _sequential_bound(module: nn.Sequential, input_shape: tuple[int, ...], max_dense_entries: int) -> GraphBound:
+    """A chain cut by max pools into chain pieces: the product of the pieces' bounds and the pools' √N."""
     leaves = [(name, m) for name, m in module.named_modules() if not list(m.children())]
-    factors: list[float] = []
+    groups: list[tuple[float, None] | tuple[None, tuple[tuple[str, str], list, list[float], list[Slope]]]] = []
     pools: list[str] = []
     exact = True
     run: list[tuple[str, nn.Module]] = []
+    items: list[tuple[str, Any, float]] = []  # the open piece: ("W", matrix or None, norm) and ("act", slope, lipschitz)
+    names: list[str] = []
     shape = input_shape
 
     def close_run() -> None:
         nonlocal shape, exact
         if run:
             seq = nn.Sequential(*(m for _, m in run))
-            norm, is_exact = _segment_norm(seq, "+".join(n for n, _ in run), shape, max_dense_entries)
+            norm, is_exact, matrix = _segment(seq, "+".join(n for n, _ in run), shape, max_dense_entries)
             with torch.no_grad():
                 shape = tuple(seq(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
-            factors.append(norm)
+            items.append(("W", matrix, norm))
             exact &= is_exact
             run.clear()
+
+    def identity_unless_affine() -> None:
+        if not items or items[-1][0] != "W":
+            items.append(("W", np.eye(math.prod(shape)), 1.0))
+
+    def close_piece() -> None:
+        close_run()
+        if items:
+            identity_unless_affine()
+            weights = [m for kind, m, _ in items if kind == "W"]
+            norms = [n for kind, _, n in items if kind == "W"]
+            slopes = [m for kind, m, _ in items if kind == "act"]
+            groups.append((None, ((names[0], names[-1]), weights, norms, slopes)))
+            items.clear()
+            names.clear()
 
     for name, leaf in leaves:
         if isinstance(leaf, _AFFINE_MODULES):
             if isinstance(leaf, (nn.BatchNorm1d, nn.BatchNorm2d)) and leaf.training:
                 return GraphBound(None, f"layer '{name}' (BatchNorm) is in training mode")
             run.append((name, leaf))
+            names.append(name)
         elif type(leaf) in _ACTIVATION_MODULES:
             close_run()
+            identity_unless_affine()
             slope = activation_slope(_ACTIVATION_MODULES[type(leaf)], negative_slope=getattr(leaf, "negative_slope", 0.01),
                                      approximate=getattr(leaf, "approximate", "none"))
-            factors.append(slope.lipschitz)
+            items.append(("act", slope, slope.lipschitz))
+            names.append(name)
         elif type(leaf) in _POOL_MODULES:
-            close_run()
+            close_piece()
             factor, count = max_pool_factor(leaf.kernel_size, leaf.stride, leaf.dilation, _POOL_MODULES[type(leaf)])
-            factors.append(factor)
+            groups.append((factor, None))
             pools.append(f"'{name}' √{count} = {factor:.6g}")
             with torch.no_grad():
                 shape = tuple(leaf(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
         else:
             return GraphBound(None, f"layer '{name}' ({type(leaf).__name__}): it is neither affine, a supported "
                                     "slope-restricted activation nor max pooling; no upper bound is known for it")
-    close_run()
+    close_piece()
+
+    def combine(bounder: PieceBounder) -> float:
+        total = 1.0
+        for factor, piece in groups:
+            if piece is None:
+                total *= factor  # type: ignore[operator]
+                continue
+            key, weights, norms, slopes = piece
+            naive = math.prod(norms) * math.prod(a.lipschitz for a in slopes)
+            value = bounder(key, weights, slopes) if slopes and all(w is not None for w in weights) else None
+            total *= naive if value is None else min(naive, value)
+        return total
+
+    pieces = [(key, weights, slopes) for _, piece in groups if piece is not None
+              for key, weights, _, slopes in [piece] if slopes and all(w is not None for w in weights)]
+    eclipse_pieces = [key for key, _, slopes in pieces if all(a.alpha >= 0 for a in slopes)]
+    eclipse = combine(lambda key, weights, slopes: eclipse_fast(weights, slopes) if key in eclipse_pieces else None)
 
     smoothable = {
         id(leaf): activation_slope(_ACTIVATION_MODULES[type(leaf)], negative_slope=getattr(leaf, "negative_slope", 0.01))
@@ -231,7 +269,8 @@ def _sequential_bound(module: nn.Sequential, input_shape: tuple[int, ...], max_d
             x = _smooth_activation(slope, x, smooth, lambda x=x, leaf=leaf: leaf(x)) if slope else leaf(x)
         return x
 
-    return GraphBound(math.prod(factors), "", exact, [], pools, forward)
+    return GraphBound(combine(lambda *piece: None), "", exact, [], pools, forward,
+                      eclipse if exact else None, len(eclipse_pieces), pieces, combine)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -220,9 +220,18 @@ def test_max_pool_net_through_the_analysis(tmp_path):
     assert 0 < result["lower"] <= result["upper"] and "max pooling" in result["chain"]["reason"]
     naive = next(d for d in result["details"] if d["method"] == "naive")
     assert "√4 = 2" in naive["note"]
+    # the piece before the pool (conv, ReLU) by ECLipsE-Fast, times √4, times the linear layer's norm
+    conv = copy.deepcopy(module[0]).double()
+    w_conv = torch.autograd.functional.jacobian(lambda x: conv(x.reshape(1, 1, 5, 5)).reshape(-1),
+                                                torch.zeros(25, dtype=torch.float64)).numpy()
+    piece = min(norm(torch.from_numpy(w_conv)), eclipse_fast([w_conv, np.eye(75)], [activation_slope("relu")]))
+    b = result["bounds"]
+    assert b["eclipse_fast"] == pytest.approx(piece * 2.0 * norm(module[4]), rel=1e-9)
+    assert result["lower"] <= b["lipsdp_neuron"] <= b["lipsdp_layer"] * (1 + 1e-6) <= b["eclipse_fast"] * (1 + 2e-6)
+    assert result["upper"] == min(v for k, v in b.items() if k != "lower")
     # without data the naive bound alone answers
-    alone = lipschitz(tmp_path / "pool.safetensors")
-    assert alone["upper"] == result["upper"] and alone["lower"] == 0.0
+    alone = lipschitz(tmp_path / "pool.safetensors", methods=["LIPSCHITZ_METHOD_NAIVE"])
+    assert alone["upper"] == b["naive"] and alone["lower"] == 0.0
 
 
 class Gated(nn.Module):
