@@ -238,7 +238,9 @@ def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
             started = time.perf_counter()
             module = copy.deepcopy(context.model.module).to(device="cpu", dtype=torch.float64)
             try:
-                result = lower_bound(module, network if network is not None else graph, context.data.inputs.to("cpu", torch.float64),
+                # the ascent runs on the chain, or on the graph with its ReLUs smoothed; with neither, the data alone
+                ascent = network if network is not None else graph if graph is not None and graph.forward_fn is not None else None
+                result = lower_bound(module, ascent, context.data.inputs.to("cpu", torch.float64),
                                      steps=spec["ascent_steps"], seed=context.seed, check=context.check)
             except ValueError as error:
                 record({"method": "lower", "status": "not_applicable", "seconds": 0.0, "note": str(error)})

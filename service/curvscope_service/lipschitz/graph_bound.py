@@ -347,6 +347,10 @@ class _GraphWalk:
             return "join"
         if op == "cat" and unique:
             return "cat"
+        if op == "div" and node.kwargs.get("rounding_mode") is not None:
+            raise _Unsupported(f"'{node.name}' (div, rounding mode {node.kwargs['rounding_mode']}): a rounded division is not continuous")
+        if op == "_to_copy" and node.kwargs.get("dtype") is not None and not node.kwargs["dtype"].is_floating_point:
+            raise _Unsupported(f"'{node.name}' (_to_copy to {node.kwargs['dtype']}): a cast to integers is not continuous")
         if len(unique) == 1:
             if op in _ELEMENTWISE_WITH_CONSTANT and op in ("mul", "div") and len(occurrences) > 1:
                 raise _Unsupported(f"'{node.name}' ({op}): a product of the data with itself is not affine")

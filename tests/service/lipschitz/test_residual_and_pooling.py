@@ -350,3 +350,33 @@ def test_lipsdp_per_piece_against_the_papers_formulation(tmp_path):
     assert detail["status"] == "ok" and detail["pieces"] == 4 and "each certified" in detail["note"]
     assert detail["value"] == pytest.approx(hand, rel=5e-5)
     assert detail["value"] < result["bounds"]["naive"] * (1 - 1e-3) and result["method"] == "lipsdp_neuron"
+
+
+def test_rounding_is_not_taken_for_an_affine_map(tmp_path):
+    class Rounded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.a(torch.div(x, 0.5, rounding_mode="floor"))
+
+    graph = bound_graph(load_model(export(Rounded(), (3,), tmp_path / "r.pt2")).module, (3,))
+    assert graph.value is None and "not continuous" in graph.reason
+
+
+def test_a_module_of_unknown_data_flow_gets_the_data_lower_bound(tmp_path):
+    """Not an nn.Sequential and not a graph: no upper bound and no ascent, the data's Jacobians only."""
+    from curvscope_service.analyses.base import AnalysisContext, EngineLimits
+    from curvscope_service.analyses.lipschitz import normalize, run
+    from curvscope_service.loading.data import LoadedData
+
+    model = LinearResidual().eval()
+    inputs = torch.randn(6, 5)
+    context = AnalysisContext(model=loaded(model, (5,)), data=LoadedData(inputs, torch.zeros(6, 3), {}, 6), loss="mse",
+                              loss_fn=None, curvature="hessian", seed=0, device="cpu", limits=EngineLimits(), micro_batch_size=64)
+    result = run(context, normalize({}, EngineLimits()))
+    exact = norm(model.b.weight.double() @ (torch.eye(5, dtype=torch.float64) + model.a.weight.double()))
+    assert math.isinf(float(result["upper"])) and result["lower"] == pytest.approx(exact, rel=1e-9)
+    assert "data flow is unknown" in result["chain"]["reason"]
+    assert all(d["status"] == "not_applicable" for d in result["details"] if d["method"] != "lower")
