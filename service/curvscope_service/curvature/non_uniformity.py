@@ -8,15 +8,17 @@ the non-uniformity, with
     Sigma = (1/n) sum_i H_i^2 - H^2 = (1/n) sum_i (H_i - H)^2      (positive semi-definite).
 
 Their Theorem 1: a global minimum x* is linearly stable for SGD with learning rate eta and
-batch size B (mini-batches drawn without replacement), i.e. E||x_t - x*||^2 stays bounded for
-the linearised dynamics, if
+batch size B (B distinct samples drawn uniformly, afresh at every step), i.e. the linearised
+iterates keep E||x_t - x*||^2 <= C ||x_0 - x*||^2, if
 
     lambda_max( (I - eta H)^2 + eta^2 (n - B) / (B (n - 1)) Sigma ) <= 1,
 
-and for d = 1 the condition is also necessary. It implies the necessary conditions
-0 <= a <= 2 / eta and s <= sqrt(B (n - 1) / (n - B)) / eta (the sharpness-non-uniformity
-diagram). Both eigenvalues are computed here matrix-free by Lanczos to a residual tolerance
-(the authors' code runs 10 power iterations, which stops short of the top eigenvalue).
+and for d = 1 the condition is also necessary (in more dimensions it is only sufficient). The
+criterion implies 0 <= a <= 2 / eta (its quadratic form at H's top eigenvector) and
+0 <= s <= sqrt(B (n - 1) / (n - B)) / eta (at Sigma's top eigenvector): the paper's
+sharpness-non-uniformity diagram, necessary for the criterion but not sufficient. Both
+eigenvalues are computed here matrix-free by Lanczos to a residual tolerance (the authors' code
+runs 10 power iterations, which stops short of the top eigenvalue).
 
 Two ways to apply Sigma, both centred, Sigma v = (1/n) sum_i C_i (C_i v - C v), so that no
 large H^2 term is subtracted from another:
