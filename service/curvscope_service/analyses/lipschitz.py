@@ -168,7 +168,7 @@ def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
     graph: GraphBound | None = None
     if network is None and context.model.input_shape is not None and (
             "naive" in methods or ("lower" in methods and context.data is not None)):
-        graph = bound_graph(context.model.module, tuple(context.model.input_shape))
+        graph = bound_graph(context.model.module, tuple(context.model.input_shape), check=context.check)
     bounded = graph is not None and graph.value is not None
     details: list[dict[str, Any]] = []
     reached: dict[str, float] = {}

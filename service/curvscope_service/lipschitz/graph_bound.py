@@ -128,13 +128,17 @@ class GraphBound:
         return ". ".join(parts)
 
 
-def bound_graph(module: nn.Module, input_shape: tuple[int, ...], max_dense_entries: int = MAX_DENSE_ENTRIES) -> GraphBound:
-    """The naive bound of an exported graph or a nested nn.Sequential, or why there is none."""
+def bound_graph(module: nn.Module, input_shape: tuple[int, ...], max_dense_entries: int = MAX_DENSE_ENTRIES,
+                check: Callable[[], None] | None = None) -> GraphBound:
+    """The naive bound of an exported graph or a nested nn.Sequential, or why there is none;
+    ``check`` is called before every layer norm (it raises to cancel)."""
     module = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
     if isinstance(module, fx.GraphModule):
-        return _GraphWalk(module, tuple(input_shape), max_dense_entries).run()
+        walk = _GraphWalk(module, tuple(input_shape), max_dense_entries)
+        walk.check = check
+        return walk.run()
     if _is_nested_sequential(module):
-        return _sequential_bound(module, tuple(input_shape), max_dense_entries)
+        return _sequential_bound(module, tuple(input_shape), max_dense_entries, check)
     return GraphBound(None, f"{type(module).__name__} is not an nn.Sequential, so its data flow is unknown; export it as .pt2")
 
 
@@ -179,7 +183,8 @@ _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "ta
 _POOL_MODULES = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
 
 
-def _sequential_bound(module: nn.Sequential, input_shape: tuple[int, ...], max_dense_entries: int) -> GraphBound:
+def _sequential_bound(module: nn.Sequential, input_shape: tuple[int, ...], max_dense_entries: int,
+                      check: Callable[[], None] | None = None) -> GraphBound:
     """A chain cut by max pools into chain pieces: the product of the pieces' bounds and the pools' √N."""
     leaves = [(name, m) for name, m in module.named_modules() if not list(m.children())]
     groups: list[tuple[float, None] | tuple[None, tuple[tuple[str, str], list, list[float], list[Slope]]]] = []
@@ -193,6 +198,8 @@ def _sequential_bound(module: nn.Sequential, input_shape: tuple[int, ...], max_d
     def close_run() -> None:
         nonlocal shape, exact
         if run:
+            if check is not None:
+                check()
             seq = nn.Sequential(*(m for _, m in run))
             norm, is_exact, matrix = _segment(seq, "+".join(n for n, _ in run), shape, max_dense_entries)
             with torch.no_grad():
@@ -294,6 +301,7 @@ class _GraphWalk:
         self.matrices: dict[tuple[fx.Node, fx.Node], np.ndarray | None] = {}
         self.order: list[fx.Node] = []
         self.output: fx.Node = self.input
+        self.check: Callable[[], None] | None = None
         self.factor: dict[fx.Node, float] = {}  # activation or pool -> its Lipschitz constant
         self.alpha: dict[fx.Node, float] = {}
         self.slopes: dict[fx.Node, Slope] = {}
@@ -370,6 +378,8 @@ class _GraphWalk:
     def _run_norm(self, start: fx.Node, end: fx.Node) -> float:
         key = (start, end)
         if key not in self.norms:
+            if self.check is not None:
+                self.check()
             runner = _SegmentRun(self.module, start, end)
             forward = lambda x, r=runner: r(x, self.input_shape)  # noqa: E731
             norm, exact, matrix = _segment(forward, f"{start.name}->{end.name}", self.shapes[start], self.max_dense)

@@ -245,9 +245,22 @@ class _SegmentRun(fx.Interpreter):
         super().__init__(module)
         self.start, self.stop = start, stop
         self.input = [n for n in module.graph.nodes if n.op == "placeholder"][-1]
+        # only what ``stop`` depends on other than through ``start`` runs (weights, shape queries):
+        # not the layers before ``start`` nor other branches
+        self.needed: set[fx.Node] = set()
+        stack = [stop]
+        while stack:
+            node = stack.pop()
+            if node in self.needed:
+                continue
+            self.needed.add(node)
+            if node is not start:
+                stack.extend(node.all_input_nodes)
 
     def run_node(self, node: fx.Node):
         if node.op == "call_module" and node.target == "_guards_fn":
+            return None
+        if node.op != "placeholder" and node not in self.needed:
             return None
         value = super().run_node(node)
         if node is self.stop:

@@ -380,3 +380,55 @@ def test_a_module_of_unknown_data_flow_gets_the_data_lower_bound(tmp_path):
     assert math.isinf(float(result["upper"])) and result["lower"] == pytest.approx(exact, rel=1e-9)
     assert "data flow is unknown" in result["chain"]["reason"]
     assert all(d["status"] == "not_applicable" for d in result["details"] if d["method"] != "lower")
+
+
+class ConvBlock(nn.Module):
+    """ResNet's basic block: conv-BN-ReLU-conv-BN plus the input (or a strided 1x1 conv-BN), then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+        for bn in [self.b1, self.b2, *[m for m in self.shortcut.modules() if isinstance(m, nn.BatchNorm2d)]]:
+            bn.running_mean.uniform_(-1.0, 1.0)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + self.shortcut(x))
+
+
+def test_conv_resnet_with_batchnorm_and_a_projection_shortcut(tmp_path):
+    torch.manual_seed(11)
+
+    class ResNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(1, 3, 3, padding=1)
+            self.block1, self.block2 = ConvBlock(3, 3, 1), ConvBlock(3, 4, 2)
+            self.fc = nn.Linear(4 * 3 * 3, 2)
+
+        def forward(self, x):
+            return self.fc(self.block2(self.block1(torch.relu(self.stem(x)))).flatten(1))
+
+    model = ResNet().eval()
+    graph = bound_graph(load_model(export(model, (1, 6, 6), tmp_path / "resnet.pt2")).module, (1, 6, 6))
+    double = copy.deepcopy(model).double()
+
+    def op_norm(f, shape) -> float:  # the norm of a (folded) affine map's linear part, from its Jacobian
+        jac = torch.autograd.functional.jacobian(lambda x: f(x.reshape(1, *shape)).reshape(-1),
+                                                 torch.zeros(math.prod(shape), dtype=torch.float64))
+        return norm(jac)
+
+    b1, b2 = double.block1, double.block2
+    inner1 = op_norm(lambda x: b1.b1(b1.c1(x)), (3, 6, 6)) * op_norm(lambda x: b1.b2(b1.c2(x)), (3, 6, 6))
+    inner2 = op_norm(lambda x: b2.b1(b2.c1(x)), (3, 6, 6)) * op_norm(lambda x: b2.b2(b2.c2(x)), (4, 3, 3))
+    hand = (op_norm(double.stem, (1, 6, 6)) * (1 + inner1) * (op_norm(b2.shortcut, (3, 6, 6)) + inner2)
+            * norm(double.fc))
+    assert graph.value == pytest.approx(hand, rel=1e-6)  # float32 weights in the archive
+    assert [j.terms[0] for j in graph.joins][0] == 1.0
+    assert graph.eclipse is not None and graph.eclipse <= graph.value
+    points = torch.randn(300, 1, 6, 6, dtype=torch.float64) * 2
+    assert float(jacobian_norms(double, points).max()) <= graph.eclipse
