@@ -1,0 +1,103 @@
+"""Lipschitz bounds of residual networks: time and tightness of the naive bound over the graph and of
+ECLipsE-Fast and LipSDP-Neuron per chain piece, against the lower bound (Jacobians over random
+points plus the ascent).
+
+    python benchmarks/bench_lipschitz_residual.py [--threads 2]
+
+Random ReLU residual MLPs (an input map, identity-skip blocks x + W2 relu(W1 x), an output map) and a
+small conv ResNet (BatchNorm, a strided projection shortcut, 2x2 max pooling), exported with
+torch.export and loaded as the service loads them. LipSDP runs in this process here (the service
+runs each piece in a solver subprocess) and each piece is certified as in the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from curvscope_service.lipschitz import lipsdp
+from curvscope_service.lipschitz.graph_bound import bound_graph
+from curvscope_service.lipschitz.lower import lower_bound
+from curvscope_service.loading import load_model
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, n_in: int, width: int, blocks: int, n_out: int = 10) -> None:
+        super().__init__()
+        self.inp = nn.Linear(n_in, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width)) for _ in range(blocks))
+        self.out = nn.Linear(width, n_out)
+
+    def forward(self, x):
+        z = torch.relu(self.inp(x))
+        for block in self.blocks:
+            z = torch.relu(z + block(z))
+        return self.out(z)
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.stem, self.pool = nn.Conv2d(1, c, 3, padding=1), nn.MaxPool2d(2)
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, 2 * c, 3, 2, 1, bias=False), nn.BatchNorm2d(2 * c)
+        self.sc, self.bsc = nn.Conv2d(c, 2 * c, 1, 2, bias=False), nn.BatchNorm2d(2 * c)
+        self.fc = nn.Linear(2 * c * 2 * 2, 10)
+
+    def forward(self, x):
+        z = self.pool(torch.relu(self.stem(x)))
+        z = torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(z))))) + self.bsc(self.sc(z)))
+        return self.fc(z.flatten(1))
+
+
+def certified_piece(weights, slopes) -> float | None:
+    alphas, betas = [s.alpha for s in slopes], [s.beta for s in slopes]
+    result = lipsdp.solve(lipsdp.make_problem(weights, alphas, betas, "neuron", None))
+    if result["status"] != "optimal":
+        return None
+    return lipsdp.certify(weights, alphas, betas, result["lambdas"]).bound
+
+
+def run(name: str, model: nn.Module, shape: tuple[int, ...], root: Path) -> None:
+    torch.manual_seed(0)
+    model.eval()
+    program = torch.export.export(model, (torch.randn(2, *shape),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, root / f"{name}.pt2")
+    loaded = load_model(root / f"{name}.pt2")
+    started = time.perf_counter()
+    graph = bound_graph(loaded.module, shape)
+    t_graph = time.perf_counter() - started
+    started = time.perf_counter()
+    sdp = graph.combine(lambda key, weights, slopes: certified_piece(weights, slopes))
+    t_sdp = time.perf_counter() - started
+    started = time.perf_counter()
+    module = loaded.module.to(torch.float64)
+    low = lower_bound(module, graph, torch.randn(64, *shape, dtype=torch.float64), steps=60).value
+    t_low = time.perf_counter() - started
+    print(f"| {name} | {graph.value:.4g} | {graph.eclipse:.4g} ({graph.eclipse / graph.value:.3f}) | "
+          f"{sdp:.4g} ({sdp / graph.value:.3f}) | {low:.4g} | {t_graph:.2f} | {t_sdp:.2f} | {t_low:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| net | naive | eclipse_fast (/naive) | lipsdp_neuron per piece (/naive) | lower | graph s | LipSDP s | lower s |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for n_in, width, blocks in [(16, 32, 2), (16, 64, 4), (32, 100, 3)]:
+            torch.manual_seed(0)
+            run(f"res-mlp {n_in}-{width}x{blocks}", ResidualMLP(n_in, width, blocks), (n_in,), root)
+        torch.manual_seed(0)
+        run("conv ResNet 1x8x8", SmallResNet(), (1, 8, 8), root)
+
+
+if __name__ == "__main__":
+    main()
