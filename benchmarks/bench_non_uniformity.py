@@ -2,6 +2,7 @@
 its memory as the batch grows.
 
     python benchmarks/bench_non_uniformity.py [--threads 1] [--repeats 5] [--n 512] [--memory]
+    python benchmarks/bench_non_uniformity.py --versus-authors [--models mlp,cnn,wide]
 
 Digits MLP (2,410 parameters), CNN (1,946) and a wide MLP 64-384-64-10 (50,250), float32,
 cross-entropy, micro-batch 256. Rows: the full-batch HVP (the unit; HessianOperator's auto
@@ -12,11 +13,19 @@ passes; its set-up of the per-sample J_i J_i^T blocks, forward graphs and linear
 apart), and a plain vmap of per-sample jvp-of-grad products applied twice, the baseline the issue
 measured at 9-23x. Timings are interleaved medians. With --memory, each (method, n) runs in a
 fresh subprocess that reports its resident set size during its first product.
+
+--versus-authors compares whole estimates of s, in Wu, Ma & E's own setting (mean squared error
+against one-hot targets): `compute_non_uniformity` at its default tolerance 1e-3 against the
+procedure of the authors' code (leiwu0/sgd.stability: a Sigma product as a loop over samples,
+two single-sample HVPs each, minus one full-batch H(Hv); at most 10 power steps, stopping when the
+estimate moves by less than 1e-4 relative), both against float64 Lanczos at 1e-10 on the same
+model and data. The loop is written here from their description, not copied.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -87,6 +96,71 @@ def naive_sigma(net: nn.Module, inputs, targets, micro_batch: int):
         return out
 
     return product
+
+
+def authors_power_method(net: nn.Module, inputs, targets, loss, steps: int = 10, tol: float = 1e-4,
+                         seed: int = 0) -> tuple[float, int]:
+    """s and the number of HVPs by the authors' procedure (see the module docstring)."""
+    params = [p for p in net.parameters()]
+
+    def hvp(x, t, v):
+        grads = torch.autograd.grad(loss(net(x), t), params, create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        return torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat @ v, params)])
+
+    hvps = 0
+
+    def sigma(v):
+        nonlocal hvps
+        squares, mean = torch.zeros_like(v), torch.zeros_like(v)
+        for i in range(len(inputs)):
+            x, t = inputs[i:i + 1], targets[i:i + 1]
+            hv = hvp(x, t, v)
+            squares += hvp(x, t, hv)
+            mean += hv
+        hvps += 2 * len(inputs) + 1
+        # Single-sample losses average over the sample's outputs only, as the mean loss does
+        # over all samples, so the mean of H_i v is H v.
+        return squares / len(inputs) - hvp(inputs, targets, mean / len(inputs))
+
+    v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(seed))
+    v, estimate = v / v.norm(), 0.0
+    for _ in range(steps):
+        product = sigma(v)
+        previous, estimate = estimate, float(product @ v)
+        v = product / product.norm()
+        if abs(estimate - previous) < tol * abs(estimate):
+            break
+    return max(estimate, 0.0) ** 0.5, hvps
+
+
+def versus_authors(name: str, n: int, micro_batch: int) -> None:
+    from curvscope_service.curvature.hessian import HessianOperator
+    from curvscope_service.curvature.lanczos import lanczos
+    from curvscope_service.curvature.non_uniformity import PerSampleHessians, compute_non_uniformity
+    from curvscope_service.losses import mse
+
+    inputs, labels = batch(n)
+    targets = nn.functional.one_hot(labels, 10).to(inputs.dtype)
+    net = model(name)
+
+    def sigma_operator(module, x, t):
+        hessian = HessianOperator(module, x, t, mse, micro_batch_size=micro_batch)
+        return PerSampleHessians(module, x, t, mse, hessian=hessian, micro_batch_size=micro_batch)
+
+    exact64 = sigma_operator(copy.deepcopy(net).double(), inputs.double(), targets.double())
+    truth = lanczos(lambda v: exact64.sigma_parts(v)[1], exact64.dim, top_k=1, tol=1e-10, max_matvecs=400,
+                    dtype=torch.float64).largest[0] ** 0.5
+
+    start = time.perf_counter()
+    ours = compute_non_uniformity(sigma_operator(net, inputs, targets), sharpness=(0.0, True))
+    ours_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    authors, authors_hvps = authors_power_method(net, inputs, targets, mse)
+    authors_seconds = time.perf_counter() - start
+    print(f"| {name:5} | {truth:.6g} | {ours['value']:.6g} ({(ours['value'] - truth) / truth:+.1e}) | "
+          f"{ours_seconds:6.2f} s | {authors:.6g} ({(authors - truth) / truth:+.1e}) | {authors_seconds:6.2f} s, "
+          f"{authors_hvps} HVPs | {authors_seconds / ours_seconds:5.1f}x |", flush=True)
 
 
 def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
@@ -174,8 +248,17 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=256)
     parser.add_argument("--models", default="mlp,cnn,wide")
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--versus-authors", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.versus_authors:
+        print(f"{args.n} samples, mse on one-hot targets, float32, {args.threads} thread(s)")
+        print("| model | s, float64 truth | ours (rel. error) | ours | authors' procedure (rel. error) | "
+              "authors' time | time ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for name in filter(None, args.models.split(",")):
+            versus_authors(name, args.n, args.micro_batch)
+        return
     print(f"{args.n} samples, float32, {args.threads} thread(s); Sigma product cost in full-batch HVPs")
     print("| model | params | one HVP | exact | exact set-up | Gauss-Newton | GN set-up | plain vmap |")
     print("|-------|--------|---------|-------|--------------|--------------|-----------|------------|")
