@@ -2,12 +2,16 @@
 plain cvxpy formulation written as in the paper, on random ReLU nets and a small CNN.
 
     python benchmarks/bench_lipschitz.py [--threads 1] [--max-plain-rows 200] [--max-cvxopt-rows 300]
+    python benchmarks/bench_lipschitz.py --large    # 1,024 hidden neurons, SCS, per layer pair or whole
 
 Random weights (seed 0, N(0, 1/fan_in)). "ours" = the reduced, normalised, sparse LMI solved and
 then certified in float64 (the certificate's time included); "plain" = the dense [A; B]ᵀ Q [A; B]
 formulation with diag(λ) expressions and the same solver, its raw √ρ. Both run in this process
 (the service runs the same solve in a subprocess). Solves above the row limits are skipped so
 the whole run stays within a few minutes on two cores.
+
+--large instead solves two nets of 1,024 hidden neurons (1,088 LMI rows) with SCS, once with the
+LMI posed per pair of neighbouring layers (the default) and once whole: about 20 minutes.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from curvscope_service.lipschitz.network import Slope, extract_network
 from curvscope_service.loading.checkpoint import LoadedModel, parameter_blocks
 
 MLPS = [[64, 32, 10], [64, 64, 64, 10], [64, 100, 100, 100, 10], [64, 200, 200, 10]]
+LARGE_MLPS = [[64, 256, 256, 256, 256, 10], [64, 512, 512, 10]]
 
 
 def random_mlp(widths: list[int], seed: int = 0) -> list[np.ndarray]:
@@ -64,9 +69,12 @@ def plain(weights: list[np.ndarray], solver: str) -> float:
     return math.sqrt(rho.value) if problem.status == "optimal" else float("nan")
 
 
-def ours(weights: list[np.ndarray], solver: str) -> float:
+def ours(weights: list[np.ndarray], solver: str, chordal: bool | None = None) -> float:
     k = len(weights) - 1
-    result = lipsdp.solve(lipsdp.make_problem(weights, [0.0] * k, [1.0] * k, "neuron", solver))
+    problem = lipsdp.make_problem(weights, [0.0] * k, [1.0] * k, "neuron", solver)
+    if chordal is not None:
+        problem["chordal"] = chordal
+    result = lipsdp.solve(problem)
     if result["status"] != "optimal":
         return float("nan")
     return lipsdp.certify(weights, [0.0] * k, [1.0] * k, result["lambdas"]).bound or float("nan")
@@ -78,13 +86,29 @@ def timed(fn, *args) -> tuple[float, float]:
     return value, time.perf_counter() - started
 
 
+def large() -> None:
+    print("| network | LMI rows | naive | SCS per layer pair: s, bound / naive | SCS whole: s, bound / naive | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for widths in LARGE_MLPS:
+        weights = random_mlp(widths)
+        naive = math.prod(np.linalg.norm(w, 2) for w in weights)
+        split, t_split = timed(ours, weights, "SCS", True)
+        whole, t_whole = timed(ours, weights, "SCS", False)
+        print(f"| {widths} | {lipsdp.lmi_rows(weights)} | {naive:.4g} | {t_split:.1f} s, {split / naive:.5f} | "
+              f"{t_whole:.1f} s, {whole / naive:.5f} | {t_whole / t_split:.1f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-plain-rows", type=int, default=200)
     parser.add_argument("--max-cvxopt-rows", type=int, default=300)
+    parser.add_argument("--large", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.large:
+        large()
+        return
     cases = [(str(w), random_mlp(w)) for w in MLPS] + [("CNN 1x8x8", small_cnn())]
     for solver in ("CVXOPT", "SCS"):  # warm: imports and first-call set-up are not timed
         ours(random_mlp([4, 3, 2]), solver)
