@@ -11,7 +11,8 @@ formulation with diag(λ) expressions and the same solver, its raw √ρ. Both r
 the whole run stays within a few minutes on two cores.
 
 --large instead solves two nets of 1,024 hidden neurons (1,088 LMI rows) with SCS, once with the
-LMI posed per pair of neighbouring layers (the default) and once whole: about 20 minutes.
+LMI posed per pair of neighbouring layers and once whole (the default picks per
+`lipsdp.cliques_pay`): about 25 minutes.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ dense formulation, all exact:
   (an MNIST net's 784 input rows become 50);
 - every W_i is scaled to spectral norm 1 (the relaxation is positively homogeneous in each
   W_i) and √ρ is scaled back, which keeps the solver well conditioned;
-- with SCS and two or more hidden layers, M ⪯ 0 is posed as one LMI per pair of neighbouring
-  blocks (chordal decomposition, ``_clique_constraints``): SCS's cost per iteration follows the
-  largest pair of layers instead of the whole matrix.
+- with SCS, where the layers are narrow against the whole (``cliques_pay``), M ⪯ 0 is posed as
+  one LMI per pair of neighbouring blocks (chordal decomposition, ``_clique_constraints``): SCS's
+  cost per iteration then follows the pairs of layers instead of the whole matrix.
 
 The solver's ρ is never reported. ``certify`` takes its multipliers (negative entries clipped to
 zero) and computes in float64, on the full unreduced matrix, the smallest ρ for which the LMI
@@ -115,7 +115,7 @@ def solve(problem: dict[str, Any]) -> dict[str, Any]:
             block = -2.0 * ab * (w.T @ cp.diag(lam) @ w)
             matrix = matrix + _embed(cp, block, int(offsets[i]), size)
     sizes = [int(offsets[i + 1] - offsets[i]) for i in range(len(offsets) - 1)]
-    chordal = problem.get("chordal", problem["solver"] == "SCS") and len(sizes) > 2
+    chordal = problem.get("chordal", problem["solver"] == "SCS" and cliques_pay(sizes))
     constraints = _clique_constraints(cp, matrix, sizes) if chordal else [(matrix + matrix.T) / 2 << 0]
     prob = cp.Problem(cp.Minimize(z[count]), constraints)
     # An automatic choice falls back to SCS when CVXOPT's interior point breaks down (it does on
@@ -146,6 +146,18 @@ def solve(problem: dict[str, Any]) -> dict[str, Any]:
         # in the network's own scale, so that they mean the same thing to any caller
         result["lambdas"] = [lam * scale for lam, scale in zip(lambdas, scales)]
     return result
+
+
+def cliques_pay(sizes: list[int]) -> bool:
+    """Whether one LMI per pair of neighbouring blocks is worth it for SCS: its time per iteration
+    is mostly eigendecompositions (cubic in the size), and the pairs bring extra variables and
+    more iterations. Measured (benchmarks/bench_lipschitz.py): pairs 1.3x faster at 364 rows over
+    three layers of 100 (cubes 0.42 of the whole) and 2.4x at 1088 rows over four of 256 (0.34);
+    1.4x slower at 464 rows over two of 200 (0.82), and slower on the small CNN (0.73)."""
+    if len(sizes) < 3:
+        return False
+    pairs = sum((a + b) ** 3 for a, b in zip(sizes[:-1], sizes[1:]))
+    return pairs <= 0.5 * sum(sizes) ** 3
 
 
 def _clique_constraints(cp: Any, matrix: Any, sizes: list[int]) -> list[Any]:
