@@ -11,22 +11,20 @@ from torch import nn
 
 from curvscope_service.loading.checkpoint import LoadedModel, parameter_blocks
 
-REFERENCE = Path(__file__).resolve().parents[3] / ".." / "shared" / "reference" / "lipsdp"
+# The LipSDP repository's example networks (MIT License), with the values its README publishes.
+REFERENCE = Path(__file__).resolve().parents[2] / "data" / "lipsdp"
 
 
 def reference_weights(name: str) -> list[np.ndarray]:
-    """The weight matrices (out x in) of a reference network's .mat file; skip when absent."""
-    scipy_io = pytest.importorskip("scipy.io")
-    path = REFERENCE / name
-    if not path.is_file():
-        pytest.skip(f"LipSDP reference data {name} is not available")
-    return [np.asarray(w, dtype=np.float64) for w in scipy_io.loadmat(path)["weights"][0]]
+    """The weight matrices (out x in) of a reference network's .mat file."""
+    import scipy.io
+
+    return [np.asarray(w, dtype=np.float64) for w in scipy.io.loadmat(reference_file(name))["weights"][0]]
 
 
 def reference_file(name: str) -> Path:
     path = REFERENCE / name
-    if not path.is_file():
-        pytest.skip(f"LipSDP reference data {name} is not available")
+    assert path.is_file(), f"LipSDP reference data {path} is missing from the repository"
     return path
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REFERENCE = Path(__file__).resolve().parents[3] / ".." / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[2] / "data"
 
 CNN_CONFIG = {
     "input_shape": [1, 8, 8],

@@ -58,8 +58,6 @@ def test_static_batch(tmp_path):
 
 
 def test_lipsdp_reference_network():
-    if not LIPSDP_RANDOM.exists():
-        pytest.skip("shared reference networks are not present")
     model = load_model(LIPSDP_RANDOM)
     assert (model.input_shape, model.fixed_batch_size) == ((2,), None)
     assert model.num_parameters == (2 * 10 + 10) + (10 * 30 + 30) + (30 * 20 + 20) + (20 * 2 + 2)
