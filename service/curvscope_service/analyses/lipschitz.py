@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import Aborted, DeadlineExceeded, InvalidInput, ResourceExhausted
@@ -90,6 +91,9 @@ def _lipsdp(
     weights = network.weights
     pieces = split_points(weights, spec["split_size"])
     started = time.perf_counter()
+    if not all(np.any(w) for w in weights):  # nothing to solve, and the solver's scaling needs norms > 0
+        return {"method": f"lipsdp_{variant}", "value": 0.0, "status": "ok", "seconds": 0.0, "solver": "",
+                "solver_value": 0.0, "pieces": 0, "note": "a layer of zero weights: the map is constant"}
     bound, raw, solvers = 1.0, 1.0, set()
     for a, b in pieces:
         piece_weights = weights[a:b]
@@ -264,7 +268,8 @@ def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
         # no sound upper bound: infinite, in the proto JSON spelling (a 0 could pass a gate)
         "lower": lower, "upper": upper if uppers else "Infinity", "method": method,
         "bounds": {d["method"]: d["value"] for d in details if d.get("value") is not None},
-        "relative_gap": (upper - lower) / upper if uppers and upper > 0 else 1.0,
+        # a constant map (upper 0) has a closed interval; no upper bound at all, an open one
+        "relative_gap": ((upper - lower) / upper if upper > 0 else 0.0) if uppers else 1.0,
         "note": note, "details": details,
         "chain": {"found": network is not None, "reason": extraction.reason},
     }

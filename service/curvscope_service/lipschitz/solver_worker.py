@@ -74,6 +74,8 @@ def main() -> None:
             result = lipsdp.solve(problem)
         except MemoryError:
             result = {"status": "memory"}
+        except Exception as error:  # a failed solve is a status to report, not a dead worker
+            result = {"status": f"solver_error: {type(error).__name__}: {error}"}
         write_message(stdout, result)
 
 

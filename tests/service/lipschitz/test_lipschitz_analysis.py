@@ -90,6 +90,21 @@ def test_deep_linear_network_is_exact_and_the_interval_closes(tmp_path):
     assert result["upper"] == pytest.approx(exact, rel=1e-6) and result["lower"] == pytest.approx(exact, rel=1e-6)
 
 
+@pytest.mark.parametrize("zeroed", ["0.weight", "2.weight", "4.weight"])
+def test_a_layer_of_zero_weights_gives_the_closed_interval_at_zero(tmp_path, zeroed):
+    # A dead layer (a broken or fully pruned checkpoint) makes the net constant: every bound is 0,
+    # no solver runs (its layer scaling needs non-zero norms), and the analysis does not fail.
+    from safetensors.torch import load_file
+
+    model = write_sequential(tmp_path, "dead", MLP, [3])
+    state = load_file(str(model))
+    state[zeroed].zero_()
+    save_sequential(model, {"input_shape": [3], "layers": MLP}, state)
+    result = run_analysis(job(model, write_data(tmp_path, (3,), 4)))["results"]["lipschitz"]
+    assert result["bounds"] == {m: 0.0 for m in ("naive", "eclipse_fast", "lipsdp_neuron", "lipsdp_layer", "lower")}
+    assert (result["lower"], result["upper"], result["relative_gap"]) == (0.0, 0.0, 0.0)
+
+
 def test_max_pooling_gets_the_naive_bound_and_a_reason_for_the_rest(tmp_path):
     layers = [{"type": "conv2d", "in_channels": 1, "out_channels": 2, "kernel_size": 3}, {"type": "max_pool2d", "kernel_size": 2},
               {"type": "flatten"}, {"type": "linear", "in_features": 2, "out_features": 2}]

@@ -55,6 +55,16 @@ def test_over_its_time_cap_the_solve_is_stopped_and_the_pool_recovers(pool):
     solves_fine(pool)
 
 
+def test_a_solve_that_raises_is_a_status_and_the_worker_stays(pool):
+    solves_fine(pool)
+    (before,) = pool.processes
+    broken = {**small()[0], "alphas": []}  # no slope for the hidden layer: solve() raises IndexError
+    result = pool.solve(broken)
+    assert result["status"].startswith("solver_error: IndexError")
+    assert pool.processes == [before]  # the same warm worker answers the next solve
+    solves_fine(pool)
+
+
 def test_over_its_memory_cap_the_solve_is_refused(pool):
     with pytest.raises(ResourceExhausted, match="memory cap of 520 MiB"):
         pool.solve(problem(400), memory_limit_mib=520)
