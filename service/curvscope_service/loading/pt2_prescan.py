@@ -4,7 +4,7 @@
 - unpickles weights/constants whose payload config says ``use_pickle``, custom objects
   (``custom_obj_*``) and opaque objects (``opaque_obj_*``), and legacy ``data/weights/<model>.pt``
   and ``data/constants/<model>.pt`` files;
-- falls back to ``torch.load(weights_only=False)`` when the sample inputs do not load with
+- falls back to ``torch.load`` with ``weights_only=False`` when the sample inputs do not load with
   ``weights_only=True``, and, after a RuntimeError, to the pre-2.8 zip layout (a top-level
   ``version`` file and ``serialized_*.pt`` pickles);
 - evaluates symbolic shape strings (``expr_str``) with ``sympy.sympify``, i.e. Python ``eval``;
