@@ -89,11 +89,11 @@ def _lipsdp(
     network: Network, variant: str, spec: dict[str, Any], context: AnalysisContext, reached: dict[str, float],
 ) -> dict[str, Any]:
     weights = network.weights
-    pieces = split_points(weights, spec["split_size"])
-    started = time.perf_counter()
     if not all(np.any(w) for w in weights):  # nothing to solve, and the solver's scaling needs norms > 0
         return {"method": f"lipsdp_{variant}", "value": 0.0, "status": "ok", "seconds": 0.0, "solver": "",
                 "solver_value": 0.0, "pieces": 0, "note": "a layer of zero weights: the map is constant"}
+    pieces = split_points(weights, spec["split_size"])
+    started = time.perf_counter()
     bound, raw, solvers = 1.0, 1.0, set()
     for a, b in pieces:
         piece_weights = weights[a:b]
