@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import Aborted, DeadlineExceeded, InvalidInput, ResourceExhausted
-from ..lipschitz import lipsdp
+from ..lipschitz import lipsdp, lipsdp_graph
 from ..lipschitz.eclipse_fast import eclipse_fast
 from ..lipschitz.graph_bound import GraphBound, bound_graph
 from ..lipschitz.lower import lower_bound
@@ -104,12 +104,7 @@ def _lipsdp(
             acts = network.activations[a:b - 1]
             problem = lipsdp.make_problem(piece_weights, [s.alpha for s in acts], [s.beta for s in acts], variant, spec["solver"])
             what = f"LipSDP-{variant.capitalize()} ({problem['rows']} LMI rows, {problem['solver']})"
-            try:
-                result = default_pool().solve(problem, time_limit_s=spec["time_limit_seconds"],
-                                              memory_limit_mib=spec["memory_limit_mib"], check=context.check, what=what)
-            except (Aborted, DeadlineExceeded, ResourceExhausted) as error:
-                so_far = ", ".join(f"{k} {v:.6g}" for k, v in reached.items()) or "nothing"
-                raise type(error)(f"{error}; bounds reached before it: {so_far}") from None
+            result = _solve(problem, what, spec, context, reached)
             solvers.add(result.get("solver", problem["solver"]))
             detail = {"method": f"lipsdp_{variant}", "seconds": time.perf_counter() - started,
                       "solver": "+".join(sorted(solvers)), "pieces": len(pieces)}
@@ -130,6 +125,44 @@ def _lipsdp(
     return detail
 
 
+def _solve(problem: dict[str, Any], what: str, spec: dict[str, Any], context: AnalysisContext,
+           reached: dict[str, float]) -> dict[str, Any]:
+    """One solve in the solver pool; over a cap, the error says which bounds were reached before it."""
+    try:
+        return default_pool().solve(problem, time_limit_s=spec["time_limit_seconds"],
+                                    memory_limit_mib=spec["memory_limit_mib"], check=context.check, what=what)
+    except (Aborted, DeadlineExceeded, ResourceExhausted) as error:
+        so_far = ", ".join(f"{k} {v:.6g}" for k, v in reached.items()) or "nothing"
+        raise type(error)(f"{error}; bounds reached before it: {so_far}") from None
+
+
+def _lipsdp_whole_graph(
+    graph: GraphBound, variant: str, spec: dict[str, Any], context: AnalysisContext, reached: dict[str, float], reason: str,
+) -> tuple[dict[str, Any] | None, str]:
+    """LipSDP over the whole graph in one matrix inequality (``lipsdp_graph``), certified; or None
+    and why not (then the caller bounds it per chain piece)."""
+    lifted = graph.lifted
+    if lifted is None:
+        return None, ""
+    rows = lifted.rows
+    if rows > MAX_WHOLE_ROWS:
+        return None, f"the whole graph's LMI would have {rows} rows (over {MAX_WHOLE_ROWS})"
+    started = time.perf_counter()
+    problem = lipsdp_graph.make_problem(lifted, variant, spec["solver"])
+    what = f"LipSDP-{variant.capitalize()} over the whole graph ({rows} LMI rows, {problem['solver']})"
+    result = _solve(problem, what, spec, context, reached)
+    if result["status"] != "optimal":
+        return None, f"{what} ended '{result['status']}'"
+    certificate = lipsdp_graph.certify(lifted, result["lambdas"])
+    if certificate.bound is None:
+        return None, f"{what}: {certificate.reason}"
+    note = (f"not a plain chain ({reason}): {what}, every neuron's constraint and the skips and joins inside one "
+            "matrix inequality, certified")
+    return {"method": f"lipsdp_{variant}", "value": certificate.bound, "status": "ok",
+            "seconds": time.perf_counter() - started, "solver": result.get("solver", problem["solver"]),
+            "solver_value": math.sqrt(max(result["rho"], 0.0)), "pieces": 1, "note": note}, ""
+
+
 @dataclass
 class _Chain:
     """A chain piece of a residual graph, as ``_lipsdp`` reads a network."""
@@ -141,8 +174,13 @@ class _Chain:
 def _lipsdp_graph(
     graph: GraphBound, variant: str, spec: dict[str, Any], context: AnalysisContext, reached: dict[str, float], reason: str,
 ) -> dict[str, Any]:
-    """LipSDP on every chain piece of a graph (each certified), combined by the naive bound's rules;
-    a piece whose solve ends without a certified bound keeps its product of norms, and says so."""
+    """LipSDP over the whole graph when it is made of affine maps, joins and activations only;
+    else (or if that gives no certified bound) on every chain piece (each certified), combined by
+    the naive bound's rules; a piece whose solve ends without a certified bound keeps its product
+    of norms, and says so."""
+    whole, why_not = _lipsdp_whole_graph(graph, variant, spec, context, reached, reason)
+    if whole is not None:
+        return whole
     started = time.perf_counter()
     values: dict[tuple[str, str], float] = {}
     solvers: set[str] = set()
@@ -161,6 +199,8 @@ def _lipsdp_graph(
             "(a residual block as ‖skip‖ + L(block), max pooling as √N)")
     if fallbacks:
         note += "; pieces bounded by their norms instead (no certified bound): " + "; ".join(fallbacks)
+    if why_not:
+        note += f"; not solved as one matrix inequality: {why_not}"
     return {"method": f"lipsdp_{variant}", "value": value, "status": "ok", "seconds": time.perf_counter() - started,
             "solver": "+".join(sorted(solvers)), "pieces": len(graph.pieces), "note": note}
 

@@ -36,6 +36,7 @@ from torch import fx, nn
 from ..loading.layer_chain import _AFFINE_OPS, _OP_REASONS, _is_tensor_valued, _live_users, _op_name
 from ..loading.torch_export import argument
 from .eclipse_fast import eclipse_fast
+from .lipsdp_graph import LiftedGraph
 from .naive import spectral_norm
 from .network import MAX_DENSE_ENTRIES, Segment, Slope, _SegmentRun, _unroll, activation_slope
 
@@ -72,6 +73,10 @@ def max_pool_factor(kernel: Any, stride: Any, dilation: Any, dims: int) -> tuple
 
 
 # (piece key, weights W_0 … W_L, slopes) -> an upper bound of that chain piece, or None for its norms
+# The whole-graph LipSDP is read off densely: at most this many neurons, and coordinates (input
+# entries and neurons) per basis-vector run.
+MAX_LIFTED_NEURONS = 1200
+MAX_LIFTED_COORDINATES = 6000
 PieceBounder = Callable[[tuple[str, str], list[np.ndarray], list[Slope]], "float | None"]
 
 
@@ -114,6 +119,8 @@ class GraphBound:
     # function that combines a bound per piece (a callback key, weights, slopes -> bound or None)
     pieces: list[tuple[tuple[str, str], list[np.ndarray], list[Slope]]] = field(default_factory=list)
     combine: Callable[[PieceBounder], float] | None = None
+    # the whole graph as one LipSDP (affine maps, joins and activations only; not too large)
+    lifted: LiftedGraph | None = None
 
     def forward(self, x: torch.Tensor, smooth: float | None = None) -> torch.Tensor:
         assert self.forward_fn is not None
@@ -513,7 +520,33 @@ class _GraphWalk:
         except _Unsupported as why:
             return GraphBound(None, str(why), forward_fn=self._forward)
         return GraphBound(value, "", self.exact, joins, self.pools, self._forward,
-                          eclipse if self.exact else None, len(eclipse_pieces), pieces, self.combine)
+                          eclipse if self.exact else None, len(eclipse_pieces), pieces, self.combine, self._lifted())
+
+    def _lifted(self) -> LiftedGraph | None:
+        """The graph as v = R z, y = F z over z = (x, every activation's output), read off by running
+        it on basis vectors with each activation's output replaced by free coordinates; None when
+        the graph holds anything but affine maps, joins and activations, or is too large."""
+        activations = [v for v in self.order if self.kind[v] == "activation"]
+        if not activations or any(self.kind[v] not in ("affine", "activation", "join", "cat") for v in self.order):
+            return None
+        sizes = [math.prod(self.shapes[v]) for v in activations]
+        n0, hidden = math.prod(self.input_shape), sum(sizes)
+        if hidden > MAX_LIFTED_NEURONS or n0 + hidden > MAX_LIFTED_COORDINATES:
+            return None
+        if self.check is not None:
+            self.check()
+        offsets = np.cumsum([n0, *sizes])
+        z = torch.cat([torch.zeros(1, n0 + hidden), torch.eye(n0 + hidden)]).to(torch.float64)
+        free = {v: z[:, a:b].reshape(-1, *self.shapes[v]) for v, a, b in zip(activations, offsets[:-1], offsets[1:])}
+        with torch.no_grad():
+            pre, output = _Lifted(self.module, free, self.output).run(z[:, :n0].reshape(-1, *self.input_shape))
+        values = torch.cat([*(pre[v].reshape(len(z), -1) for v in activations), output.reshape(len(z), -1)], 1)
+        linear = (values[1:] - values[:1]).T.numpy()  # (neurons + outputs, n0 + neurons)
+        slopes = [self.slopes[v] for v in activations]
+        per_neuron = np.repeat(np.arange(len(activations)), sizes)
+        return LiftedGraph(linear[:hidden].copy(), linear[hidden:].copy(), n0,
+                           np.array([slopes[k].alpha for k in per_neuron]), np.array([slopes[k].beta for k in per_neuron]),
+                           per_neuron)
 
     def _output_args(self) -> list[fx.Node]:
         out = next(n for n in self.module.graph.nodes if n.op == "output")
@@ -555,6 +588,34 @@ class _GraphWalk:
 
     def _forward(self, x: torch.Tensor, smooth: float | None = None) -> torch.Tensor:
         return _SmoothRun(self.module, self.slopes, smooth).run(x)
+
+
+class _Lifted(fx.Interpreter):
+    """The graph with every activation's output replaced by a given tensor; records the
+    activations' inputs (pre-activations) and the output."""
+
+    def __init__(self, module: fx.GraphModule, free: dict[fx.Node, torch.Tensor], output: fx.Node) -> None:
+        super().__init__(module)
+        self.free, self.output_node = free, output  # not ``output``: the Interpreter's method
+        self.pre: dict[fx.Node, torch.Tensor] = {}
+        self.result: torch.Tensor | None = None
+
+    def run_node(self, node: fx.Node):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            return None
+        if node in self.free:
+            self.pre[node] = self.fetch_args_kwargs_from_env(node)[0][0]
+            value = self.free[node]
+        else:
+            value = super().run_node(node)
+        if node is self.output_node:
+            self.result = value
+        return value
+
+    def run(self, x: torch.Tensor):  # type: ignore[override]
+        super().run(x)
+        assert self.result is not None
+        return self.pre, self.result
 
 
 class _SmoothRun(fx.Interpreter):

@@ -273,12 +273,21 @@ def certify(
     lams = [np.clip(np.asarray(lam, dtype=np.float64), 0.0, None) / scale
             for lam, scale in zip(lambdas, _multiplier_scales(norms))]
     m0 = lmi_matrix(scaled, alphas, betas, lams, 0.0)
-    n0 = scaled[0].shape[1]
+    rho, reason = smallest_rho(m0, scaled[0].shape[1])
+    if rho is None:
+        return Certificate(None, None, reason)
+    return Certificate(math.sqrt(rho) * math.prod(norms), rho * math.prod(norms) ** 2, "")
+
+
+def smallest_rho(m0: np.ndarray, n0: int) -> tuple[float | None, str]:
+    """The smallest ρ with M0 − ρ·diag(I_n0, 0) ⪯ 0, checked in float64, or None and why: a Schur
+    complement of the hidden block (which must be negative definite), then an eigenvalue check of
+    the whole matrix."""
     p, q, r = m0[:n0, :n0], m0[:n0, n0:], m0[n0:, n0:]
     try:
         chol = scipy.linalg.cholesky(-r, lower=True)
     except np.linalg.LinAlgError:
-        return Certificate(None, None, "the solver's multipliers leave the hidden block indefinite, so they certify no ρ")
+        return None, "the solver's multipliers leave the hidden block indefinite, so they certify no ρ"
     z = scipy.linalg.solve_triangular(chol, q.T, lower=True)
     schur = p + z.T @ z
     rho = max(float(scipy.linalg.eigvalsh((schur + schur.T) / 2.0, subset_by_index=[n0 - 1, n0 - 1])[0]), 0.0)
@@ -289,8 +298,8 @@ def certify(
         top = float(scipy.linalg.eigvalsh(m0 - candidate * _input_selector(m0.shape[0], n0),
                                           subset_by_index=[m0.shape[0] - 1, m0.shape[0] - 1])[0])
         if top <= 0.0:
-            return Certificate(math.sqrt(candidate) * math.prod(norms), candidate * math.prod(norms) ** 2, "")
-    return Certificate(None, None, "M(ρ, λ) stayed indefinite in float64 for every ρ tried")
+            return candidate, ""
+    return None, "M(ρ, λ) stayed indefinite in float64 for every ρ tried"
 
 
 def _input_selector(size: int, n0: int) -> np.ndarray:

@@ -60,7 +60,7 @@ def read_message(stream: BinaryIO) -> Any:
 
 
 def main() -> None:
-    from curvscope_service.lipschitz import lipsdp
+    from curvscope_service.lipschitz import lipsdp, lipsdp_graph
 
     import cvxpy  # noqa: F401  (warm: the first solve should not pay for the import)
 
@@ -71,7 +71,7 @@ def main() -> None:
     write_message(stdout, {"status": "ready"})
     while (problem := read_message(stdin)) is not None:
         try:
-            result = lipsdp.solve(problem)
+            result = (lipsdp_graph if problem.get("form") == "graph" else lipsdp).solve(problem)
         except MemoryError:
             result = {"status": "memory"}
         except Exception as error:  # a failed solve is a status to report, not a dead worker
