@@ -105,13 +105,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for n_in, width, blocks in [(16, 32, 2), (16, 64, 4), (32, 100, 3)]:
+        for n_in, width, blocks in [(16, 32, 2), (16, 32, 4), (16, 64, 4), (32, 100, 3)]:
             torch.manual_seed(0)
             run(f"res-mlp {n_in}-{width}x{blocks}", ResidualMLP(n_in, width, blocks), (n_in,), root)
         torch.manual_seed(0)
         run("conv ResNet 1x8x8", SmallResNet(), (1, 8, 8), root)
         torch.manual_seed(0)
-        run("conv ResNet 1x8x8, no pool", SmallResNet(pool=False), (1, 8, 8), root)
+        run("conv ResNet 1x8x8, 2 channels, no pool", SmallResNet(2, pool=False), (1, 8, 8), root)
 
 
 if __name__ == "__main__":
