@@ -132,7 +132,6 @@ def solve(problem: dict[str, Any]) -> dict[str, Any]:
 
 def lmi_matrix(graph: LiftedGraph, lambdas: np.ndarray) -> np.ndarray:
     """M(0, λ) in float64 over the full, unreduced input block."""
-    size = graph.r.shape[1]
     m = graph.f.T @ graph.f
     for j, (row, lam) in enumerate(zip(graph.r, lambdas)):
         if lam == 0.0:
@@ -143,7 +142,6 @@ def lmi_matrix(graph: LiftedGraph, lambdas: np.ndarray) -> np.ndarray:
         m[:, e] += (a + b) * lam * row
         m[e, :] += (a + b) * lam * row
         m[e, e] -= 2.0 * lam
-    assert m.shape == (size, size)
     return m
 
 
