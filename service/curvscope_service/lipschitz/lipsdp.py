@@ -118,24 +118,8 @@ def solve(problem: dict[str, Any]) -> dict[str, Any]:
     chordal = problem.get("chordal", problem["solver"] == "SCS" and cliques_pay(sizes))
     constraints = _clique_constraints(cp, matrix, sizes) if chordal else [(matrix + matrix.T) / 2 << 0]
     prob = cp.Problem(cp.Minimize(z[count]), constraints)
-    # An automatic choice falls back to SCS when CVXOPT's interior point breaks down (it does on
-    # LMIs with a large null space at the optimum, e.g. linear activations).
-    solvers = [problem["solver"]] + (["SCS"] if problem.get("fallback") and problem["solver"] != "SCS" else [])
-    for solver in solvers:
-        options: dict[str, Any] = {}
-        if solver == "SCS":
-            eps = problem.get("eps", SCS_EPS)
-            options = {"eps_abs": eps, "eps_rel": eps, "max_iters": 200_000}
-        try:
-            prob.solve(solver=solver, **options)
-        except cp.error.SolverError as e:
-            error = f"solver_error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-            continue
-        break
-    else:
-        return {"status": error, "seconds": time.perf_counter() - started, "solver": solver}
-    result: dict[str, Any] = {"status": prob.status, "seconds": time.perf_counter() - started, "solver": solver}
-    if prob.status in ("optimal", "optimal_inaccurate") and z.value is not None:
+    result = run_solvers(prob, problem, started)
+    if result["status"] in ("optimal", "optimal_inaccurate") and z.value is not None:
         values = np.asarray(z.value, dtype=np.float64)
         scales = _multiplier_scales(problem["norms"])
         result["rho"] = float(values[count]) * math.prod(problem["norms"]) ** 2
@@ -146,6 +130,29 @@ def solve(problem: dict[str, Any]) -> dict[str, Any]:
         # in the network's own scale, so that they mean the same thing to any caller
         result["lambdas"] = [lam * scale for lam, scale in zip(lambdas, scales)]
     return result
+
+
+def run_solvers(prob: Any, problem: dict[str, Any], started: float) -> dict[str, Any]:
+    """Solve a cvxpy problem with the problem's solver; an automatic choice falls back to SCS when
+    CVXOPT's interior point breaks down (it does on LMIs with a large null space at the optimum,
+    e.g. linear activations). The status, the solver used and the seconds since ``started``."""
+    import cvxpy as cp
+
+    solvers = [problem["solver"]] + (["SCS"] if problem.get("fallback") and problem["solver"] != "SCS" else [])
+    status = ""
+    for solver in solvers:
+        options: dict[str, Any] = {}
+        if solver == "SCS":
+            eps = problem.get("eps", SCS_EPS)
+            options = {"eps_abs": eps, "eps_rel": eps, "max_iters": 200_000}
+        try:
+            prob.solve(solver=solver, **options)
+        except cp.error.SolverError as e:
+            status = f"solver_error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            continue
+        status = prob.status
+        break
+    return {"status": status, "seconds": time.perf_counter() - started, "solver": solver}
 
 
 def cliques_pay(sizes: list[int]) -> bool:

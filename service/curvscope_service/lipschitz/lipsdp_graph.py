@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .lipsdp import SCS_EPS, Certificate, choose_solver, smallest_rho
+from .lipsdp import Certificate, choose_solver, run_solvers, smallest_rho
 
 
 @dataclass
@@ -110,20 +110,8 @@ def solve(problem: dict[str, Any]) -> dict[str, Any]:
     rho_part[np.arange(n0), np.arange(n0)] = -1.0
     matrix = cp.reshape(coefficients @ z[:count], (size, size), order="F") + constant + z[count] * rho_part
     prob = cp.Problem(cp.Minimize(z[count]), [(matrix + matrix.T) / 2 << 0])
-    solvers = [problem["solver"]] + (["SCS"] if problem.get("fallback") and problem["solver"] != "SCS" else [])
-    error = ""
-    for solver in solvers:
-        options = {"eps_abs": SCS_EPS, "eps_rel": SCS_EPS, "max_iters": 200_000} if solver == "SCS" else {}
-        try:
-            prob.solve(solver=solver, **options)
-        except cp.error.SolverError as e:
-            error = f"solver_error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-            continue
-        break
-    else:
-        return {"status": error, "seconds": time.perf_counter() - started, "solver": solver}
-    result: dict[str, Any] = {"status": prob.status, "seconds": time.perf_counter() - started, "solver": solver}
-    if prob.status in ("optimal", "optimal_inaccurate") and z.value is not None:
+    result = run_solvers(prob, problem, started)
+    if result["status"] in ("optimal", "optimal_inaccurate") and z.value is not None:
         values = np.asarray(z.value, dtype=np.float64)
         result["rho"] = float(values[count])
         result["lambdas"] = values[:count][columns]  # per neuron
