@@ -78,11 +78,12 @@ def run(name: str, model: nn.Module, shape: tuple[int, ...], root: Path) -> None
     sdp = graph.combine(lambda key, weights, slopes: certified_piece(weights, slopes))
     t_sdp = time.perf_counter() - started
     whole, t_whole = "n/a (max pooling)", ""
-    if graph.lifted is not None and graph.lifted.rows > MAX_WHOLE_GRAPH_ROWS:
-        whole = f"n/a ({graph.lifted.rows} rows, over {MAX_WHOLE_GRAPH_ROWS})"
-    elif graph.lifted is not None:
+    problem = lipsdp_graph.make_problem(graph.lifted, "neuron") if graph.lifted is not None else None
+    if problem is not None and problem["rows"] > MAX_WHOLE_GRAPH_ROWS:
+        whole = f"n/a ({problem['rows']} rows, over {MAX_WHOLE_GRAPH_ROWS})"
+    elif problem is not None:
         started = time.perf_counter()
-        result = lipsdp_graph.solve(lipsdp_graph.make_problem(graph.lifted, "neuron"))
+        result = lipsdp_graph.solve(problem)
         bound = lipsdp_graph.certify(graph.lifted, result["lambdas"]).bound if result["status"] == "optimal" else None
         t_whole = f"{time.perf_counter() - started:.2f}"
         whole = f"{bound:.4g} ({bound / graph.value:.3f})" if bound is not None else str(result["status"])

@@ -148,11 +148,11 @@ def _lipsdp_whole_graph(
     lifted = graph.lifted
     if lifted is None:
         return None, ""
-    rows = lifted.rows
-    if rows > MAX_WHOLE_GRAPH_ROWS:
-        return None, f"the whole graph's LMI would have {rows} rows (over {MAX_WHOLE_GRAPH_ROWS})"
     started = time.perf_counter()
     problem = lipsdp_graph.make_problem(lifted, variant, spec["solver"])
+    rows = problem["rows"]
+    if rows > MAX_WHOLE_GRAPH_ROWS:
+        return None, f"the whole graph's LMI would have {rows} rows (over {MAX_WHOLE_GRAPH_ROWS})"
     what = f"LipSDP-{variant.capitalize()} over the whole graph ({rows} LMI rows, {problem['solver']})"
     result = _solve(problem, what, spec, context, reached)
     if result["status"] != "optimal":

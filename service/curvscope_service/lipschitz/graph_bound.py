@@ -24,6 +24,7 @@ product of two data paths, attention's softmax, an unknown op) stops the bound w
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -72,11 +73,11 @@ def max_pool_factor(kernel: Any, stride: Any, dilation: Any, dims: int) -> tuple
     return math.sqrt(count), count
 
 
-# (piece key, weights W_0 … W_L, slopes) -> an upper bound of that chain piece, or None for its norms
 # The whole-graph LipSDP is read off densely: at most this many neurons, and coordinates (input
 # entries and neurons) per basis-vector run.
 MAX_LIFTED_NEURONS = 1200
 MAX_LIFTED_COORDINATES = 6000
+# (piece key, weights W_0 … W_L, slopes) -> an upper bound of that chain piece, or None for its norms
 PieceBounder = Callable[[tuple[str, str], list[np.ndarray], list[Slope]], "float | None"]
 
 
@@ -119,8 +120,13 @@ class GraphBound:
     # function that combines a bound per piece (a callback key, weights, slopes -> bound or None)
     pieces: list[tuple[tuple[str, str], list[np.ndarray], list[Slope]]] = field(default_factory=list)
     combine: Callable[[PieceBounder], float] | None = None
-    # the whole graph as one LipSDP (affine maps, joins and activations only; not too large)
-    lifted: LiftedGraph | None = None
+    # reads the whole graph off as one LipSDP (affine maps, joins and activations only; not too
+    # large), once and only when asked: it runs the graph on a basis-vector batch
+    lift: Callable[[], LiftedGraph | None] | None = None
+
+    @property
+    def lifted(self) -> LiftedGraph | None:
+        return self.lift() if self.lift is not None else None
 
     def forward(self, x: torch.Tensor, smooth: float | None = None) -> torch.Tensor:
         assert self.forward_fn is not None
@@ -520,7 +526,7 @@ class _GraphWalk:
         except _Unsupported as why:
             return GraphBound(None, str(why), forward_fn=self._forward)
         return GraphBound(value, "", self.exact, joins, self.pools, self._forward,
-                          eclipse if self.exact else None, len(eclipse_pieces), pieces, self.combine, self._lifted())
+                          eclipse if self.exact else None, len(eclipse_pieces), pieces, self.combine, functools.cache(self._lifted))
 
     def _lifted(self) -> LiftedGraph | None:
         """The graph as v = R z, y = F z over z = (x, every activation's output), read off by running

@@ -42,10 +42,6 @@ class LiftedGraph:
     betas: np.ndarray
     groups: np.ndarray  # activation index of each neuron
 
-    @property
-    def rows(self) -> int:
-        return min(self.n0, int(np.linalg.matrix_rank(np.vstack([self.r[:, :self.n0], self.f[:, :self.n0]])))) + self.r.shape[0]
-
 
 def make_problem(graph: LiftedGraph, variant: str, solver: str | None = None) -> dict[str, Any]:
     """A picklable problem for a solver process, with the input block reduced to its rank."""
