@@ -1,6 +1,6 @@
 """Model checkpoints (torch.export .pt2, safetensors + architecture spec, plugins) and data batches.
 
-Nothing here unpickles a user's file; see ``pt2_prescan`` for what a ``.pt2`` must pass first.
+Nothing here unpickles a user's file; ``pt2_archive`` reads a ``.pt2`` without torch touching the file.
 """
 
 from curvscope_service.loading.checkpoint import (

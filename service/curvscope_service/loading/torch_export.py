@@ -1,4 +1,4 @@
-"""Load a torch.export archive (``.pt2``) after the safety pre-scan."""
+"""Turn a torch.export archive (``.pt2``), read by ``pt2_archive``, into a module of aten operators."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch._export.serde import schema
+from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
 
 from curvscope_service.errors import InvalidInput
 from curvscope_service.loading.messages import one_line
-from curvscope_service.loading.pt2_prescan import REEXPORT, prescan
+from curvscope_service.loading.pt2_archive import read_archive
+from curvscope_service.loading.pt2_program import REEXPORT
 
 # Python-level callables export emits for symbolic sizes; everything else must be an aten/prims op.
 _PYTHON_OPS = {
@@ -43,16 +46,19 @@ class ExportedModel:
 
 
 def load_exported(path: Path) -> ExportedModel:
-    """Pre-scan, load and unlift a ``.pt2``; the module's graph has only aten operators."""
-    prescan(path)
+    """Read, deserialise and unlift a ``.pt2``; the module's graph has only aten operators."""
+    contents = read_archive(path)
     try:
-        with path.open("rb") as f:  # a file object: store blobs have no .pt2 suffix
-            program = torch.export.load(f)
-    except Exception as e:  # torch raises RuntimeError, AssertionError, SerializeError, KeyError...
+        serialized = _dict_to_dataclass(schema.ExportedProgram, contents.program)
+        # no sample inputs: they are a pickle, and curvscope never needs them
+        program = ExportedProgramDeserializer().deserialize(serialized, contents.state_dict, contents.constants, None)
+    except InvalidInput:
+        raise
+    except Exception as e:  # the deserialiser raises SerializeError, KeyError, AssertionError, TypeError...
         raise InvalidInput(f"model could not be loaded as a torch.export archive: {one_line(e)}; {REEXPORT}") from None
     input_shape, fixed_batch_size = _input_shape(program)
     try:
-        # check_guards=False: the guard function is generated Python we would rather not run
+        # check_guards=False: the reader dropped the guard code; nothing generated from it runs
         module = program.module(check_guards=False)
     except Exception as e:
         raise InvalidInput(f"torch.export archive could not be turned into a module: {one_line(e)}; {REEXPORT}") from None

@@ -33,15 +33,19 @@ def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
 
 
-def rewrite_archive(src: Path, dst: Path, *, replace: dict[str, bytes] | None = None, add: dict[str, bytes] | None = None) -> Path:
-    """Copy a .pt2 with members replaced or added; names are relative to the archive folder
+def rewrite_archive(
+    src: Path, dst: Path, *, replace: dict[str, bytes] | None = None, add: dict[str, bytes] | None = None, drop: set[str] | None = None
+) -> Path:
+    """Copy a .pt2 with members replaced, added or dropped; names are relative to the archive folder
     unless they start with '/', which puts them at the zip root."""
-    replace, add = replace or {}, add or {}
+    replace, add, drop = replace or {}, add or {}, drop or set()
     with zipfile.ZipFile(src) as zin:
         root = zin.namelist()[0].split("/", 1)[0]
         with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
             for info in zin.infolist():
                 relative = info.filename[len(root) + 1 :]
+                if relative in drop:
+                    continue
                 zout.writestr(info.filename, replace.get(relative, zin.read(info.filename)))
             for name, payload in add.items():
                 zout.writestr(name[1:] if name.startswith("/") else f"{root}/{name}", payload)
