@@ -52,7 +52,7 @@ def load_exported(path: Path) -> ExportedModel:
         serialized = _dict_to_dataclass(schema.ExportedProgram, contents.program)
         # no sample inputs: they are a pickle, and curvscope never needs them
         program = ExportedProgramDeserializer().deserialize(serialized, contents.state_dict, contents.constants, None)
-    except InvalidInput:
+    except (InvalidInput, MemoryError):  # MemoryError: the vetting child reports it as a size problem
         raise
     except Exception as e:  # the deserialiser raises SerializeError, KeyError, AssertionError, TypeError...
         raise InvalidInput(f"model could not be loaded as a torch.export archive: {one_line(e)}; {REEXPORT}") from None
@@ -60,6 +60,8 @@ def load_exported(path: Path) -> ExportedModel:
     try:
         # check_guards=False: the reader dropped the guard code; nothing generated from it runs
         module = program.module(check_guards=False)
+    except MemoryError:
+        raise
     except Exception as e:
         raise InvalidInput(f"torch.export archive could not be turned into a module: {one_line(e)}; {REEXPORT}") from None
     _check_graph(module)
