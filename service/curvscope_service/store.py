@@ -9,6 +9,11 @@ Reports live at ``<root>/results/<first two hex digits>/<key>.json``, keyed by t
 the canonical request (model and data digests included), written the same way (temporary
 file, then rename), so both survive a restart or a SIGKILL intact.
 
+Nothing here follows a symbolic link (or opens a FIFO or a device) planted inside the store:
+blobs and reports are opened with ``O_NOFOLLOW`` component by component below the store's own
+folders, and anything that is not a regular file counts as absent, so no byte outside the store
+reaches an analysis or a message.
+
 Garbage collection removes the least recently used blobs and reports (a file's mtime is
 touched whenever it is used) by age and by total size, but never a blob that a queued or
 running analysis holds (``acquire``/``release`` count those references).
@@ -17,25 +22,31 @@ running analysis holds (``acquire``/``release`` count those references).
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlsplit
 
 from . import metrics
 from .errors import InvalidInput, NotFound, PermissionDenied, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+# A path the kernel could resolve is at most PATH_MAX (4096) bytes; a longer URI names no file.
+MAX_URI_CHARS = 4096
+# C0 controls and DEL: never part of a file name we accept, and urlsplit silently drops some.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -44,11 +55,55 @@ class BlobInfo:
     size_bytes: int
 
 
+def _shown(text: str, limit: int = 100) -> str:
+    """``text`` quoted for a one-line message: control characters escaped, long text cut."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return repr(cut)
+
+
 def check_digest(sha256: str) -> str:
     """Return the digest if it is 64 lower-case hex digits, else raise InvalidInput."""
-    if not _DIGEST.match(sha256 or ""):
-        raise InvalidInput(f"'{sha256}' is not a sha256 digest (64 lower-case hex digits)")
+    # fullmatch: with match and "$", a digest followed by a newline would pass.
+    if not _DIGEST.fullmatch(sha256 or ""):
+        raise InvalidInput(f"{_shown(sha256 or '')} is not a sha256 digest (64 lower-case hex digits)")
     return sha256
+
+
+def _open_in(base: Path, *names: str) -> int | None:
+    """A read-only descriptor of the regular file ``base/names...``, or None when there is none.
+
+    No component below ``base`` is followed if it is a symbolic link, and a FIFO or device is
+    never opened blocking: whatever is not a regular file is reported and treated as absent."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(base, flags | os.O_DIRECTORY)
+    try:
+        for name in names[:-1]:
+            inner = os.open(name, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        found = os.open(names[-1], flags | os.O_NONBLOCK, dir_fd=fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        log.warning("ignoring %s in the store: a symbolic link, not a file", "/".join(names))
+        return None
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(found).st_mode):
+        os.close(found)
+        log.warning("ignoring %s in the store: not a regular file", "/".join(names))
+        return None
+    return found
+
+
+def _is_regular(path: Path) -> bool:
+    """Whether ``path`` itself (not what a link there points to) is a regular file."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 class BlobWriter:
@@ -96,8 +151,9 @@ class BlobWriter:
                 "the file changed or was corrupted in transit"
             )
         final = self._store.path_for(digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
+        self._store.shard_dir(final)
+        # A link or anything else planted under this name is replaced by the verified file.
+        if _is_regular(final):
             self._tmp_path.unlink(missing_ok=True)
             self._store.touch(final)
         else:
@@ -164,9 +220,23 @@ class BlobStore:
     def touch(path: Path) -> None:
         """Mark a file as used now (the GC removes the least recently used first)."""
         try:
-            os.utime(path)
+            os.utime(path, follow_symlinks=False)
         except FileNotFoundError:
             pass
+
+    @staticmethod
+    def shard_dir(path: Path) -> None:
+        """Create the folder of a blob or report, replacing anything there that is not a folder
+        of ours (a link to a folder elsewhere would put files outside the store)."""
+        shard = path.parent
+        try:
+            os.mkdir(shard)
+        except FileExistsError:
+            if stat.S_ISDIR(os.lstat(shard).st_mode):
+                return
+            log.warning("replacing %s in the store: not a folder", shard.name)
+            os.unlink(shard)
+            os.mkdir(shard)
 
     def add_bytes(self, kind: str, size: int) -> None:
         with self._lock:
@@ -197,15 +267,25 @@ class BlobStore:
             return set(self._in_use)
 
     def _files(self, kind: str) -> Iterable[tuple[Path, int, float]]:
-        """(path, size, mtime) of every blob or report."""
-        pattern = "*/*" if kind == "blobs" else "*/*.json"
+        """(path, size, mtime) of every blob or report, and of any link planted among them (so
+        the GC removes it); never descending into a linked folder, whose files are not ours."""
         directory = self.blobs_dir if kind == "blobs" else self.results_dir
-        for path in directory.glob(pattern):
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
+        for shard in os.scandir(directory):
+            if not shard.is_dir(follow_symlinks=False):
                 continue
-            yield path, stat.st_size, stat.st_mtime
+            try:
+                entries = list(os.scandir(shard.path))
+            except FileNotFoundError:  # removed while listing
+                continue
+            for entry in entries:
+                if kind == "results" and not entry.name.endswith(".json"):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISDIR(info.st_mode):
+                    yield Path(entry.path), info.st_size, info.st_mtime
 
     def gc(self, now: float | None = None) -> GcResult:
         """Remove blobs and reports unused for ``max_age_seconds``, then the least recently used
@@ -245,11 +325,13 @@ class BlobStore:
     def get_result(self, key: str) -> dict[str, Any] | None:
         """The cached report for ``key``, or None."""
         path = self._result_path(key)
-        try:
-            report = json.loads(path.read_text())
-        except FileNotFoundError:
+        fd = _open_in(self.results_dir, path.parent.name, path.name)
+        if fd is None:  # absent, or a link planted there: recompute; put_result replaces it
             return None
-        except (OSError, ValueError):
+        try:
+            with os.fdopen(fd, "rb") as handle:
+                report = json.loads(handle.read())
+        except (OSError, ValueError, RecursionError):
             # Written atomically, so this is damage from outside: drop it and recompute.
             log.warning("dropping unreadable cached report %s", path.name)
             path.unlink(missing_ok=True)
@@ -260,7 +342,7 @@ class BlobStore:
     def put_result(self, key: str, report: dict[str, Any]) -> None:
         """Store a report atomically (temporary file, fsync, rename)."""
         path = self._result_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.shard_dir(path)
         text = json.dumps(report, allow_nan=False, separators=(",", ":")).encode()
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="result-")
         try:
@@ -268,7 +350,7 @@ class BlobStore:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
-            existed = path.exists()
+            existed = os.path.lexists(path)
             os.replace(name, path)
         except BaseException:
             Path(name).unlink(missing_ok=True)
@@ -280,10 +362,16 @@ class BlobStore:
         return BlobWriter(self, sha256, size_bytes, max_bytes)
 
     def stat(self, sha256: str) -> BlobInfo:
+        """Size of a stored blob. NOT_FOUND also for a link or other non-file planted under its
+        name: the client then uploads the blob again, and the upload replaces what was there."""
         path = self.path_for(check_digest(sha256))
-        if not path.is_file():
+        fd = _open_in(self.blobs_dir, path.parent.name, path.name)
+        if fd is None:
             raise NotFound(f"no blob with sha256 {sha256} on this server; upload it first")
-        return BlobInfo(sha256, path.stat().st_size)
+        try:
+            return BlobInfo(sha256, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
 
     def resolve_blob(self, sha256: str) -> Path:
         self.stat(sha256)
@@ -292,16 +380,42 @@ class BlobStore:
         return path
 
     def resolve_uri(self, uri: str) -> Path:
-        """A ``file://`` URI inside one of the model roots, resolved without following it out."""
-        parsed = urlparse(uri)
+        """A ``file://`` URI inside one of the model roots, resolved without following it out.
+        Malformed URIs are INVALID_ARGUMENT, paths outside the roots PERMISSION_DENIED."""
+        if len(uri) > MAX_URI_CHARS:
+            raise InvalidInput(f"the URI is {len(uri)} characters long; the limit is {MAX_URI_CHARS}")
+        if _CONTROL.search(uri):
+            raise InvalidInput(f"the URI {_shown(uri)} contains a control character; percent-encode the path")
+        try:
+            parsed = urlsplit(uri)
+        except ValueError as error:  # e.g. an unclosed "[" in the host part
+            raise InvalidInput(f"{_shown(uri)} is not a valid URI ({error})") from None
         if parsed.scheme != "file":
-            raise InvalidInput(f"unsupported URI '{uri}': use a file:// URI under a model root, or upload the file")
+            raise InvalidInput(f"unsupported URI {_shown(uri)}: use a file:// URI under a model root, or upload the file")
+        if parsed.netloc not in ("", "localhost"):
+            raise InvalidInput(f"{_shown(uri)} names the host {_shown(parsed.netloc)}; write file:///PATH for a path on the server")
+        if parsed.query or parsed.fragment or not parsed.path.startswith("/"):
+            raise InvalidInput(f"{_shown(uri)} is not file:///ABSOLUTE/PATH (no query, no fragment)")
+        try:
+            text = unquote(parsed.path, errors="strict")
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{_shown(uri)} has percent escapes that are not UTF-8") from None
+        if _CONTROL.search(text):
+            raise InvalidInput(f"{_shown(uri)} encodes a control character (such as %00) in its path")
         if not self.model_roots:
             raise PermissionDenied("this server has no model roots configured; upload the file instead")
-        path = Path(unquote(parsed.path)).resolve()
+        path = Path(text).resolve()
         if not any(path.is_relative_to(root) for root in self.model_roots):
-            raise PermissionDenied(f"'{uri}' is outside the server's model roots")
-        if not path.is_file():
-            raise NotFound(f"'{uri}' does not exist on the server")
+            raise PermissionDenied(f"{_shown(uri)} is outside the server's model roots")
+        try:
+            regular = stat.S_ISREG(path.stat().st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"{_shown(uri)} does not exist on the server") from None
+        except PermissionError:
+            raise PermissionDenied(f"the server may not read {_shown(uri)}") from None
+        except OSError as error:  # a name too long for the file system, a loop of links...
+            raise InvalidInput(f"{_shown(uri)} cannot be opened on the server: {error.strerror}") from None
+        if not regular:
+            raise NotFound(f"{_shown(uri)} is not a regular file on the server")
         return path
 
