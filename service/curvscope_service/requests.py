@@ -6,7 +6,6 @@ same request.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,9 @@ from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from . import __version__
 from .engine import AnalysisJob, EngineLimits
 from .errors import InvalidInput
+from .loading.json_text import parse_json
+
+MAX_CONFIG_JSON_BYTES = 1 << 20
 
 MODEL_FORMAT_NAMES = {
     pb.MODEL_FORMAT_UNSPECIFIED: "auto",
@@ -41,10 +43,9 @@ def model_options(model: pb.ModelRef) -> dict[str, Any]:
         raise InvalidInput(f"unknown model format value {model.format}")
     config = None
     if model.architecture_config_json:
-        try:
-            config = json.loads(model.architecture_config_json)
-        except json.JSONDecodeError as error:
-            raise InvalidInput(f"architecture_config_json is not valid JSON: {error.msg} at {error.pos}") from None
+        # Text from the client: bounded in size and depth, so deep nesting is INVALID_ARGUMENT.
+        config = parse_json(model.architecture_config_json, what="architecture_config_json",
+                            max_bytes=MAX_CONFIG_JSON_BYTES)
         if not isinstance(config, dict):
             raise InvalidInput("architecture_config_json must be a JSON object")
     return {
