@@ -40,10 +40,15 @@ _OPERATOR_TARGETS = {
 } | {"math.trunc", "math.floor", "math.ceil", "math.sqrt"} | {
     f"torch.{name}" for name in ("sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sqrt", "sym_sum")
 }
-_OP_TARGET = re.compile(r"torch\.ops\.(aten|prims)\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+")
+_OP_TARGET = re.compile(r"torch\.ops\.(aten|prims)\.([A-Za-z0-9_]+)\.[A-Za-z0-9_]+")
+# aten operators whose names are dunders (masks combined in attention code); any other dunder in a
+# target could walk torch's attributes (__class__, __dict__...), so only these, and only as an op name
+_DUNDER_OPS = {"__and__", "__or__", "__xor__", "__lshift__", "__rshift__"}
 
-# Names a symbolic shape expression may call (sympy and torch.utils._sympy.functions).
+# Names a symbolic shape expression may call (sympy and torch.utils._sympy.functions); torch
+# writes expressions with sympy.srepr, so arithmetic appears as Add/Mul/Pow and comparisons by class.
 _SYMPY_FUNCTIONS = {
+    "Add", "Mul", "Pow", "Equality", "Unequality", "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan",
     "Symbol", "Integer", "Rational", "Float", "Max", "Min", "Mod", "floor", "ceiling", "Abs",
     "sqrt", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "Piecewise",
     "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt", "FloorToInt",
@@ -56,7 +61,11 @@ _AST_NODES = (
     ast.Expression, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.Call, ast.Name,
     ast.Constant, ast.Load, ast.keyword, ast.operator, ast.unaryop, ast.boolop, ast.cmpop,
 )
+# Infix operators sympify evaluates at once on numbers; bit operators and shifts (sympify reads ^
+# as a power) could build numbers of any size, and torch never writes them.
+_ARITHMETIC = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow)
 _MAX_EXPR_CHARS = 2000
+_MAX_EXPONENT = 64
 _MAX_SPEC_BYTES = 1 << 20
 
 
@@ -106,7 +115,10 @@ def _check_string(value: str, *, key: str, in_metadata: bool) -> None:
 
 
 def _check_target(target: str) -> None:
-    if (_OP_TARGET.fullmatch(target) and "__" not in target) or target in _OPERATOR_TARGETS:
+    match = _OP_TARGET.fullmatch(target)
+    if match and ("__" not in target or (match.group(2) in _DUNDER_OPS and target.count("__") == 2)):
+        return
+    if target in _OPERATOR_TARGETS:
         return
     raise InvalidInput(f"torch.export archive calls '{target[:80]}', which curvscope does not run (only aten operators); {REEXPORT}")
 
@@ -153,6 +165,10 @@ def _check_expression(text: str) -> None:
                 _check_symbol_call(node, refuse)
             elif node.keywords:
                 raise refuse("keyword arguments")
+            elif node.func.id == "Pow":
+                if len(node.args) != 2:
+                    raise refuse("power")
+                _check_power(node.args[0], node.args[1], refuse)
         elif isinstance(node, ast.Name):
             if not (node.id in _SYMPY_FUNCTIONS or node.id in _SYMPY_CONSTANTS or _is_symbol_name(node.id)):
                 raise refuse(f"name {node.id!r}")
@@ -164,9 +180,37 @@ def _check_expression(text: str) -> None:
                 isinstance(node.value, int) and abs(node.value) >= 2**63
             ):
                 raise refuse("constant")
-        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
-            if not (isinstance(node.right, ast.Constant) and type(node.right.value) is int and abs(node.right.value) <= 64):
-                raise refuse("power")
+        elif isinstance(node, ast.BinOp):
+            if not isinstance(node.op, _ARITHMETIC):
+                raise refuse(f"operator {type(node.op).__name__}")
+            if isinstance(node.op, ast.Pow):
+                _check_power(node.left, node.right, refuse)
+
+
+def _check_power(base: ast.AST, exponent: ast.AST, refuse) -> None:
+    # a power of a shape symbol stays symbolic; a power of numbers is computed by sympify at once
+    has_symbol = any(
+        (isinstance(n, ast.Name) and _is_symbol_name(n.id)) or (isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Symbol")
+        for n in ast.walk(base)
+    )
+    if not has_symbol or not (_small_integer(exponent) or _half(exponent)):
+        raise refuse("power")
+
+
+def _small_integer(node: ast.AST) -> bool:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        node = node.operand
+    if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Integer" and len(node.args) == 1:
+        node = node.args[0]
+    return isinstance(node, ast.Constant) and type(node.value) is int and abs(node.value) <= _MAX_EXPONENT
+
+
+def _half(node: ast.AST) -> bool:
+    # Rational(1, 2) or Rational(-1, 2): how srepr writes a square root
+    return (
+        isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Rational" and len(node.args) == 2
+        and all(_small_integer(arg) for arg in node.args) and ast.literal_eval(node.args[1]) == 2
+    )
 
 
 def _check_symbol_call(node: ast.Call, refuse) -> None:

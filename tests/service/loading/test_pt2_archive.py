@@ -294,3 +294,50 @@ def test_a_zip_bomb_in_a_member_that_is_never_read_costs_nothing(exported_dynami
         root = zf.namelist()[0].split("/", 1)[0]
         zf.writestr(f"{root}/extra/zeros", bytes(64 << 20))
     load_model(path)
+
+
+class _MaskedSequenceModel(torch.nn.Module):
+    """A dynamic sequence dimension (shapes written as Mul/Pow of a symbol) and boolean masks
+    combined with & (aten.__and__), as in Hugging Face attention code."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        kept = torch.where((x > -1) & (x < 1), x, torch.zeros_like(x))
+        scores = (kept @ kept.transpose(1, 2)).reshape(x.shape[0], -1)
+        return self.linear(kept).reshape(x.shape[0], -1)[:, :3] + scores.mean(1, keepdim=True)
+
+
+def test_a_dynamic_sequence_export_with_masks_loads_and_computes_the_same(tmp_path):
+    torch.manual_seed(0)
+    model = _MaskedSequenceModel().eval()
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=512)}
+    path = tmp_path / "masked.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(4, 6, 4),), dynamic_shapes=(dims,)), path)
+    program = read_member(path, PROGRAM).decode()
+    assert "Pow(" in program and "Mul(" in program and "aten.__and__" in program
+    loaded = load_model(path).module
+    for shape in [(3, 5, 4), (1, 1, 4), (2, 40, 4)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "expression", ["(2^64)^64", "2^(2^40)", "((2**64)**64)**64", "1<<(2**34)", "Pow(Integer(2), Integer(64))", "Pow(s0, s0)"]
+)
+def test_expressions_that_compute_huge_numbers_are_refused(exported_dynamic, tmp_path, refuses, expression):
+    path = _with_expression(exported_dynamic[0], tmp_path / "evil.pt2", expression)
+    with refuses(InvalidInput, "symbolic shape"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("target", ["torch.ops.aten.__class__.default", "torch.ops.aten.__and__.__init__", "torch.ops.aten.add.__dict__"])
+def test_dunder_targets_other_than_aten_operators_are_refused(exported_dynamic, tmp_path, refuses, target):
+    def edit(program):
+        program["graph_module"]["graph"]["nodes"][0]["target"] = target
+
+    path = _program_with(exported_dynamic[0], tmp_path / "evil.pt2", edit)
+    with refuses(InvalidInput, "only aten operators"):
+        load_model(path)
