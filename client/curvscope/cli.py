@@ -1,7 +1,8 @@
 """The ``curvscope`` command line: serve, analyze, gate, report, compare, demo.
 
 Exit codes: 0 ok, 1 a gate failed, 2 usage or input error, 3 the server could not be reached
-or failed.
+or failed (or, with ``--local``, the engine failed). Errors are one line on stderr, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -405,11 +406,24 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.run(args)
     except CurvscopeError as error:
-        print(f"curvscope: {error.code}: {error.message}", file=sys.stderr)
+        print(f"curvscope: {error.code}: {_one_line(error.message)}", file=sys.stderr)
         return EXIT_INPUT if error.code in INPUT_CODES else EXIT_SERVER
     except KeyboardInterrupt:
         print("curvscope: interrupted", file=sys.stderr)
         return EXIT_SERVER
+    except Exception as error:  # noqa: BLE001 - a bug (here or in --local's engine), not bad input
+        if argv[:1] == ["serve"]:
+            raise  # the server's own crash: its log wants the traceback
+        # One line, never a traceback; 3 like a failed server (1 would read as a failed gate).
+        print(f"curvscope: internal error: {type(error).__name__}: {_one_line(str(error))} "
+              "(a bug; please report it with the command that ran)", file=sys.stderr)
+        return EXIT_SERVER
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """The first line of ``text``, cut to ``limit`` characters: messages stay one line."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 if __name__ == "__main__":
