@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,16 @@ class ServerConfig:
     host: str = "[::]"
     port: int = 50051
     metrics_port: int = 9090
+    # Address of the /metrics endpoint; "" = the gRPC server's host (so --host 127.0.0.1 keeps
+    # the metrics on loopback too).
+    metrics_host: str = ""
     store: Path = Path("curvscope-store")
     device: str = "auto"
     model_roots: list[Path] = field(default_factory=list)
     max_upload_bytes: int = 4 << 30
+    # Seconds an upload may wait for its next chunk before it is dropped (a stalled client
+    # would otherwise hold a temporary file and a descriptor forever); 0 = wait forever.
+    upload_idle_timeout_seconds: float = 60.0
     max_queue_depth: int = 16
     # Analyses running at once on one device (one per GPU: two would compete for its memory).
     concurrency: int = 1
@@ -57,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=int(_env("PORT", "50051")), help="gRPC port; 0 picks a free one (CURVSCOPE_PORT)")
     parser.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "9090")),
                         help="Prometheus /metrics port; 0 disables (CURVSCOPE_METRICS_PORT)")
+    parser.add_argument("--metrics-host", default=_env("METRICS_HOST", ""),
+                        help="address the /metrics endpoint binds; default: the --host address (CURVSCOPE_METRICS_HOST)")
     parser.add_argument("--store", type=Path, default=Path(_env("STORE", "curvscope-store")),
                         help="directory of the blob store (CURVSCOPE_STORE)")
     parser.add_argument("--device", default=_env("DEVICE", "auto"),
@@ -66,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read-only directory that file:// model URIs may point into; repeatable (CURVSCOPE_MODEL_ROOTS)")
     parser.add_argument("--max-upload-bytes", type=int, default=int(_env("MAX_UPLOAD_BYTES", str(4 << 30))),
                         help="largest accepted upload (CURVSCOPE_MAX_UPLOAD_BYTES)")
+    parser.add_argument("--upload-idle-timeout", type=float, default=float(_env("UPLOAD_IDLE_TIMEOUT", "60")),
+                        help="seconds an upload may send nothing before it is dropped with DEADLINE_EXCEEDED; "
+                             "0 = wait forever (CURVSCOPE_UPLOAD_IDLE_TIMEOUT)")
     parser.add_argument("--max-queue-depth", type=int, default=int(_env("MAX_QUEUE_DEPTH", "16")),
                         help="waiting analyses per device before RESOURCE_EXHAUSTED (CURVSCOPE_MAX_QUEUE_DEPTH)")
     parser.add_argument("--concurrency", type=int, default=int(_env("CONCURRENCY", "1")),
@@ -116,16 +128,19 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     if args.tls_client_ca and not args.tls_cert:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     for name in ("max_upload_bytes", "max_queue_depth", "concurrency", "max_parameters", "max_samples",
-                 "max_analysis_seconds", "store_max_bytes", "store_max_age", "gc_interval"):
+                 "max_analysis_seconds", "store_max_bytes", "store_max_age", "gc_interval", "upload_idle_timeout"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if not math.isfinite(args.upload_idle_timeout):
+        parser.error("--upload-idle-timeout must be a number of seconds (0 = wait forever)")
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     if args.gc_interval <= 0:
         parser.error("--gc-interval must be positive")
     return ServerConfig(
-        host=args.host, port=args.port, metrics_port=args.metrics_port, store=args.store, device=args.device,
-        model_roots=args.model_root, max_upload_bytes=args.max_upload_bytes, max_queue_depth=args.max_queue_depth,
+        host=args.host, port=args.port, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        store=args.store, device=args.device, model_roots=args.model_root, max_upload_bytes=args.max_upload_bytes,
+        upload_idle_timeout_seconds=args.upload_idle_timeout, max_queue_depth=args.max_queue_depth,
         concurrency=args.concurrency, max_analysis_seconds=args.max_analysis_seconds,
         store_max_bytes=args.store_max_bytes, store_max_age_seconds=args.store_max_age,
         gc_interval_seconds=args.gc_interval, log_format=args.log_format,

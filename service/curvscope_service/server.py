@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import torch
@@ -124,11 +126,30 @@ async def start_server(config: ServerConfig) -> RunningServer:
     return RunningServer(server, port, health_servicer, scheduler, config, store, gc_task)
 
 
+def metrics_address(config: ServerConfig) -> str:
+    """Where /metrics listens: ``--metrics-host``, else the gRPC host (so ``--host 127.0.0.1``
+    does not leave the metrics open on every interface), without gRPC's IPv6 brackets."""
+    host = config.metrics_host or config.host
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def start_metrics(config: ServerConfig) -> tuple[WSGIServer, threading.Thread]:
+    """Serve /metrics on ``metrics_address(config)``:``config.metrics_port`` in a thread."""
+    address = metrics_address(config)
+    try:
+        return start_http_server(config.metrics_port, addr=address)
+    except OSError as error:
+        # gRPC binds its [::] to 0.0.0.0 on a kernel without IPv6; so does this.
+        if address != "::" or error.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            raise
+        return start_http_server(config.metrics_port, addr="0.0.0.0")
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     running = await start_server(config)
     if config.metrics_port:
-        start_http_server(config.metrics_port)
+        start_metrics(config)
     log.info("curvscope listening on port %d (devices: %s)", running.port, ", ".join(running.scheduler.devices),
              extra={"port": running.port})
     stop = asyncio.Event()

@@ -23,7 +23,7 @@ from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
 
 from . import __version__, engine, metrics
 from .config import ServerConfig
-from .errors import InvalidInput
+from .errors import DeadlineExceeded, InvalidInput
 from .loading import known_architectures
 from .logging_setup import REQUEST_ID
 from .requests import canonical_request, description_message, job_from_request, model_options, report_message
@@ -63,18 +63,34 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
 
     async def Upload(self, request_iterator: AsyncIterator[pb.UploadChunk], context: aio.ServicerContext) -> pb.BlobRef:
         writer = None
+        idle = self.config.upload_idle_timeout_seconds or None
+        loop = asyncio.get_running_loop()
         try:
-            async for chunk in request_iterator:
-                kind = chunk.WhichOneof("payload")
-                if writer is None:
-                    if kind != "header":
-                        raise InvalidInput("the first upload chunk must carry the header (sha256 and size)")
-                    writer = self.store.writer(chunk.header.sha256, chunk.header.size_bytes,
-                                               self.config.max_upload_bytes)
-                elif kind == "header":
-                    raise InvalidInput("only the first upload chunk may carry a header")
-                else:
-                    writer.write(chunk.data)
+            # One timer, pushed back after every chunk: it fires only while the server waits
+            # for a client that sends nothing. DEADLINE_EXCEEDED, not ABORTED: a time limit ran
+            # out (nothing conflicted), and the client may simply send again.
+            timer = asyncio.timeout(idle)
+            try:
+                async with timer:
+                    async for chunk in request_iterator:
+                        kind = chunk.WhichOneof("payload")
+                        if writer is None:
+                            if kind != "header":
+                                raise InvalidInput("the first upload chunk must carry the header (sha256 and size)")
+                            writer = self.store.writer(chunk.header.sha256, chunk.header.size_bytes,
+                                                       self.config.max_upload_bytes)
+                        elif kind == "header":
+                            raise InvalidInput("only the first upload chunk may carry a header")
+                        else:
+                            writer.write(chunk.data)
+                        if idle is not None:
+                            timer.reschedule(loop.time() + idle)
+            except TimeoutError:
+                if not timer.expired():
+                    raise  # not ours: e.g. a disk that timed out
+                raise DeadlineExceeded(
+                    f"the upload sent nothing for {idle:g} s (this server's --upload-idle-timeout) and was "
+                    "dropped; send the file again") from None
             if writer is None:
                 raise InvalidInput("empty upload: send a header chunk, then the file's bytes")
             info = writer.commit()
