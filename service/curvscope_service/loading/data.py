@@ -30,7 +30,7 @@ def load_data(path: Path, *, device: torch.device | str = "cpu", dtype: torch.dt
     if missing:
         raise InvalidInput(
             f"data file lacks {' and '.join(repr(k) for k in missing)}; it needs tensors named 'inputs' and 'targets' "
-            f"(found: {', '.join(sorted(tensors)) or 'none'})"
+            f"(found: {_names(sorted(tensors))})"
         )
     for name, tensor in tensors.items():
         if tensor.dim() == 0:
@@ -38,6 +38,12 @@ def load_data(path: Path, *, device: torch.device | str = "cpu", dtype: torch.dt
     n = tensors["inputs"].shape[0]
     if n == 0:
         raise InvalidInput("data file has zero samples; 'inputs' needs at least one row")
+    for name, tensor in tensors.items():
+        # An empty tensor holds no bytes yet could declare 10**12 samples, which sampling and
+        # batching would then allocate for; with every dimension non-zero, samples <= file bytes.
+        if tensor.numel() == 0:
+            raise InvalidInput(f"data tensor '{name}' has shape {list(tensor.shape)} and holds no values; "
+                               "every sample needs at least one")
     for name, tensor in tensors.items():
         if tensor.shape[0] != n:
             raise InvalidInput(f"data tensor '{name}' has {tensor.shape[0]} samples but 'inputs' has {n}; they must match")
@@ -53,3 +59,9 @@ def load_data(path: Path, *, device: torch.device | str = "cpu", dtype: torch.dt
         targets = targets.to(dtype)
     extra = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     return LoadedData(inputs=inputs, targets=targets, extra=extra, num_samples=n)
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    # names come from the file: a few, each clipped, keep the message one short line
+    shown = ", ".join(name if len(name) <= 40 else name[:37] + "..." for name in names[:limit]) or "none"
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

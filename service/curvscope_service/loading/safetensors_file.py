@@ -1,33 +1,60 @@
-"""Validate a safetensors file's header before any library touches its data.
+"""Our one reader of safetensors files: the header is checked, then tensors are built from it.
 
-A safetensors file is an 8-byte little-endian header length, a JSON header and a data region.
-Checking the header ourselves turns a truncated or hostile file into a message that names the
-bad tensor, instead of an allocation of 10**24 bytes or a Rust panic.
+A safetensors file is an 8-byte little-endian header length, a UTF-8 JSON header and a data
+region. Every size the header declares is checked against the file and against the caps below
+before anything is allocated, and each tensor is read from exactly the byte range its checked
+entry names. No other parser (the ``safetensors`` library included) ever sees a user's file, so
+nothing can read those bytes differently from this scan. A truncated or hostile file becomes a
+one-line message that names the bad tensor.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-import safetensors.torch
 
 from curvscope_service.errors import InvalidInput
-from curvscope_service.loading.messages import one_line
+from curvscope_service.loading.json_text import parse_json
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# The library's own limit was 100 MiB. Parsing and depth-checking JSON costs up to ~40x its size
+# in Python objects (measured: 8 MiB of '[[],[],...]' grew the process by 333 MB), so 100 MiB
+# could cost 4 GB before any check ran. 4 MiB (~170 MB at worst) holds MAX_TENSORS entries with
+# 130-character names (2.1 MB measured) next to a config at its 1 MiB cap.
+MAX_HEADER_BYTES = 4 << 20
+# Real single files hold far fewer: GPT-2 ~150 tensors, a 7B Llama 291, ResNet-152 ~930, the
+# small mixture-of-experts models 3-5k (OLMoE-1B-7B's 16 layers x 64 experts x 3 matrices alone
+# are 3,072). Each entry costs ~2 KB once parsed and checked, so this bounds that to ~35 MB
+# (400,000 empty tensors took a server from 418 MB to 1.1 GB).
+MAX_TENSORS = 16_384
+# Conv3d weights and video batches have 5 dimensions; nothing real needs more than 8.
+MAX_RANK = 8
+# A non-empty tensor cannot declare more elements than the file holds bytes; an empty one could
+# declare [0, 10**30] and overflow torch's 64-bit sizes and strides. Its dimensions, zeros read as
+# ones, must multiply to at most this (2**40 elements, 256x what a 4 GiB upload can hold).
+MAX_ELEMENTS = 1 << 40
+# Names are module paths ("model.layers.31.mlp.down_proj.weight", rarely over 100 characters);
+# they appear in messages and logs, which a megabyte-long name would flood.
+MAX_NAME_LENGTH = 256
 
-# dtype name in the header -> bytes per element (the dtypes safetensors.torch can load)
-_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "C64": 8,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "U64": 8, "U32": 4, "U16": 2,
-    "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
+# dtype name in the header -> torch dtype. Every dtype of the format that torch can hold byte for
+# byte; the packed 4- and 6-bit floats have no such torch dtype and are refused by name.
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+    "BOOL": torch.bool, "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F8_E8M0": torch.float8_e8m0fnu,
 }
+_UNSUPPORTED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")
 
 
 @dataclass(frozen=True)
@@ -45,26 +72,98 @@ class SafetensorsHeader:
     tensors: dict[str, TensorEntry]
 
 
+class SafetensorsReader:
+    """One open safetensors file: its checked header, and its tensors read one at a time.
+
+    The header and every tensor come through the same open file, so what is read is what was
+    checked; a file that shrinks meanwhile is refused, never read short.
+    """
+
+    def __init__(self, path: Path, *, what: str = "file") -> None:
+        self.what = what
+        self._file: BinaryIO = Path(path).open("rb")
+        try:
+            self.header, self._data_start = _parse_header(self._file, what)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` on the CPU, in memory of its own (never a view of the file)."""
+        entry = self.header.tensors[name]
+        raw = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+        self._file.seek(self._data_start + entry.begin)
+        view, filled = memoryview(raw.numpy()), 0
+        while filled < len(view):
+            got = self._file.readinto(view[filled:])
+            if not got:
+                raise InvalidInput(f"{self.what}: tensor '{name}' ends past the end of the file (it changed while being read)")
+            filled += got
+        dtype = _DTYPES[entry.dtype]
+        if dtype == torch.bool and bool((raw > 1).any()):
+            # torch's bool kernels assume 0 or 1; other bytes give values that are neither
+            raise InvalidInput(f"{self.what}: BOOL tensor '{name}' holds bytes other than 0 and 1")
+        return _from_little_endian(raw, dtype).view(dtype).reshape(entry.shape)
+
+
 def read_header(path: Path, *, what: str = "file") -> SafetensorsHeader:
     """Parse and check the header of ``path``; raise InvalidInput naming the first problem."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise InvalidInput(
-                f"{what} is not a safetensors file: {size} bytes is too short for the 8-byte header length"
-            )
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > MAX_HEADER_BYTES or header_len > size - 8:
-            raise InvalidInput(
-                f"{what} is not a valid safetensors file: header length {header_len} does not fit "
-                f"in a {size}-byte file (truncated or not safetensors)"
-            )
-        raw = f.read(header_len)
+    with SafetensorsReader(path, what=what) as reader:
+        return reader.header
+
+
+def load_tensors(
+    path: Path, *, what: str = "file", device: torch.device | str = "cpu"
+) -> tuple[SafetensorsHeader, dict[str, torch.Tensor]]:
+    """Check the header, then read every tensor of a safetensors file onto ``device``."""
+    with SafetensorsReader(path, what=what) as reader:
+        tensors = {name: reader.read(name).to(device) for name in reader.header.tensors}
+        return reader.header, tensors
+
+
+def _from_little_endian(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    itemsize = dtype.itemsize
+    if sys.byteorder == "little" or itemsize == 1:
+        return raw
+    return raw.view(-1, itemsize).flip(-1).reshape(-1)
+
+
+def _parse_header(f: BinaryIO, what: str) -> tuple[SafetensorsHeader, int]:
+    size = os.fstat(f.fileno()).st_size
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise InvalidInput(
+            f"{what} is not a safetensors file: {size} bytes is too short for the 8-byte header length"
+        )
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > size - 8:
+        raise InvalidInput(
+            f"{what} is not a valid safetensors file: header length {header_len} does not fit "
+            f"in a {size}-byte file (truncated or not safetensors)"
+        )
+    if header_len > MAX_HEADER_BYTES:
+        raise InvalidInput(
+            f"{what} has a safetensors header of {header_len} bytes; the limit is {MAX_HEADER_BYTES} "
+            f"(about {MAX_TENSORS} tensors)"
+        )
+    raw = f.read(header_len)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidInput(f"{what} has a corrupt safetensors header (invalid JSON: {one_line(e)})") from None
+        text = raw.decode("utf-8")  # the format says UTF-8; json.loads(bytes) would also take UTF-16/32
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{what} has a corrupt safetensors header (not UTF-8 text)") from None
+    try:
+        header = parse_json(text, what="its text", max_bytes=MAX_HEADER_BYTES)
+    except InvalidInput as e:
+        raise InvalidInput(f"{what} has a corrupt safetensors header, invalid JSON: {e}") from None
     if not isinstance(header, dict):
         raise InvalidInput(f"{what} has a corrupt safetensors header: expected a JSON object")
 
@@ -73,32 +172,48 @@ def read_header(path: Path, *, what: str = "file") -> SafetensorsHeader:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise InvalidInput(f"{what}: safetensors __metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise InvalidInput(f"{what} declares {len(header)} tensors; the limit is {MAX_TENSORS} per file")
 
     data_size = size - 8 - header_len
     tensors = {name: _check_entry(name, spec, data_size, what) for name, spec in header.items()}
-    _check_no_overlap(tensors.values(), what)
-    return SafetensorsHeader(metadata=metadata, tensors=tensors)
+    _check_tiling(tensors.values(), data_size, what)
+    return SafetensorsHeader(metadata=metadata, tensors=tensors), 8 + header_len
 
 
 def _check_entry(name: str, spec: object, data_size: int, what: str) -> TensorEntry:
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidInput(
+            f"{what}: tensor name {_brief_value(name)} is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}"
+        )
     if not isinstance(spec, dict):
         raise InvalidInput(f"{what}: tensor '{name}' has a malformed header entry")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in _ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        if dtype in _UNSUPPORTED_DTYPES:
+            raise InvalidInput(
+                f"{what}: tensor '{name}' has dtype {dtype}, which torch cannot hold; store it as F32, F16 or BF16"
+            )
         raise InvalidInput(
-            f"{what}: tensor '{name}' has unknown dtype {dtype!r}; use one of {', '.join(sorted(_ITEMSIZE))}"
+            f"{what}: tensor '{name}' has unknown dtype {_brief_value(dtype)}; use one of {', '.join(sorted(_DTYPES))}"
         )
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise InvalidInput(f"{what}: tensor '{name}' has shape {shape!r}; dimensions must be non-negative integers")
+        raise InvalidInput(
+            f"{what}: tensor '{name}' has shape {_brief_value(shape)}; dimensions must be non-negative integers"
+        )
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"{what}: tensor '{name}' has {len(shape)} dimensions; the limit is {MAX_RANK}")
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise InvalidInput(f"{what}: tensor '{name}' declares shape {shape}, over {MAX_ELEMENTS} elements")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise InvalidInput(f"{what}: tensor '{name}' has malformed data_offsets {offsets!r}")
+        raise InvalidInput(f"{what}: tensor '{name}' has malformed data_offsets {_brief_value(offsets)}")
     begin, end = offsets
-    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
     if nbytes != end - begin:
         raise InvalidInput(
             f"{what}: tensor '{name}' declares shape {shape} of {dtype} ({nbytes} bytes) "
@@ -111,19 +226,29 @@ def _check_entry(name: str, spec: object, data_size: int, what: str) -> TensorEn
     return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
 
 
-def _check_no_overlap(entries, what: str) -> None:
-    previous = None
+def _check_tiling(entries, data_size: int, what: str) -> None:
+    # The format requires the tensors to cover the data region exactly: no overlap, no hole, nothing
+    # after the last one. Unindexed bytes are where a polyglot file hides its payload, and a JSON
+    # key given twice (the parser keeps the last) leaves its first range unindexed.
+    previous, cursor = None, 0
     for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
-        if previous is not None and entry.begin < previous.end:
+        if entry.begin < cursor:
             raise InvalidInput(f"{what}: tensors '{previous.name}' and '{entry.name}' overlap in the data region")
-        previous = entry
+        if entry.begin > cursor:
+            after = f"after tensor '{previous.name}'" if previous is not None else "at the start of the data region"
+            raise InvalidInput(
+                f"{what}: {entry.begin - cursor} bytes {after} belong to no tensor "
+                "(a safetensors data region holds its tensors and nothing else)"
+            )
+        previous, cursor = entry, entry.end
+    if cursor != data_size:
+        raise InvalidInput(
+            f"{what}: the last {data_size - cursor} bytes of the data region belong to no tensor "
+            "(a safetensors data region holds its tensors and nothing else)"
+        )
 
 
-def load_tensors(path: Path, *, what: str = "file", device: torch.device | str = "cpu") -> tuple[SafetensorsHeader, dict[str, torch.Tensor]]:
-    """Check the header, then load every tensor of a safetensors file."""
-    header = read_header(path, what=what)
-    try:
-        tensors = safetensors.torch.load_file(str(path), device=str(device))
-    except Exception as e:  # safetensors raises its own SafetensorError, or a Rust panic
-        raise InvalidInput(f"{what} could not be read as safetensors: {one_line(e)}") from None
-    return header, tensors
+def _brief_value(value: object) -> str:
+    # a hostile header can put megabytes into one field; messages stay one short line
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
