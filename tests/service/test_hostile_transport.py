@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from curvscope import Client
+from curvscope import Client, CurvscopeError
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
 from curvscope_service import engine
@@ -213,6 +213,21 @@ def test_bad_architecture_config_json_is_invalid_argument(server, client, digits
         error = _refused(call, request)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
         assert words in error.details() and "\n" not in error.details()
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]},
+    {"dtype": {"name": "F32"}, "shape": [1], "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": [1], "data_offsets": {"begin": 0}},
+], ids=["dtype a list", "dtype an object", "shape a string", "offsets an object"])
+def test_a_header_value_of_the_wrong_json_type_is_invalid_argument(client, tmp_path, entry):
+    header = json.dumps({"__metadata__": {"architecture": "sequential"}, "w": entry}).encode()
+    model = tmp_path / "typed.safetensors"
+    model.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    with pytest.raises(CurvscopeError) as caught:
+        client.describe(model)
+    assert caught.value.code == "INVALID_ARGUMENT" and "\n" not in caught.value.message
 
 
 # -- stalled uploads ---------------------------------------------------------------------------
