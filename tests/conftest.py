@@ -1,7 +1,11 @@
-"""Fixtures shared across the suite: the digits demo files and an in-process server."""
+"""Fixtures shared across the suite: the digits demo files, an in-process server, and the
+programs some tests run."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -37,3 +41,33 @@ def client(server):
 
     with Client(server.target) as connected:
         yield connected
+
+
+@pytest.fixture(scope="session")
+def extra_tool():
+    """``extra_tool(name, package)``: the path of a program the test extra installs (buf,
+    hadolint, grpcurl), found in this interpreter's scripts directory rather than on PATH, so the
+    suite needs no activated venv. A missing one fails the test."""
+    def find(name: str, package: str) -> Path:
+        for scheme in (sysconfig.get_default_scheme(), f"{os.name}_user"):
+            path = Path(sysconfig.get_path("scripts", scheme)) / name
+            if path.is_file():
+                return path
+        pytest.fail(f"{name} is missing: install the test extra ({package})")
+    return find
+
+
+@pytest.fixture(scope="session")
+def system_tool():
+    """``system_tool(*names, install=...)``: the path of a system program (a browser, say) under
+    the first of its names found on PATH. A missing one skips the test on a developer's machine
+    and fails it when ``CI`` is set (.ci/run sets it and installs the program)."""
+    def find(*names: str, install: str) -> str:
+        for name in names:
+            if (path := shutil.which(name)) is not None:
+                return path
+        message = f"{' or '.join(names)} is not installed ({install})"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"{message}; under CI every test runs")
+        pytest.skip(message)
+    return find

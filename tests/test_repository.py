@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import venv
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,11 +19,8 @@ def test_generated_stubs_are_up_to_date():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_buf_lint_is_clean():
-    buf = shutil.which("buf")
-    if buf is None:
-        pytest.fail("buf is missing: install the test extra (buf-bin)")
-    result = subprocess.run([buf, "lint"], cwd=REPO, capture_output=True, text=True)
+def test_buf_lint_is_clean(extra_tool):
+    result = subprocess.run([extra_tool("buf", "buf-bin"), "lint"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

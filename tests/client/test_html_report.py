@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 
 import jsonschema
-import pytest
+from PIL import Image
 
 from curvscope import json_schema
 from curvscope.cli import main
 from curvscope.html_report import render_html
 from curvscope.plots import DENSITY_FILL, EIGEN_FILL, LIPSCHITZ_FILL, STABLE_FILL
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def eigen(largest):
@@ -59,30 +56,30 @@ def test_page_is_self_contained_and_escaped(tmp_path, capsys):
 
 
 def _pixels(png_path) -> dict[str, int]:
-    image = pytest.importorskip("PIL.Image").open(png_path).convert("RGB")
+    image = Image.open(png_path).convert("RGB")
     counts: dict[str, int] = {}
     for count, (r, g, b) in image.getcolors(maxcolors=1 << 20):
         counts[f"#{r:02x}{g:02x}{b:02x}"] = count
     return counts
 
 
-def _screenshot(tmp_path, html: str, name: str):
+def _screenshot(chromium: str, tmp_path, html: str, name: str):
     page = tmp_path / f"{name}.html"
     page.write_text(html)
     shot = tmp_path / f"{name}.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--no-first-run",
                     f"--user-data-dir={tmp_path / ('profile-' + name)}", f"--screenshot={shot}",
                     "--window-size=1280,1400", page.as_uri()], capture_output=True, timeout=90, check=True)
     return _pixels(shot)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
-def test_chromium_draws_every_plot(tmp_path):
-    pixels = _screenshot(tmp_path, render_html(report()), "full")
+def test_chromium_draws_every_plot(tmp_path, system_tool):
+    chromium = system_tool("chromium", "chromium-browser", install="apt-get install -y chromium")
+    pixels = _screenshot(chromium, tmp_path, render_html(report()), "full")
     # Each plot has its own opaque fill: a rendered plot covers hundreds of pixels with it.
     for fill in (DENSITY_FILL, EIGEN_FILL, LIPSCHITZ_FILL, STABLE_FILL):
         assert pixels.get(fill, 0) > 300, (fill, pixels.get(fill, 0))
     # Without Lipschitz results that plot, and only that one, is gone.
-    pixels = _screenshot(tmp_path, render_html(report(lipschitz=False)), "partial")
+    pixels = _screenshot(chromium, tmp_path, render_html(report(lipschitz=False)), "partial")
     assert pixels.get(LIPSCHITZ_FILL, 0) == 0 and pixels.get(STABLE_FILL, 0) > 300

