@@ -24,6 +24,16 @@ def test_buf_lint_is_clean(extra_tool):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_ci_runs_the_readme_test_command_strictly():
+    readme = (REPO / "README.md").read_text().splitlines()
+    command = readme[next(i for i, line in enumerate(readme) if line.startswith("# 2. ")) + 1]
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    # The same command last (its status is the script's), under set -e and with CI set, so a
+    # missing program fails its test instead of skipping it.
+    assert ci[-1] == command and command.endswith("python3 -m pytest")
+    assert "set -euo pipefail" in ci and "export CI=1" in ci
+
+
 def test_thin_client_installs_and_runs_without_torch(tmp_path, server, digits_files):
     environment = tmp_path / "venv"
     venv.create(environment, with_pip=True)
