@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from lxml import etree
 
 from curvscope import CurvscopeError, json_schema
 from curvscope.cli import main
@@ -354,8 +355,7 @@ def files(tmp_path):
 
 
 def _xsd():
-    etree = pytest.importorskip("lxml.etree")
-    return etree, etree.XMLSchema(etree.fromstring(JUNIT_XSD.encode()))
+    return etree.XMLSchema(etree.fromstring(JUNIT_XSD.encode()))
 
 
 @pytest.mark.parametrize("top, expected_exit, failures, errors", [(4.0, 0, 0, 0), (11.0, 1, 1, 0), (None, 1, 0, 2)])
@@ -372,7 +372,7 @@ def test_cli_verdicts_exit_codes_and_files(files, tmp_path, capsys, monkeypatch,
     printed = capsys.readouterr().out
     assert "curvscope gate: " + ("PASS" if expected_exit == 0 else "FAIL") in printed
 
-    etree, schema = _xsd()
+    schema = _xsd()
     junit = etree.parse(str(out["xml"]))
     assert schema.validate(junit), schema.error_log
     suite = junit.getroot()[0]

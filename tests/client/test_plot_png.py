@@ -9,13 +9,11 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-pytest.importorskip("matplotlib")
+from curvscope.cli import main
+from curvscope.plots import spectrum_svg
+from curvscope.plots_png import spectrum_figure, spectrum_png
 
-from curvscope.cli import main  # noqa: E402
-from curvscope.plots import spectrum_svg  # noqa: E402
-from curvscope.plots_png import spectrum_figure, spectrum_png  # noqa: E402
-
-from test_plots import full_report  # noqa: E402
+from test_plots import full_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SVG = "{http://www.w3.org/2000/svg}"

@@ -7,17 +7,15 @@ import datetime
 import ipaddress
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-cryptography = pytest.importorskip("cryptography")
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
-
-from curvscope import Client, CurvscopeError  # noqa: E402
-from curvscope.cli import main as cli_main  # noqa: E402
-from curvscope_service.config import ServerConfig  # noqa: E402
-from curvscope_service.server import InProcessServer  # noqa: E402
+from curvscope import Client, CurvscopeError
+from curvscope.cli import main as cli_main
+from curvscope_service.config import ServerConfig
+from curvscope_service.server import InProcessServer
 
 
 def _certificate(name, key, issuer_name, issuer_key, *, ca=False, server=False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import cvxpy as cp
 import numpy as np
 import pytest
 import scipy.linalg
@@ -14,8 +15,6 @@ from curvscope_service.lipschitz.eclipse_fast import eclipse_fast
 from curvscope_service.lipschitz.network import Slope
 
 from conftest import reference_weights, relu_net, weights_of
-
-cp = pytest.importorskip("cvxpy")
 
 
 def certified(weights, alphas, betas, variant, solver=None) -> tuple[float, dict]:

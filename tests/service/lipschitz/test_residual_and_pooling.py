@@ -9,6 +9,7 @@ import math
 import re
 from pathlib import Path
 
+import cvxpy as cp
 import numpy as np
 import pytest
 import torch
@@ -360,7 +361,6 @@ def whole_graph_lipsdp_by_hand(model: ResidualReLU) -> float:
     """LipSDP-Neuron of ResidualReLU written out from the paper's quadratic constraints: z = (x, a0,
     a1, a2, a3) with a0 = relu(W_inp x), a1 = relu(W_l1 a0), z1 = a0 + W_l2 a1, a2 = relu(W_v1 z1),
     a3 = relu(W_proj z1 + W_v2 a2), y = W_out a3; M = Eᵀ Q E + FᵀF − ρ diag(I, 0) ⪯ 0."""
-    cp = pytest.importorskip("cvxpy")
     w = {name: getattr(model, name).weight.detach().double().numpy() for name in ("inp", "l1", "l2", "v1", "v2", "proj", "out")}
     sizes = [4, 6, 6, 8, 8]
     offsets = np.cumsum([0, *sizes])
