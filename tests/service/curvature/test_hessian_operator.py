@@ -151,8 +151,14 @@ def test_cuda(cnn_case, method, rel):
         "double_backward",
         pytest.param(
             "jvp_grad",
+            # pytorch/pytorch#123996 (and #112013, both open since 2023-24): seen here on 2.13.0, reported
+            # upstream on 2.14.0 and 2.15 nightlies; the proposed fix (pytorch/pytorch#197723) is in no
+            # release. From 2.15 on the test runs unmarked: it passes once the fix is out, else the
+            # known range grows.
             marks=pytest.mark.xfail(
-                raises=RuntimeError, strict=True, reason="torch 2.13: jvp of F.mse_loss's gradient hits an immutable ZeroTensor"
+                torch.__version__ < "2.15", raises=RuntimeError, strict=True,
+                reason="torch < 2.15 (seen on 2.13.0, reported on 2.14.0: pytorch/pytorch#123996): jvp of F.mse_loss's "
+                       "gradient hits an immutable ZeroTensor",
             ),
         ),
     ],
