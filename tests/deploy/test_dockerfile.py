@@ -1,6 +1,7 @@
-"""The server image: hadolint clean, non-root, writes only to its volume and /tmp, and its
-entrypoint command serves (health, metrics, graceful stop) when run from a plain venv with the
-image's environment."""
+"""The server image: hadolint clean, non-root, writes only to its volume and /tmp, its build
+context builds both wheels with their package data, and its entrypoint command serves (health,
+metrics, graceful stop) from a fresh venv holding only those wheels and their dependencies, run
+with the image's environment."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import sys
 import time
 import urllib.request
 import venv
+import zipfile
+from importlib.metadata import version
 from pathlib import Path
 
 import grpc
@@ -85,10 +88,15 @@ def test_image_runs_as_numeric_non_root_user_and_writes_only_to_volume_and_tmp()
     assert workdir.startswith(WRITABLE)
 
 
-def test_build_context_holds_what_the_image_copies():
+def context_entries() -> set[str]:
+    """What .dockerignore lets into the build context (it ignores everything else)."""
     ignore = (REPO / ".dockerignore").read_text().splitlines()
-    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert "*" in ignore
+    return {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+
+
+def test_build_context_holds_what_the_image_copies():
+    allowed = context_entries()
     copied = [rest for keyword, rest in instructions(DOCKERFILE.read_text())
               if keyword == "COPY" and not rest.startswith("--from")]
     for rest in copied:
@@ -122,20 +130,52 @@ def _health(channel: grpc.Channel, service: str) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(request, timeout=2).status
 
 
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory) -> dict[str, Path]:
+    """The client's and the service's wheels by name, built by pip from a copy of the build
+    context: with build isolation, so the backend is the one pyproject.toml asks for, fetched from
+    pip's configured indexes, never this interpreter's own setuptools."""
+    context = tmp_path_factory.mktemp("context")
+    # Without setuptools' leftovers of earlier local builds (build/ would be packaged again).
+    leftovers = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
+    for entry in context_entries():
+        source = REPO / entry
+        if source.is_dir():
+            shutil.copytree(source, context / entry, ignore=leftovers)
+        else:
+            shutil.copy(source, context / entry)
+    dist = tmp_path_factory.mktemp("dist")
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(dist),
+         str(context / "client"), str(context)], capture_output=True, text=True, cwd=dist, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    return {path.name.split("-")[0]: path for path in dist.glob("*.whl")}
+
+
+def test_wheels_ship_their_package_data(wheels):
+    assert set(wheels) == {"curvscope", "curvscope_service"}
+    with zipfile.ZipFile(wheels["curvscope"]) as wheel:
+        assert {"curvscope/py.typed", "curvscope/schema/report.schema.json"} <= set(wheel.namelist())
+    with zipfile.ZipFile(wheels["curvscope_service"]) as wheel:
+        assert "curvscope_service/py.typed" in wheel.namelist()
+
+
 @pytest.mark.slow
-def test_entrypoint_serves_from_a_plain_venv(tmp_path):
+def test_entrypoint_serves_from_a_plain_venv(tmp_path, wheels):
     environment = tmp_path / "venv"
-    # The image installs into a venv; here the heavy dependencies (and the build backend) come
-    # from this interpreter's site-packages.
-    venv.create(environment, with_pip=False, system_site_packages=True)
+    # As the image does: a venv of its own, no site-packages of this interpreter, the wheels and
+    # their dependencies from pip's configured indexes. torch is pinned to the release this suite
+    # runs with (unpinned, pip would take the newest, from PyPI a CUDA build).
+    venv.create(environment, with_pip=False)
     python = environment / "bin" / "python"
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         str(REPO / "client"), str(REPO)], capture_output=True, text=True, cwd=tmp_path)
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", *map(str, wheels.values()),
+         f"torch=={version('torch').partition('+')[0]}"], capture_output=True, text=True, cwd=tmp_path, timeout=1200)
     assert install.returncode == 0, install.stderr
-    where = subprocess.run([python, "-c", "import curvscope_service; print(curvscope_service.__file__)"],
-                           capture_output=True, text=True, cwd=tmp_path)
-    assert where.stdout.startswith(str(environment)), where.stdout + where.stderr
+    where = subprocess.run([python, "-c", "import curvscope_service, torch; print(curvscope_service.__file__); "
+                            "print(torch.__file__)"], capture_output=True, text=True, cwd=tmp_path)
+    located = where.stdout.split()
+    assert len(located) == 2 and all(path.startswith(str(environment)) for path in located), where.stdout + where.stderr
 
     root = tmp_path / "container"
     env = {name: _container_path(value, root) for name, value in runtime_env().items()}
