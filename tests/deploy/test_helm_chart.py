@@ -74,6 +74,15 @@ def test_lint_strict(variant):
         assert report["errors"] == [] and report["messages"] == [], report
 
 
+def test_icon_is_a_file_of_this_repository():
+    metadata = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    # Served from the main branch of the repository the chart names as its home.
+    prefix = metadata["home"].replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    assert metadata["icon"].startswith(prefix), metadata["icon"]
+    icon = CHART.parents[1] / metadata["icon"].removeprefix(prefix)
+    assert icon.suffix in (".svg", ".png") and icon.is_file(), icon
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_manifest_validates_against_kubernetes_schemas(variant):
     manifests = render(VARIANTS[variant])
