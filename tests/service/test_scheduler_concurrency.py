@@ -30,11 +30,27 @@ def _work(release: threading.Event, running: list, peak: list, calls: list):
     return work
 
 
+# Bounds that only turn a hang into a failure; nothing here is timed.
+HANG = 300
+
+
 async def _final(ticket):
     while True:
-        event = await asyncio.wait_for(ticket.events.get(), 10)
+        event = await asyncio.wait_for(ticket.events.get(), HANG)
         if event.kind in ("done", "error"):
             return event
+
+
+async def _started(ticket) -> None:
+    while (await asyncio.wait_for(ticket.events.get(), HANG)).kind != "started":
+        pass
+
+
+async def _until(condition) -> None:
+    deadline = time.monotonic() + HANG
+    while not condition():
+        assert time.monotonic() < deadline, "hung"
+        await asyncio.sleep(0.005)
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
@@ -43,6 +59,9 @@ def test_concurrency_per_device(concurrency):
         scheduler = Scheduler(["cpu"], max_queue_depth=8, concurrency=concurrency)
         release, running, peak, calls = threading.Event(), [], [], []
         tickets = [scheduler.submit(_work(release, running, peak, calls)) for _ in range(5)]
+        # Every worker thread is then inside a job that cannot end before the release: no other
+        # job can start, however long we look (a short look, as a wrong count would show at once).
+        await _until(lambda: len(calls) == concurrency)
         await asyncio.sleep(0.2)
         started = len(calls)
         release.set()
@@ -87,7 +106,7 @@ def test_an_abandoned_job_leaves_the_queue():
         scheduler = Scheduler(["cpu"], max_queue_depth=1)
         release, calls, finished = threading.Event(), [], []
         running = scheduler.submit(_work(release, [], [], calls))
-        await asyncio.sleep(0.05)
+        await _started(running)  # out of the queue, which now holds one more
         waiting = scheduler.submit(_work(release, [], [], calls), on_finish=lambda: finished.append(1))
         with pytest.raises(ResourceExhausted):
             scheduler.submit(_work(release, [], [], calls))
@@ -107,11 +126,14 @@ def test_an_abandoned_job_leaves_the_queue():
 def test_work_past_the_time_cap_is_stopped():
     async def scenario():
         scheduler = Scheduler(["cpu"], max_queue_depth=2, max_run_seconds=0.2)
+        running, calls = [], []
         started = time.monotonic()
-        event = await _final(scheduler.submit(_work(threading.Event(), [], [], [])))
+        # Never released: only the cap ends this work.
+        event = await _final(scheduler.submit(_work(threading.Event(), running, [], calls)))
         scheduler.stop(5)
-        return event, time.monotonic() - started
+        return event, time.monotonic() - started, running, calls
 
-    event, elapsed = asyncio.run(scenario())
+    event, elapsed, running, calls = asyncio.run(scenario())
     assert isinstance(event.payload, ResourceExhausted) and "0.2 s" in str(event.payload)
-    assert 0.2 <= elapsed < 2
+    # Not before the cap, and the work itself ended (it left its loop), not just the caller's wait.
+    assert elapsed >= 0.2 and len(calls) == 1 and running == []
