@@ -6,7 +6,6 @@ built-in ``sequential`` architecture, or a safetensors state dict of a plugin ar
 
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +14,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from curvscope_service.errors import InvalidInput, NotFound
+from curvscope_service.errors import InvalidInput, NotFound, ResourceExhausted
 from curvscope_service.loading import plugins, sequential
+from curvscope_service.loading.json_text import parse_json
 from curvscope_service.loading.layer_chain import graph_chain, module_chain
 from curvscope_service.loading.messages import one_line
-from curvscope_service.loading.safetensors_file import load_tensors
+from curvscope_service.loading.safetensors_file import SafetensorsHeader, SafetensorsReader
 from curvscope_service.loading.torch_export import load_exported
 
 FORMATS = ("auto", "torch_export", "safetensors", "plugin")
@@ -29,6 +29,12 @@ NEVER_UNPICKLE = (
 )
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _PICKLE_MAGIC = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))  # PROTO opcode
+# Parameters a model may declare when the caller sets no cap: a 2B-parameter model already needs
+# 8 GB for its float32 weights and as much per Hessian-vector product; curvature analyses beyond
+# that belong on a server configured for them (load_model's max_parameters).
+DEFAULT_MAX_PARAMETERS = 2_000_000_000
+# An architecture config is a short JSON object (a sequential spec of 1,000 layers is ~100 KB).
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass
@@ -51,8 +57,13 @@ def load_model(
     config: dict | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    max_parameters: int | None = None,
 ) -> LoadedModel:
-    """Load a checkpoint; ``architecture``/``config`` override a safetensors file's metadata."""
+    """Load a checkpoint; ``architecture``/``config`` override a safetensors file's metadata.
+
+    ``max_parameters`` (None: DEFAULT_MAX_PARAMETERS) is checked against what a state-dict
+    model declares before anything of it is allocated; over it is RESOURCE_EXHAUSTED.
+    """
     path = Path(path)
     if format not in FORMATS:
         raise InvalidInput(f"unknown model format '{format}'; choose one of: {', '.join(FORMATS)}")
@@ -71,7 +82,8 @@ def load_model(
         module, arch, cfg = exported.module, "torch_export", None
         input_shape, fixed_batch_size = exported.input_shape, exported.fixed_batch_size
     else:
-        module, arch, cfg = _load_state_dict_model(path, format, architecture, config, dtype)
+        cap = DEFAULT_MAX_PARAMETERS if max_parameters is None else max_parameters
+        module, arch, cfg = _load_state_dict_model(path, format, architecture, config, dtype, cap)
         input_shape = sequential.input_shape(cfg) if arch == sequential.ARCHITECTURE else _plugin_input_shape(cfg)
         fixed_batch_size = None
         format = "safetensors" if arch == sequential.ARCHITECTURE else "plugin"
@@ -127,27 +139,45 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
 
 
 def _load_state_dict_model(
-    path: Path, format: str, architecture: str | None, config: dict | None, dtype: torch.dtype
+    path: Path, format: str, architecture: str | None, config: dict | None, dtype: torch.dtype, max_parameters: int
 ) -> tuple[nn.Module, str, dict]:
-    header, tensors = load_tensors(path, what="model")
-    architecture = architecture or header.metadata.get("architecture")
-    if not architecture:
-        raise InvalidInput(
-            "safetensors model names no architecture: write it with save_sequential, "
-            "or give the architecture and its config (see docs/formats.md)"
-        )
-    if config is None:
-        config = _metadata_config(header.metadata)
-    if format == "plugin" and architecture == sequential.ARCHITECTURE:
-        raise InvalidInput("architecture 'sequential' is built in, not a plugin; load it with format 'safetensors' or 'auto'")
-    known = known_architectures()
-    if architecture not in known:
-        raise InvalidInput(f"unknown architecture '{architecture}'; choose one of: {', '.join(known)}")
-    if architecture == sequential.ARCHITECTURE:
-        module = sequential.build(config)
-    else:
-        module = plugins.build(architecture, config)
-    _load_strict(module.to(dtype), tensors)  # cast first: float64 weights must not overflow float32
+    # Everything the file and the config declare is checked on the meta device (no memory) before
+    # the model is materialised; the weights then come through our reader only, one at a time.
+    with SafetensorsReader(path, what="model") as reader:
+        header = reader.header
+        architecture = architecture or header.metadata.get("architecture")
+        if not architecture:
+            raise InvalidInput(
+                "safetensors model names no architecture: write it with save_sequential, "
+                "or give the architecture and its config (see docs/formats.md)"
+            )
+        if config is None:
+            config = _metadata_config(header.metadata)
+        if format == "plugin" and architecture == sequential.ARCHITECTURE:
+            raise InvalidInput("architecture 'sequential' is built in, not a plugin; load it with format 'safetensors' or 'auto'")
+        known = known_architectures()
+        if architecture not in known:
+            shown = architecture if len(architecture) <= 60 else architecture[:57] + "..."
+            raise InvalidInput(f"unknown architecture '{shown}'; choose one of: {', '.join(known)}")
+        with torch.device("meta"):
+            if architecture == sequential.ARCHITECTURE:
+                module = sequential.build(config)
+            else:
+                module = plugins.build(architecture, config)
+        module = module.to(dtype).eval()  # cast first: float64 weights must not overflow float32
+        _check_size(module, max_parameters)
+        _check_fit(module, header)
+        if architecture == sequential.ARCHITECTURE:
+            shape = sequential.input_shape(config)
+            if shape is not None:
+                sequential.check_activations(module, shape)
+            # every tensor of a sequential model is in the file: storage without initialisation
+            module = module.to_empty(device="cpu")
+        else:
+            # plugin code may set state at build time that the file does not hold (non-persistent
+            # buffers, tied weights), so a plugin is built again for real, now that its sizes passed
+            module = plugins.build(architecture, config).to(dtype)
+        _copy_weights(module, reader)
     return module, architecture, config
 
 
@@ -155,10 +185,7 @@ def _metadata_config(metadata: dict[str, str]) -> dict:
     text = metadata.get("config")
     if text is None:
         return {}
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InvalidInput(f"safetensors metadata 'config' is not valid JSON ({one_line(e)})") from None
+    config = parse_json(text, what="safetensors metadata 'config'", max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise InvalidInput("safetensors metadata 'config' must be a JSON object")
     return config
@@ -167,19 +194,34 @@ def _metadata_config(metadata: dict[str, str]) -> dict:
 def _plugin_input_shape(config: dict) -> tuple[int, ...] | None:
     shape = config.get("input_shape")
     if isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape):
-        return tuple(shape)
+        return sequential.check_input_shape(tuple(shape), what="plugin config: input_shape")
     return None
 
 
-def _load_strict(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def _check_size(module: nn.Module, max_parameters: int) -> None:
+    """Refuse a (meta) model over the parameter cap, counting buffers no file tensor backs."""
+    parameters = sum(p.numel() for p in module.parameters())
+    persistent = module.state_dict().keys()
+    unbacked = sum(b.numel() for name, b in module.named_buffers() if name not in persistent)
+    if parameters + unbacked > max_parameters:
+        extra = f" and {unbacked} buffer values the file does not hold" if unbacked else ""
+        raise ResourceExhausted(
+            f"the model declares {parameters} parameters{extra}, over the limit of {max_parameters}; "
+            "use a smaller model or a server with a higher --max-parameters"
+        )
+
+
+def _check_fit(module: nn.Module, header: SafetensorsHeader) -> None:
+    """The file's tensors against the (meta) model's state dict: names and shapes, before any allocation."""
     expected = module.state_dict()
+    entries = header.tensors
     # num_batches_tracked only matters in training; files written without it still load
-    missing = [k for k in expected if k not in tensors and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in tensors if k not in expected]
+    missing = [k for k in expected if k not in entries and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in entries if k not in expected]
     mismatched = [
-        f"{k} {list(tensors[k].shape)} vs {list(v.shape)}"
+        f"{k} {list(entries[k].shape)} vs {list(v.shape)}"
         for k, v in expected.items()
-        if k in tensors and tensors[k].shape != v.shape
+        if k in entries and entries[k].shape != tuple(v.shape)
     ]
     if missing or unexpected or mismatched:
         parts = [
@@ -188,11 +230,22 @@ def _load_strict(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             if items
         ]
         raise InvalidInput(f"weights do not fit the architecture: {'; '.join(parts)}")
-    module.load_state_dict(tensors, strict=False)
+
+
+def _copy_weights(module: nn.Module, reader: SafetensorsReader) -> None:
+    # One tensor read at a time, copied into the model's own storage (cast to its dtype): peak
+    # memory is the model plus its largest tensor.
+    with torch.no_grad():
+        for name, target in module.state_dict().items():
+            if name in reader.header.tensors:
+                target.copy_(reader.read(name))
+            else:
+                target.zero_()  # a num_batches_tracked the file leaves out (_check_fit allowed only those)
 
 
 def _brief(items: list[str], limit: int = 4) -> str:
-    shown = ", ".join(items[:limit])
+    # names come from the file: each is clipped so the message stays one short line
+    shown = ", ".join(item if len(item) <= 80 else item[:77] + "..." for item in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from curvscope_service.errors import InvalidInput
+from curvscope_service.loading import sequential
 from curvscope_service.loading.checkpoint import LoadedModel
 from curvscope_service.loading.data import LoadedData
 from curvscope_service.loading.messages import one_line
@@ -27,6 +28,9 @@ def validate_pair(model: LoadedModel, data: LoadedData, loss: str) -> None:
             f"model was exported with a fixed batch size of {model.fixed_batch_size} but the data has "
             f"{data.num_samples} samples; re-export with a dynamic batch dimension (see docs/formats.md)"
         )
+    if model.architecture == sequential.ARCHITECTURE:
+        # the config sets the activation sizes (channels, padding): refuse a blow-up before the probe allocates it
+        sequential.check_activations(model.module, sample_shape)
     try:
         with torch.no_grad():
             outputs = model.module(data.inputs[:probe])

@@ -7,6 +7,13 @@ A plugin package declares, e.g. in its pyproject.toml::
 
 and ``build_resnet8(config: dict) -> torch.nn.Module`` builds the module whose state dict the
 safetensors checkpoint holds.
+
+The plugin's code is trusted (the operator installs it) but its config comes from the user, so
+the service calls the factory twice: first under ``torch.device("meta")``, where tensors have
+shapes and no memory, to count the parameters and match the shapes against the file before
+anything is allocated; then, once those checks pass, on the CPU. A factory must therefore build
+on the meta device: create tensors without an explicit device and never read their values
+(``.item()``, ``.tolist()``, numpy) while building.
 """
 
 from __future__ import annotations
