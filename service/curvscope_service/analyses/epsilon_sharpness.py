@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..curvature.epsilon_sharpness import PerturbedLoss, compute_epsilon_sharpness
+from ..curvature.epsilon_sharpness import MAX_SUBSPACE_DIM, PerturbedLoss, compute_epsilon_sharpness
 from ..errors import InvalidInput
 from .base import Analysis, AnalysisContext, EngineLimits
 
@@ -22,6 +22,10 @@ def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
         raise InvalidInput(f"epsilon {epsilon} must be a finite positive number")
     if not 1 <= iterations <= MAX_ITERATIONS:
         raise InvalidInput(f"max_iterations {iterations} must lie between 1 and {MAX_ITERATIONS}")
+    if not 0 <= subspace_dim <= MAX_SUBSPACE_DIM:
+        # refused before the job is queued; the matrix's memory is checked once the model is known
+        raise InvalidInput(f"subspace_dim {subspace_dim} must lie between 0 (full space) and {MAX_SUBSPACE_DIM} "
+                           "(Keskar et al. use 100)")
     return {"epsilon": epsilon, "max_iterations": iterations, "subspace_dim": subspace_dim}
 
 

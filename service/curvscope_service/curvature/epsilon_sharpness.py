@@ -18,12 +18,21 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
+from scipy.optimize import Bounds, minimize
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, ResourceExhausted
 from .hessian import LossFn
+
+# Keskar et al. use a 100-dimensional subspace; 10x that is as far as the method is meant to go.
+MAX_SUBSPACE_DIM = 1000
+# The random d x p matrix A is held in float64 (d parameters, p = subspace_dim): 2 GiB holds the
+# paper's p = 100 for models up to 2.7M parameters.
+MAX_SUBSPACE_BYTES = 2 << 30
+# A is drawn and reduced in row blocks of this many values (64 MiB), checking for cancellation
+# between blocks: the reduction of a full-size A is ~10^11 flops.
+_BLOCK_VALUES = 1 << 23
 
 
 class PerturbedLoss:
@@ -65,7 +74,7 @@ class PerturbedLoss:
         total = 0.0
         with torch.no_grad():
             for x, t, w in self._batches:
-                self._step()
+                self.check()
                 total += self._loss_fn(functional_call(self._module, self._values(flat), (x,)), t).item() * w
         self.evaluations += 1
         return total
@@ -75,7 +84,7 @@ class PerturbedLoss:
         flat = (self.weights + delta).requires_grad_(True)
         total, gradient = 0.0, torch.zeros_like(self.weights)
         for x, t, w in self._batches:
-            self._step()
+            self.check()
             with torch.enable_grad():
                 value = self._loss_fn(functional_call(self._module, self._values(flat), (x,)), t) * w
                 (part,) = torch.autograd.grad(value, flat)
@@ -84,7 +93,8 @@ class PerturbedLoss:
         self.evaluations += 1
         return total, gradient
 
-    def _step(self) -> None:
+    def check(self) -> None:
+        """Raise if the request was cancelled or ran out of time (the caller's ``check``)."""
         if self._check is not None:
             self._check()
 
@@ -103,16 +113,21 @@ def compute_epsilon_sharpness(
         raise InvalidInput(f"epsilon must be a finite number >= 0, got {epsilon}")
     if subspace_dim < 0 or subspace_dim > objective.dim:
         raise InvalidInput(f"subspace_dim {subspace_dim} must lie between 0 (full space) and the {objective.dim} parameters")
+    if subspace_dim > MAX_SUBSPACE_DIM:
+        raise InvalidInput(f"subspace_dim {subspace_dim} is over the limit of {MAX_SUBSPACE_DIM} (Keskar et al. use 100)")
+    if objective.dim * subspace_dim * 8 > MAX_SUBSPACE_BYTES:
+        fits = MAX_SUBSPACE_BYTES // (8 * objective.dim)
+        raise ResourceExhausted(
+            f"subspace_dim {subspace_dim} needs a {objective.dim} x {subspace_dim} float64 matrix "
+            f"({objective.dim * subspace_dim * 8 >> 20} MiB), over the limit of {MAX_SUBSPACE_BYTES >> 20} MiB; "
+            + (f"use subspace_dim {fits} or less" if fits else "use the full space (subspace_dim 0)")
+        )
     if max_iterations < 1:
         raise InvalidInput(f"max_iterations must be positive, got {max_iterations}")
     start = time.perf_counter()
     x = objective.weights.to(torch.float64)
     if subspace_dim:
-        # Gaussian columns scaled to unit expected norm; the box is set by A^+ x (Keskar et al.).
-        generator = torch.Generator().manual_seed(seed)
-        a = torch.randn(objective.dim, subspace_dim, generator=generator, dtype=torch.float64) / math.sqrt(objective.dim)
-        a = a.to(x.device)
-        scale = torch.linalg.pinv(a) @ x
+        a, scale = _random_subspace(objective, x, subspace_dim, seed)
     else:
         a, scale = None, x
     bound = (epsilon * (scale.abs() + 1)).cpu().numpy()
@@ -135,8 +150,9 @@ def compute_epsilon_sharpness(
             progress(min(objective.evaluations, total), total, 100 * (best - base) / (1 + base))
         return -value, -gradient.cpu().numpy()
 
+    # Bounds as arrays: a list of (low, high) pairs is two Python floats per parameter
     result = minimize(negative, np.zeros(bound.shape[0]), jac=True, method="L-BFGS-B",
-                      bounds=list(zip(-bound, bound)), options={"maxiter": max_iterations, "maxfun": max_evaluations})
+                      bounds=Bounds(-bound, bound), options={"maxiter": max_iterations, "maxfun": max_evaluations})
     return {
         "value": 100 * (best - base) / (1 + base),
         "epsilon": epsilon,
@@ -147,3 +163,27 @@ def compute_epsilon_sharpness(
         "evaluations": objective.evaluations,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _random_subspace(objective: PerturbedLoss, x: Tensor, subspace_dim: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A (d x p Gaussian, columns of unit expected norm) and A^+ x, which sets the box (Keskar et al.).
+
+    A^+ x = (A^T A)^+ A^T x, with A^T A and A^T x summed over row blocks as A is drawn, so the
+    work stops between blocks when the request is cancelled (a pinv of the whole A could not).
+    """
+    d = objective.dim
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.empty(d, subspace_dim, dtype=torch.float64, device=x.device)
+    gram = torch.zeros(subspace_dim, subspace_dim, dtype=torch.float64, device=x.device)
+    rhs = torch.zeros(subspace_dim, dtype=torch.float64, device=x.device)
+    rows = max(1, _BLOCK_VALUES // subspace_dim)
+    for start in range(0, d, rows):
+        objective.check()
+        stop = min(start + rows, d)
+        block = torch.randn(stop - start, subspace_dim, generator=generator, dtype=torch.float64) / math.sqrt(d)
+        a[start:stop] = block
+        block = a[start:stop]
+        gram += block.T @ block
+        rhs += block.T @ x[start:stop]
+    objective.check()
+    return a, torch.linalg.pinv(gram, hermitian=True) @ rhs
