@@ -31,6 +31,11 @@ class ServerConfig:
     # Seconds an upload may wait for its next chunk before it is dropped (a stalled client
     # would otherwise hold a temporary file and a descriptor forever); 0 = wait forever.
     upload_idle_timeout_seconds: float = 60.0
+    # Address space (MiB, plus 4x the file) of the child process that loads each new model or
+    # batch before the server does, so a file that defeats a reader's caps kills that child, not
+    # the server; 0 = load in the server's process only. `curvscope serve` defaults to 2048; a
+    # server built in-process (the demo, a notebook, tests) serves its caller's own files.
+    load_memory_mib: int = 0
     max_queue_depth: int = 16
     # Analyses running at once on one device (one per GPU: two would compete for its memory).
     concurrency: int = 1
@@ -78,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upload-idle-timeout", type=float, default=float(_env("UPLOAD_IDLE_TIMEOUT", "60")),
                         help="seconds an upload may send nothing before it is dropped with DEADLINE_EXCEEDED; "
                              "0 = wait forever (CURVSCOPE_UPLOAD_IDLE_TIMEOUT)")
+    parser.add_argument("--load-memory-mib", type=int, default=int(_env("LOAD_MEMORY_MIB", "2048")),
+                        help="address-space cap in MiB (plus 4x the file) of the child process that loads each new "
+                             "input first; 0 = load in the server's process only (CURVSCOPE_LOAD_MEMORY_MIB)")
     parser.add_argument("--max-queue-depth", type=int, default=int(_env("MAX_QUEUE_DEPTH", "16")),
                         help="waiting analyses per device before RESOURCE_EXHAUSTED (CURVSCOPE_MAX_QUEUE_DEPTH)")
     parser.add_argument("--concurrency", type=int, default=int(_env("CONCURRENCY", "1")),
@@ -128,7 +136,8 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     if args.tls_client_ca and not args.tls_cert:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     for name in ("max_upload_bytes", "max_queue_depth", "concurrency", "max_parameters", "max_samples",
-                 "max_analysis_seconds", "store_max_bytes", "store_max_age", "gc_interval", "upload_idle_timeout"):
+                 "max_analysis_seconds", "store_max_bytes", "store_max_age", "gc_interval", "upload_idle_timeout",
+                 "load_memory_mib"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
     if not math.isfinite(args.upload_idle_timeout):
@@ -140,7 +149,8 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         store=args.store, device=args.device, model_roots=args.model_root, max_upload_bytes=args.max_upload_bytes,
-        upload_idle_timeout_seconds=args.upload_idle_timeout, max_queue_depth=args.max_queue_depth,
+        upload_idle_timeout_seconds=args.upload_idle_timeout, load_memory_mib=args.load_memory_mib,
+        max_queue_depth=args.max_queue_depth,
         concurrency=args.concurrency, max_analysis_seconds=args.max_analysis_seconds,
         store_max_bytes=args.store_max_bytes, store_max_age_seconds=args.store_max_age,
         gc_interval_seconds=args.gc_interval, log_format=args.log_format,

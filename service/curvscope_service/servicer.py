@@ -25,6 +25,7 @@ from . import __version__, engine, metrics
 from .config import ServerConfig
 from .errors import DeadlineExceeded, InvalidInput
 from .loading import known_architectures
+from .loading.vetting import Vetter
 from .logging_setup import REQUEST_ID
 from .requests import canonical_request, description_message, job_from_request, model_options, report_message
 from .scheduler import Scheduler
@@ -60,6 +61,7 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
         self.config = config
         self.store = store
         self.scheduler = scheduler
+        self.vetter = Vetter(base_memory_mib=config.load_memory_mib) if config.load_memory_mib else None
 
     async def Upload(self, request_iterator: AsyncIterator[pb.UploadChunk], context: aio.ServicerContext) -> pb.BlobRef:
         writer = None
@@ -112,8 +114,17 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
             return path, sha256_of_file(path)
         raise InvalidInput(f"the request names no {what}; give a blob digest or a file:// URI")
 
+    async def _vet(self, model_path: Path, options: dict, data_path: Path | None) -> None:
+        """Load new inputs first in a capped child process (see loading.vetting)."""
+        if self.vetter is None:
+            return
+        await asyncio.to_thread(functools.partial(self.vetter.check_model, model_path, **options))
+        if data_path is not None:
+            await asyncio.to_thread(self.vetter.check_data, data_path)
+
     async def DescribeModel(self, request: pb.ModelRef, context: aio.ServicerContext) -> pb.ModelDescription:
         path, digest = await asyncio.to_thread(self._resolve, request, "model")
+        await self._vet(path, model_options(request), None)
         description = await asyncio.to_thread(functools.partial(engine.describe, path, **model_options(request)))
         return description_message(digest, description)
 
@@ -133,6 +144,7 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
                 release()
                 yield pb.AnalyzeEvent(report=json_format.ParseDict(cached, pb.Report()))
                 return
+            await self._vet(model[0], model_options(request.model), data[0] if data else None)
 
             def work(device: str, progress, check) -> pb.Report:
                 try:

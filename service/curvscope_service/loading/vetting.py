@@ -58,8 +58,10 @@ class Vetter:
         self._lock = threading.Lock()
         self.children_started = 0  # for tests and metrics: a cached verdict starts none
 
-    def check_model(self, path: Path, *, format: str = "auto", architecture: str | None = None, config: dict | None = None) -> None:
-        self._check({"kind": "model", "path": str(path), "format": format, "architecture": architecture, "config": config})
+    def check_model(
+        self, path: Path, *, model_format: str = "auto", architecture: str | None = None, architecture_config: dict | None = None
+    ) -> None:
+        self._check({"kind": "model", "path": str(path), "format": model_format, "architecture": architecture, "config": architecture_config})
 
     def check_data(self, path: Path) -> None:
         self._check({"kind": "data", "path": str(path)})
