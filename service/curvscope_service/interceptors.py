@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 # A client's id is echoed into logs and metadata: keep it short and printable.
-_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 # Probes and tooling need these without a token (a kubelet has none).
 PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -138,7 +138,7 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
 
 def _begin(context: aio.ServicerContext, offered: str) -> float:
     # Each call runs in its own task, so the id set here is this call's alone.
-    request_id = offered if _CLIENT_REQUEST_ID.match(offered) else uuid.uuid4().hex[:16]
+    request_id = offered if _CLIENT_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex[:16]
     REQUEST_ID.set(request_id)
     context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
     return time.perf_counter()

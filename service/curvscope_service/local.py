@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
-from urllib.parse import unquote, urlparse
 
 import torch
 
@@ -16,12 +15,13 @@ from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from . import engine
 from .errors import CurvscopeError, InvalidInput
 from .requests import job_from_request, report_message
+from .store import path_of_file_uri
 
 
 def _local_file(ref: pb.ModelRef | pb.DataRef) -> tuple[Path, str]:
     if ref.WhichOneof("source") != "uri" or not ref.uri.startswith("file://"):
         raise InvalidInput("local mode reads local files only")
-    path = Path(unquote(urlparse(ref.uri).path))
+    path = path_of_file_uri(ref.uri)
     if not path.is_file():
         raise InvalidInput(f"{path} is not a file")
     return path, sha256_of_file(path)

@@ -182,6 +182,31 @@ def result_key(canonical: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def path_of_file_uri(uri: str) -> Path:
+    """The absolute path a ``file://`` URI names; INVALID_ARGUMENT naming what is wrong with a bad one."""
+    if len(uri) > MAX_URI_CHARS:
+        raise InvalidInput(f"the URI is {len(uri)} characters long; the limit is {MAX_URI_CHARS}")
+    if _CONTROL.search(uri):
+        raise InvalidInput(f"the URI {_shown(uri)} contains a control character; percent-encode the path")
+    try:
+        parsed = urlsplit(uri)
+    except ValueError as error:  # e.g. an unclosed "[" in the host part
+        raise InvalidInput(f"{_shown(uri)} is not a valid URI ({error})") from None
+    if parsed.scheme != "file":
+        raise InvalidInput(f"unsupported URI {_shown(uri)}: use a file:// URI under a model root, or upload the file")
+    if parsed.netloc not in ("", "localhost"):
+        raise InvalidInput(f"{_shown(uri)} names the host {_shown(parsed.netloc)}; write file:///PATH for a path on the server")
+    if parsed.query or parsed.fragment or not parsed.path.startswith("/"):
+        raise InvalidInput(f"{_shown(uri)} is not file:///ABSOLUTE/PATH (no query, no fragment)")
+    try:
+        text = unquote(parsed.path, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{_shown(uri)} has percent escapes that are not UTF-8") from None
+    if _CONTROL.search(text):
+        raise InvalidInput(f"{_shown(uri)} encodes a control character (such as %00) in its path")
+    return Path(text)
+
+
 class BlobStore:
     """Blobs by sha256, cached reports, plus read-only model roots that ``file://`` URIs may
     point into. ``max_bytes``/``max_age_seconds`` (0 = none) bound it through ``gc``."""
@@ -382,29 +407,10 @@ class BlobStore:
     def resolve_uri(self, uri: str) -> Path:
         """A ``file://`` URI inside one of the model roots, resolved without following it out.
         Malformed URIs are INVALID_ARGUMENT, paths outside the roots PERMISSION_DENIED."""
-        if len(uri) > MAX_URI_CHARS:
-            raise InvalidInput(f"the URI is {len(uri)} characters long; the limit is {MAX_URI_CHARS}")
-        if _CONTROL.search(uri):
-            raise InvalidInput(f"the URI {_shown(uri)} contains a control character; percent-encode the path")
-        try:
-            parsed = urlsplit(uri)
-        except ValueError as error:  # e.g. an unclosed "[" in the host part
-            raise InvalidInput(f"{_shown(uri)} is not a valid URI ({error})") from None
-        if parsed.scheme != "file":
-            raise InvalidInput(f"unsupported URI {_shown(uri)}: use a file:// URI under a model root, or upload the file")
-        if parsed.netloc not in ("", "localhost"):
-            raise InvalidInput(f"{_shown(uri)} names the host {_shown(parsed.netloc)}; write file:///PATH for a path on the server")
-        if parsed.query or parsed.fragment or not parsed.path.startswith("/"):
-            raise InvalidInput(f"{_shown(uri)} is not file:///ABSOLUTE/PATH (no query, no fragment)")
-        try:
-            text = unquote(parsed.path, errors="strict")
-        except UnicodeDecodeError:
-            raise InvalidInput(f"{_shown(uri)} has percent escapes that are not UTF-8") from None
-        if _CONTROL.search(text):
-            raise InvalidInput(f"{_shown(uri)} encodes a control character (such as %00) in its path")
+        named = path_of_file_uri(uri)
         if not self.model_roots:
             raise PermissionDenied("this server has no model roots configured; upload the file instead")
-        path = Path(text).resolve()
+        path = named.resolve()
         if not any(path.is_relative_to(root) for root in self.model_roots):
             raise PermissionDenied(f"{_shown(uri)} is outside the server's model roots")
         try:
