@@ -121,15 +121,6 @@ def read_header(path: Path, *, what: str = "file") -> SafetensorsHeader:
         return reader.header
 
 
-def load_tensors(
-    path: Path, *, what: str = "file", device: torch.device | str = "cpu"
-) -> tuple[SafetensorsHeader, dict[str, torch.Tensor]]:
-    """Check the header, then read every tensor of a safetensors file onto ``device``."""
-    with SafetensorsReader(path, what=what) as reader:
-        tensors = {name: reader.read(name).to(device) for name in reader.header.tensors}
-        return reader.header, tensors
-
-
 def _from_little_endian(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     itemsize = dtype.itemsize
     if sys.byteorder == "little" or itemsize == 1:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from curvscope_service.errors import InvalidInput
+from curvscope_service.errors import InvalidInput, ResourceExhausted
 from curvscope_service.loading import load_data
 from hostile_files import raw_safetensors
 
@@ -53,4 +53,24 @@ def test_data_with_a_gap_in_its_bytes(tmp_path, refuses):
     header = {"inputs": _entry([2, 2]), "targets": _entry([2], begin=32)}
     path = raw_safetensors(tmp_path / "gap.safetensors", header, bytes(40))
     with refuses(InvalidInput, "data:", "16 bytes after tensor 'inputs' belong to no tensor"):
+        load_data(path)
+
+
+@pytest.mark.parametrize(("cap", "value", "fragment"), [
+    ("MAX_DATA_SAMPLES", 4, "data batch has 5 samples; the limit is 4"),
+    ("MAX_DATA_VALUES", 20, "data batch holds 25 values; the limit is 20"),
+])
+def test_batch_size_caps_before_any_tensor_is_read(tmp_path, refuses, monkeypatch, cap, value, fragment):
+    from curvscope_service.loading import data
+    from curvscope_service.loading.safetensors_file import SafetensorsReader
+
+    path = tmp_path / "d.safetensors"
+    save_file({"inputs": torch.randn(5, 4), "targets": torch.zeros(5)}, str(path))
+    monkeypatch.setattr(data, cap, value)
+
+    def no_read(self, name):
+        raise AssertionError(f"tensor {name} was read before the batch was checked")
+
+    monkeypatch.setattr(SafetensorsReader, "read", no_read)
+    with refuses(ResourceExhausted, fragment):
         load_data(path)
