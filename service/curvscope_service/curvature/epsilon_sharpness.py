@@ -27,9 +27,13 @@ from .hessian import LossFn
 
 # Keskar et al. use a 100-dimensional subspace; 10x that is as far as the method is meant to go.
 MAX_SUBSPACE_DIM = 1000
-# The random d x p matrix A is held in float64 (d parameters, p = subspace_dim): 2 GiB holds the
-# paper's p = 100 for models up to 2.7M parameters.
-MAX_SUBSPACE_BYTES = 2 << 30
+# Host memory the method may plan for its own float64 arrays: the random d x p matrix A (d
+# parameters, p = subspace_dim) and L-BFGS-B's state. 4 GiB holds the paper's p = 100 up to 5.3M
+# parameters, and the full space up to 16M.
+MAX_WORKSPACE_BYTES = 4 << 30
+# scipy's L-BFGS-B keeps 2m + 5 vectors over the variables (m = 10 correction pairs) besides the
+# iterate, the bounds and the gradient: ~32 values per variable.
+_LBFGSB_VALUES_PER_VARIABLE = 32
 # A is drawn and reduced in row blocks of this many values (64 MiB), checking for cancellation
 # between blocks: the reduction of a full-size A is ~10^11 flops.
 _BLOCK_VALUES = 1 << 23
@@ -115,13 +119,7 @@ def compute_epsilon_sharpness(
         raise InvalidInput(f"subspace_dim {subspace_dim} must lie between 0 (full space) and the {objective.dim} parameters")
     if subspace_dim > MAX_SUBSPACE_DIM:
         raise InvalidInput(f"subspace_dim {subspace_dim} is over the limit of {MAX_SUBSPACE_DIM} (Keskar et al. use 100)")
-    if objective.dim * subspace_dim * 8 > MAX_SUBSPACE_BYTES:
-        fits = MAX_SUBSPACE_BYTES // (8 * objective.dim)
-        raise ResourceExhausted(
-            f"subspace_dim {subspace_dim} needs a {objective.dim} x {subspace_dim} float64 matrix "
-            f"({objective.dim * subspace_dim * 8 >> 20} MiB), over the limit of {MAX_SUBSPACE_BYTES >> 20} MiB; "
-            + (f"use subspace_dim {fits} or less" if fits else "use the full space (subspace_dim 0)")
-        )
+    _check_workspace(objective.dim, subspace_dim)
     if max_iterations < 1:
         raise InvalidInput(f"max_iterations must be positive, got {max_iterations}")
     start = time.perf_counter()
@@ -163,6 +161,23 @@ def compute_epsilon_sharpness(
         "evaluations": objective.evaluations,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _check_workspace(dim: int, subspace_dim: int) -> None:
+    """Refuse, before anything is allocated, a run whose own arrays exceed MAX_WORKSPACE_BYTES."""
+    variables = subspace_dim or dim
+    needed = 8 * (dim * subspace_dim + _LBFGSB_VALUES_PER_VARIABLE * variables)
+    if needed <= MAX_WORKSPACE_BYTES:
+        return
+    fits = min(MAX_SUBSPACE_DIM, dim, MAX_WORKSPACE_BYTES // (8 * (dim + _LBFGSB_VALUES_PER_VARIABLE)))
+    if subspace_dim:
+        what = f"subspace_dim {subspace_dim} needs a {dim} x {subspace_dim} float64 matrix and the optimiser's state"
+        advice = f"use subspace_dim {fits} or less" if fits else "ask for it per layer (--per-layer)"
+    else:
+        what = f"the full space of {dim} parameters needs the optimiser's state"
+        advice = (f"use a random subspace (subspace_dim {min(fits, 100)}; Keskar et al. use 100)" if fits
+                  else "ask for it per layer (--per-layer)")
+    raise ResourceExhausted(f"{what} ({needed >> 20} MiB), over the limit of {MAX_WORKSPACE_BYTES >> 20} MiB; {advice}")
 
 
 def _random_subspace(objective: PerturbedLoss, x: Tensor, subspace_dim: int, seed: int) -> tuple[Tensor, Tensor]:

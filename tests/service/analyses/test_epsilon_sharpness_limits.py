@@ -22,11 +22,14 @@ def test_subspace_dim_cap_before_queueing(files):
     assert spec["epsilon_sharpness"]["subspace_dim"] == MAX_SUBSPACE_DIM
 
 
-def test_matrix_memory_cap_names_what_fits(files, monkeypatch):
-    # the stored MLP has 53 parameters: a 53 x 5 float64 matrix is 2,120 bytes; allow 2 columns
-    monkeypatch.setattr(epsilon_sharpness, "MAX_SUBSPACE_BYTES", 53 * 8 * 2)
-    with pytest.raises(ResourceExhausted, match="53 x 5 float64 matrix .* use subspace_dim 2 or less"):
+def test_memory_cap_names_what_fits(files, monkeypatch):
+    # the stored MLP has 53 parameters; with 32 optimiser values per variable, 2 columns fit in
+    # 8 x (53 + 32) x 2 bytes, 5 do not, nor does the full space (8 x 32 x 53 bytes)
+    monkeypatch.setattr(epsilon_sharpness, "MAX_WORKSPACE_BYTES", 8 * (53 + 32) * 2)
+    with pytest.raises(ResourceExhausted, match="subspace_dim 5 needs a 53 x 5 float64 matrix .* use subspace_dim 2 or less"):
         run_analysis(job(files, {"epsilon_sharpness": {"subspace_dim": 5}}))
+    with pytest.raises(ResourceExhausted, match="full space of 53 parameters .* use a random subspace \\(subspace_dim 2;"):
+        run_analysis(job(files, {"epsilon_sharpness": {}}))
     report = run_analysis(job(files, {"epsilon_sharpness": {"subspace_dim": 2, "epsilon": 1e-2}}))
     assert report["results"]["epsilon_sharpness"]["subspace_dim"] == 2
 
