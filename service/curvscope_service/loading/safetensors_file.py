@@ -14,6 +14,7 @@ import math
 import os
 import struct
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -158,7 +159,9 @@ def _parse_header(f: BinaryIO, what: str) -> tuple[SafetensorsHeader, int]:
     if not isinstance(header, dict):
         raise InvalidInput(f"{what} has a corrupt safetensors header: expected a JSON object")
 
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -217,7 +220,7 @@ def _check_entry(name: str, spec: object, data_size: int, what: str) -> TensorEn
     return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
 
 
-def _check_tiling(entries, data_size: int, what: str) -> None:
+def _check_tiling(entries: Iterable[TensorEntry], data_size: int, what: str) -> None:
     # The format requires the tensors to cover the data region exactly: no overlap, no hole, nothing
     # after the last one. Unindexed bytes are where a polyglot file hides its payload, and a JSON
     # key given twice (the parser keeps the last) leaves its first range unindexed.

@@ -136,8 +136,9 @@ def test_bool_bytes_other_than_0_and_1(tmp_path, refuses):
         load_tensors(path)
 
 
-def test_metadata_values_are_strings_only(tmp_path, refuses):
-    path = raw_safetensors(tmp_path / "m.safetensors", {"__metadata__": {"architecture": ["sequential"]}})
+@pytest.mark.parametrize("metadata", [{"architecture": ["sequential"]}, {"config": {"layers": []}}, [], ""])
+def test_metadata_values_are_strings_only(tmp_path, refuses, metadata):
+    path = raw_safetensors(tmp_path / "m.safetensors", {"__metadata__": metadata})
     with refuses(InvalidInput, "__metadata__ must map strings to strings"):
         read_header(path)
 
