@@ -33,6 +33,7 @@ _PICKLE_MAGIC = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))  # PR
 # 8 GB for its float32 weights and as much per Hessian-vector product; curvature analyses beyond
 # that belong on a server configured for them (load_model's max_parameters).
 DEFAULT_MAX_PARAMETERS = 2_000_000_000
+_FINITE_CHUNK = 1 << 20  # values per isfinite pass (temporaries of a few MB)
 # An architecture config is a short JSON object (a sequential spec of 1,000 layers is ~100 KB).
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -233,12 +234,12 @@ def _check_fit(module: nn.Module, header: SafetensorsHeader) -> None:
 
 
 def _copy_weights(module: nn.Module, reader: SafetensorsReader) -> None:
-    # One tensor read at a time, copied into the model's own storage (cast to its dtype): peak
-    # memory is the model plus its largest tensor.
+    # One tensor at a time into the model's own storage (cast to its dtype): peak memory is the
+    # model, plus the largest tensor when the file's dtype differs from the model's.
     with torch.no_grad():
         for name, target in module.state_dict().items():
             if name in reader.header.tensors:
-                target.copy_(reader.read(name))
+                reader.read_into(name, target)
             else:
                 target.zero_()  # a num_batches_tracked the file leaves out (_check_fit allowed only those)
 
@@ -251,9 +252,13 @@ def _brief(items: list[str], limit: int = 4) -> str:
 
 def _check_finite(module: nn.Module) -> None:
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            kind = "NaN" if torch.isnan(tensor).any() else "Inf"
-            raise InvalidInput(f"weight '{name}' contains {kind} values; fix or retrain the checkpoint")
+        if not tensor.is_floating_point():
+            continue
+        # in chunks: isfinite over a whole tensor takes 1.6x its size in temporaries
+        for chunk in tensor.detach().reshape(-1).split(_FINITE_CHUNK):
+            if not torch.isfinite(chunk).all():
+                kind = "NaN" if torch.isnan(tensor).any() else "Inf"
+                raise InvalidInput(f"weight '{name}' contains {kind} values; fix or retrain the checkpoint")
 
 
 def parameter_blocks(module: nn.Module) -> dict[str, list[str]]:

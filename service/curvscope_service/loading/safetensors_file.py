@@ -101,32 +101,45 @@ class SafetensorsReader:
     def read(self, name: str) -> torch.Tensor:
         """Tensor ``name`` on the CPU, in memory of its own (never a view of the file)."""
         entry = self.header.tensors[name]
-        raw = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+        out = torch.empty(entry.shape, dtype=_DTYPES[entry.dtype])
+        self._fill(entry, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Copy tensor ``name`` into ``out`` (same shape, cast to its dtype and device).
+
+        A contiguous CPU ``out`` of the file's dtype is read into directly: loading a model then
+        costs the model, not the model plus a copy of its largest tensor.
+        """
+        entry = self.header.tensors[name]
+        if out.device.type == "cpu" and out.dtype == _DTYPES[entry.dtype] and out.is_contiguous():
+            self._fill(entry, out)
+        else:
+            out.copy_(self.read(name))
+
+    def _fill(self, entry: TensorEntry, out: torch.Tensor) -> None:
+        raw = out.reshape(-1).view(torch.uint8)  # out's own bytes
         self._file.seek(self._data_start + entry.begin)
         view, filled = memoryview(raw.numpy()), 0
         while filled < len(view):
             got = self._file.readinto(view[filled:])
             if not got:
-                raise InvalidInput(f"{self.what}: tensor '{name}' ends past the end of the file (it changed while being read)")
+                raise InvalidInput(
+                    f"{self.what}: tensor '{entry.name}' ends past the end of the file (it changed while being read)"
+                )
             filled += got
-        dtype = _DTYPES[entry.dtype]
-        if dtype == torch.bool and bool((raw > 1).any()):
+        if out.dtype == torch.bool and bool((raw > 1).any()):
             # torch's bool kernels assume 0 or 1; other bytes give values that are neither
-            raise InvalidInput(f"{self.what}: BOOL tensor '{name}' holds bytes other than 0 and 1")
-        return _from_little_endian(raw, dtype).view(dtype).reshape(entry.shape)
+            raise InvalidInput(f"{self.what}: BOOL tensor '{entry.name}' holds bytes other than 0 and 1")
+        itemsize = out.dtype.itemsize
+        if sys.byteorder != "little" and itemsize > 1:
+            raw.copy_(raw.view(-1, itemsize).flip(-1).reshape(-1))  # the file is little-endian
 
 
 def read_header(path: Path, *, what: str = "file") -> SafetensorsHeader:
     """Parse and check the header of ``path``; raise InvalidInput naming the first problem."""
     with SafetensorsReader(path, what=what) as reader:
         return reader.header
-
-
-def _from_little_endian(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    itemsize = dtype.itemsize
-    if sys.byteorder == "little" or itemsize == 1:
-        return raw
-    return raw.view(-1, itemsize).flip(-1).reshape(-1)
 
 
 def _parse_header(f: BinaryIO, what: str) -> tuple[SafetensorsHeader, int]:
