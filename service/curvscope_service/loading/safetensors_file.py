@@ -112,6 +112,9 @@ class SafetensorsReader:
         costs the model, not the model plus a copy of its largest tensor.
         """
         entry = self.header.tensors[name]
+        if tuple(out.shape) != entry.shape:
+            # never read past the entry's byte range, nor let copy_ broadcast
+            raise ValueError(f"tensor '{name}' has shape {list(entry.shape)}, not {list(out.shape)}")
         if out.device.type == "cpu" and out.dtype == _DTYPES[entry.dtype] and out.is_contiguous():
             self._fill(entry, out)
         else:

@@ -83,6 +83,18 @@ def test_tensors_own_their_memory(tmp_path):
         assert torch.equal(reader.read("w"), torch.arange(6.0))
 
 
+def test_read_into_checks_the_shape_and_casts(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(6.0).reshape(2, 3), "next": torch.ones(4)}, str(path))
+    with SafetensorsReader(path) as reader:
+        with pytest.raises(ValueError, match="shape"):
+            reader.read_into("w", torch.empty(8))  # would read into the next tensor's bytes
+        direct, cast = torch.empty(2, 3), torch.empty(2, 3, dtype=torch.float64)
+        reader.read_into("w", direct)
+        reader.read_into("w", cast)
+    assert torch.equal(direct, torch.arange(6.0).reshape(2, 3)) and torch.equal(cast, direct.double())
+
+
 def test_big_endian_host_gets_the_bytes_swapped(tmp_path, monkeypatch):
     path = tmp_path / "w.safetensors"
     values = torch.tensor([1.0, -2.5, 3e38], dtype=torch.float32)
