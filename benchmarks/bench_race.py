@@ -34,7 +34,7 @@ from torch import nn
 
 from curvscope_service.curvature.hessian import HessianOperator
 from curvscope_service.curvature.lanczos import lanczos
-from models import median_seconds, random_images, trained_resnet
+from models import median_seconds, pyhessian_eigen, random_images, trained_resnet
 
 STEPS = 10
 
@@ -49,32 +49,6 @@ def ours(model: nn.Module, inputs, targets, k: int, tol: float) -> tuple[list[fl
     start = time.perf_counter()
     result = lanczos(op.matvec, op.dim, top_k=k, tol=tol, max_matvecs=2000, dtype=op.dtype)
     return result.largest, result.matvecs, time.perf_counter() - start
-
-
-def pyhessian_eigen(model: nn.Module, inputs, targets, k: int, tol: float) -> tuple[list[float], int, float]:
-    import importlib
-
-    # pyhessian/__init__ re-exports the class under the submodule's name: fetch the module.
-    module = importlib.import_module("pyhessian.hessian")
-
-    counted = [0]
-    original = module.hessian_vector_product
-
-    def counting(*args):
-        counted[0] += 1
-        return original(*args)
-
-    module.hessian_vector_product = counting
-    try:
-        torch.manual_seed(0)
-        computer = module.hessian(model, nn.CrossEntropyLoss(), data=(inputs, targets), cuda=False)
-        start = time.perf_counter()
-        values, _ = computer.eigenvalues(maxIter=100, tol=tol, top_n=k)
-        seconds = time.perf_counter() - start
-    finally:
-        module.hessian_vector_product = original
-    model.zero_grad(set_to_none=True)
-    return values, counted[0], seconds
 
 
 def curvlinops_eigen(model: nn.Module, inputs, targets, k: int, tol: float) -> tuple[list[float], int, float]:

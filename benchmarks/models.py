@@ -8,7 +8,9 @@ Hessian serves as the truth.
 
 from __future__ import annotations
 
+import importlib
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -150,3 +152,33 @@ def gradient_seconds(op: HessianOperator, name: str) -> float:
         nn.functional.cross_entropy(model(inputs), targets).backward()
 
     return median_seconds(gradient)
+
+
+def pyhessian_eigen(model: nn.Module, inputs: Tensor, targets: Tensor, k: int, tol: float) -> tuple[list[float], int, float]:
+    """PyHessian 0.1's ``hessian(...).eigenvalues(top_n=k, tol=tol)`` (deflated power iteration,
+    at most 100 products per eigenvalue): (eigenvalues, products, seconds). Its graph is built in
+    the constructor, before the clock starts; products are counted by wrapping its
+    ``hessian_vector_product``. Needs the ``bench`` extra."""
+    # pyhessian/__init__ re-exports the class under the submodule's name: fetch the module.
+    module = importlib.import_module("pyhessian.hessian")
+
+    counted = [0]
+    original = module.hessian_vector_product
+
+    def counting(*args):
+        counted[0] += 1
+        return original(*args)
+
+    module.hessian_vector_product = counting
+    try:
+        torch.manual_seed(0)
+        with warnings.catch_warnings():  # its backward(create_graph=True) on the parameters' .grad
+            warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True")
+            computer = module.hessian(model, nn.CrossEntropyLoss(), data=(inputs, targets), cuda=False)
+        start = time.perf_counter()
+        values, _ = computer.eigenvalues(maxIter=100, tol=tol, top_n=k)
+        seconds = time.perf_counter() - start
+    finally:
+        module.hessian_vector_product = original
+    model.zero_grad(set_to_none=True)
+    return values, counted[0], seconds
