@@ -1,6 +1,7 @@
 """Hessian trace: Hutchinson vs Hutch++ vs XTrace at equal HVP counts, and PyHessian's trace.
 
-    python benchmarks/bench_trace.py [--threads 1] [--seeds 8] [--budgets 30 99 300]
+    python benchmarks/bench_trace.py [--threads 1] [--seeds 8] [--budgets 30 99 300] [--models mlp cnn]
+    python benchmarks/bench_trace.py --curvlinops-only [--models cnn]
 
 Digits MLP and CNN, 512 samples, float32 products; the truth is the trace of the dense float64
 Hessian. For each budget of products: the root-mean-square relative error over the seeds, and
@@ -11,8 +12,9 @@ curvlinops' ``hutchinson_trace``, ``hutchpp_trace`` and ``xtrace`` on its ``Hess
 at the same budgets (Hutch++ needs a multiple of 3 products, XTrace an even number: the budget is
 rounded down). Then each of our estimators seeded with the Ritz pairs of a top-``--seeded``
 Lanczos solve at tol 1e-3 (what ``hessian_eigen`` hands on to ``hessian_trace`` in one request),
-at the same trace budgets; the solve's own products are printed apart. Last, the time of one XTrace estimate with products batched 8 at a time (vmap'd)
-vs one vector at a time.
+at the same trace budgets; the solve's own products are printed apart. Then the time of one XTrace estimate with products batched 8 at a time (vmap'd)
+vs one vector at a time. --curvlinops-only runs curvlinops' estimators alone (their products cost
+about three times ours on the CNN).
 """
 
 from __future__ import annotations
@@ -70,50 +72,64 @@ def pyhessian_trace(name: str, seeds: int, truth: float) -> tuple[float, float] 
     return sum(products) / seeds, math.sqrt(sum(e * e for e in errors) / seeds)
 
 
+def ours(name: str, truth: float, args: argparse.Namespace) -> None:
+    """Our estimators plain and seeded, PyHessian's trace(), and XTrace's batched products."""
+    op = operator(name)
+    op.loss()  # build the retained graphs once, as the engine does
+    print(f"{op.dim} parameters")
+    print("| HVPs | " + " | ".join(f"{m} rms err (stderr)" for m in METHODS) + " |")
+    print("|------|" + "---|" * len(METHODS))
+    for budget in args.budgets:
+        cells = []
+        for method in METHODS:
+            results = [estimate_trace(op, method=method, max_products=budget, seed=s) for s in range(args.seeds)]
+            rms = math.sqrt(sum((r.estimate - truth) ** 2 for r in results) / len(results)) / abs(truth)
+            stderr = sum(r.stderr for r in results) / len(results) / abs(truth)
+            cells.append(f"{rms:.2e} ({stderr:.1e})")
+        print(f"| {budget} | " + " | ".join(cells) + " |")
+    if args.seeded:
+        kept = []
+        eigen = compute_hessian_eigen(op, top_k=args.seeded, tol=1e-3, max_hvps=2000, on_ritz=kept.append)
+        print(f"seeded with the top {args.seeded} Ritz pairs (Lanczos: {eigen['hvps']} HVPs, "
+              f"sum {sum(kept[0].values):.6g})")
+        print("| HVPs | " + " | ".join(f"{m} seeded rms err (stderr)" for m in METHODS) + " |")
+        for budget in args.budgets:
+            cells = []
+            for method in METHODS:
+                results = [estimate_trace(op, method=method, max_products=budget, seed=s, ritz=kept[0])
+                           for s in range(args.seeds)]
+                rms = math.sqrt(sum((r.estimate - truth) ** 2 for r in results) / len(results)) / abs(truth)
+                stderr = sum(r.stderr for r in results) / len(results) / abs(truth)
+                cells.append(f"{rms:.2e} ({stderr:.1e})")
+            print(f"| {budget} | " + " | ".join(cells) + " |")
+    reference = pyhessian_trace(name, args.seeds, truth)
+    if reference is None:
+        print("PyHessian: not installed (pip install '.[bench]')")
+    else:
+        print(f"PyHessian trace(): {reference[0]:.1f} HVPs on average, rms relative error {reference[1]:.2e}")
+    for block in (8, 1):
+        start = time.perf_counter()
+        estimate_trace(op, method="xtrace", max_products=100, block_size=block)
+        print(f"XTrace, 100 HVPs, block of {block}: {time.perf_counter() - start:.3f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared box)")
     parser.add_argument("--seeds", type=int, default=8, help="independent runs per method and budget")
     parser.add_argument("--budgets", type=int, nargs="+", default=[30, 99, 300], help="HVP counts compared")
     parser.add_argument("--seeded", type=int, default=10, help="Ritz pairs seeding the trace (0: skip)")
+    parser.add_argument("--models", nargs="+", choices=["mlp", "cnn"], default=["mlp", "cnn"])
+    parser.add_argument("--curvlinops-only", action="store_true",
+                        help="only curvlinops' estimators (on the CNN about 7 minutes at the default budgets)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    for name in ("mlp", "cnn"):
+    for name in args.models:
         truth = dense_hessian(name).trace().item()
-        op = operator(name)
-        op.loss()  # build the retained graphs once, as the engine does
-        print(f"\n{name}: {op.dim} parameters, trace {truth:.6g}")
-        print("| HVPs | " + " | ".join(f"{m} rms err (stderr)" for m in METHODS) + " |")
-        print("|------|" + "---|" * len(METHODS))
-        for budget in args.budgets:
-            cells = []
-            for method in METHODS:
-                results = [estimate_trace(op, method=method, max_products=budget, seed=s) for s in range(args.seeds)]
-                rms = math.sqrt(sum((r.estimate - truth) ** 2 for r in results) / len(results)) / abs(truth)
-                stderr = sum(r.stderr for r in results) / len(results) / abs(truth)
-                cells.append(f"{rms:.2e} ({stderr:.1e})")
-            print(f"| {budget} | " + " | ".join(cells) + " |")
-        if args.seeded:
-            kept = []
-            eigen = compute_hessian_eigen(op, top_k=args.seeded, tol=1e-3, max_hvps=2000, on_ritz=kept.append)
-            print(f"seeded with the top {args.seeded} Ritz pairs (Lanczos: {eigen['hvps']} HVPs, "
-                  f"sum {sum(kept[0].values):.6g})")
-            print("| HVPs | " + " | ".join(f"{m} seeded rms err (stderr)" for m in METHODS) + " |")
-            for budget in args.budgets:
-                cells = []
-                for method in METHODS:
-                    results = [estimate_trace(op, method=method, max_products=budget, seed=s, ritz=kept[0])
-                               for s in range(args.seeds)]
-                    rms = math.sqrt(sum((r.estimate - truth) ** 2 for r in results) / len(results)) / abs(truth)
-                    stderr = sum(r.stderr for r in results) / len(results) / abs(truth)
-                    cells.append(f"{rms:.2e} ({stderr:.1e})")
-                print(f"| {budget} | " + " | ".join(cells) + " |")
-        reference = pyhessian_trace(name, args.seeds, truth)
-        if reference is None:
-            print("PyHessian: not installed (pip install '.[bench]')")
-        else:
-            print(f"PyHessian trace(): {reference[0]:.1f} HVPs on average, rms relative error {reference[1]:.2e}")
+        print(f"\n{name}: trace {truth:.6g}")
+        if not args.curvlinops_only:
+            ours(name, truth, args)
         theirs = curvlinops_traces(name, args.budgets, args.seeds, truth)
         if theirs is None:
             print("curvlinops: not installed (pip install '.[bench]')")
@@ -121,10 +137,6 @@ def main() -> None:
             print("| HVPs | " + " | ".join(f"curvlinops {m} rms err" for m in METHODS) + " |")
             for budget in args.budgets:
                 print(f"| {budget} | " + " | ".join(f"{theirs[m, budget]:.2e}" for m in METHODS) + " |")
-        for block in (8, 1):
-            start = time.perf_counter()
-            estimate_trace(op, method="xtrace", max_products=100, block_size=block)
-            print(f"XTrace, 100 HVPs, block of {block}: {time.perf_counter() - start:.3f} s")
 
 
 if __name__ == "__main__":
