@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok, 1 a gate failed, 2 usage or input error, 3 the server could not be reached
 or failed (or, with ``--local``, the engine failed). Errors are one line on stderr, never a
-traceback.
+traceback; usage errors too. ``curvscope`` alone prints the help and exits 2.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, NoReturn, Sequence
 
-from .client import CURVATURES, TRACE_METHODS, Client, CurvscopeError, build_request
+from . import __version__
+from .client import (CONNECT_TIMEOUT_SECONDS, CURVATURES, LOSSES, TRACE_METHODS, Client, CurvscopeError,
+                     build_request)
 from ._proto.curvscope.v1 import curvscope_pb2 as pb
 from ._table import ProgressLine, render_report
 from .report import Report
@@ -26,6 +29,45 @@ SERVICE_MISSING = ("this needs the curvscope service on this machine: pip instal
                    "(or use --server HOST:PORT)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line, like every other error of the command line (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INPUT, f"{self.prog}: INVALID_ARGUMENT: {message}; see {self.prog} --help\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks, and shows each flag's default unless its help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS
+        if action.option_strings and not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Version(argparse.Action):
+    """``--version``: this client's version, and the service package's when it is installed
+    (read from the installed metadata: nothing of the service is imported)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str | None = None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            service = f"curvscope-service {version('curvscope-service')}"
+        except PackageNotFoundError:
+            service = "curvscope-service not installed"
+        print(f"curvscope {__version__} ({service})")
+        parser.exit()
+
+
 def _service_module(name: str):
     try:
         return __import__(f"curvscope_service.{name}", fromlist=[name])
@@ -35,76 +77,97 @@ def _service_module(name: str):
         raise
 
 
-def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
-    """Where the work runs and how to reach the server: the same flags for every subcommand
-    that talks to one."""
+def _add_connection_flags(parser: argparse.ArgumentParser, timeout_help: str) -> None:
+    """Where the work runs, how to reach the server, and how long to wait: the same flags for
+    every subcommand that talks to one."""
     group = parser.add_argument_group("server connection")
     where = group.add_mutually_exclusive_group()
-    where.add_argument("--server", help="HOST:PORT of a curvscope server (default: CURVSCOPE_SERVER)")
+    where.add_argument("--server", metavar="HOST:PORT",
+                       help="a curvscope server (default: CURVSCOPE_SERVER, else localhost:50051)")
     where.add_argument("--local", action="store_true", help="run in this process (needs the service package)")
-    group.add_argument("--token-file", type=Path, help="file holding the bearer token (default: CURVSCOPE_TOKEN)")
+    group.add_argument("--token-file", type=Path, metavar="FILE",
+                       help="file holding the bearer token (default: CURVSCOPE_TOKEN)")
     group.add_argument("--tls", action="store_true", help="use TLS, trusting the system's root certificates")
-    group.add_argument("--tls-ca", type=Path, help="CA certificate of a TLS server (implies --tls)")
-    group.add_argument("--tls-cert", type=Path, help="client certificate, for servers that require mutual TLS")
-    group.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
+    group.add_argument("--tls-ca", type=Path, metavar="CA.pem", help="CA certificate of a TLS server (implies --tls)")
+    group.add_argument("--tls-cert", type=Path, metavar="CERT.pem",
+                       help="client certificate, for servers that require mutual TLS")
+    group.add_argument("--tls-key", type=Path, metavar="KEY.pem", help="private key of --tls-cert")
+    timeouts = parser.add_argument_group("timeouts")
+    timeouts.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                          help=timeout_help)
+    timeouts.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_SECONDS, metavar="SECONDS",
+                          help="seconds to wait for a connection to the server")
 
 
 def _connect(args: argparse.Namespace) -> Client:
     return Client(args.server, token=_token(args), tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                  tls_key=args.tls_key)
+                  tls_key=args.tls_key, connect_timeout=args.connect_timeout,
+                  target_origin="--server" if args.server else None)
 
 
 def _add_analysis_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model: a local .pt2/.safetensors file, a file:// URI on the server, or sha256:DIGEST")
-    parser.add_argument("--data", help="data batch: a .safetensors file with inputs and targets (or file://, sha256:)")
-    parser.add_argument("--loss", default="cross_entropy", help="cross_entropy (default) or mse")
-    parser.add_argument("--curvature", choices=list(CURVATURES), default=None,
-                        help="the matrix the spectral analyses (eigen, trace, density) measure (default: hessian; ggn = J^T H_loss J; fisher: "
-                             "labels sampled from the model with the seed; empirical_fisher: the data's labels)")
-    _add_connection_flags(parser)
-    parser.add_argument("--eigen", type=int, default=None, metavar="K", help="K largest Hessian eigenvalues (default 1)")
-    parser.add_argument("--smallest", type=int, default=0, metavar="K", help="K smallest Hessian eigenvalues")
-    parser.add_argument("--tolerance", type=float, default=0.0, help="relative Ritz residual to stop at (default 1e-3)")
-    parser.add_argument("--max-hvps", type=int, default=0, help="budget of Hessian-vector products")
-    parser.add_argument("--trace", action="store_true", help="Hessian trace")
-    parser.add_argument("--density", action="store_true", help="spectral density")
-    parser.add_argument("--sharpness", action="store_true", help="sharpness and the GD stability verdict")
-    parser.add_argument("--non-uniformity", action="store_true", help="non-uniformity and the SGD stability verdict")
-    parser.add_argument("--lipschitz", action="store_true", help="Lipschitz bounds")
-    parser.add_argument("--epsilon-sharpness", action="store_true", help="epsilon-sharpness (Keskar et al. 2017)")
-    parser.add_argument("--adaptive-sharpness", action="store_true",
-                        help="adaptive worst- or average-case sharpness (Kwon et al. 2021; Andriushchenko et al. 2023)")
-    parser.add_argument("--weight-spectra", action="store_true",
-                        help="per-layer spectral norms, stable rank and power-law alpha (no data needed)")
-    parser.add_argument("--set", action="append", default=[], metavar="ANALYSIS.SETTING=VALUE", dest="settings",
-                        help="any setting of an analysis's spec, adding that analysis; repeatable, e.g. "
-                             "--set non_uniformity.method=gauss_newton --set lipschitz.methods=lipsdp_neuron,lower "
-                             "--set adaptive_sharpness.rho=0.05 (names as in the API's *Spec messages)")
-    parser.add_argument("--lr", type=float, default=0.0, metavar="ETA", help="learning rate for the stability verdicts")
-    parser.add_argument("--batch-size", type=int, default=0, metavar="B", help="SGD batch size for the stability verdict")
-    parser.add_argument("--per-layer", action="store_true", help="also analyse each layer's parameter block")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
-    parser.add_argument("--precision", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--micro-batch-size", type=int, default=0, help="samples per micro-batch (default: the server's)")
-    parser.add_argument("--max-samples", type=int, default=0, help="use at most this many samples, chosen with the seed")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds before the server gives up (deadline)")
-    parser.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here ('-' for stdout)")
-    parser.add_argument("--plot", type=Path, metavar="OUT.png|OUT.svg",
-                        help="plot the spectral density (log scale) and the top eigenvalues per layer: .svg needs "
-                             "nothing more, .png needs matplotlib (pip install 'curvscope[plot]')")
-    trace = parser.add_argument_group("trace (with --trace)")
+    inputs = parser.add_argument_group("input")
+    inputs.add_argument("model", help="a local .pt2/.safetensors file, a file:// URI on the server, or sha256:DIGEST")
+    inputs.add_argument("--data", help="data batch: a .safetensors file with inputs and targets (or file://, sha256:)")
+    inputs.add_argument("--loss", choices=LOSSES, default="cross_entropy", help="the loss, a mean over the samples")
+    analyses = parser.add_argument_group("analyses (with none named: --eigen 1)")
+    analyses.add_argument("--eigen", type=int, default=None, metavar="K",
+                          help="K largest eigenvalues (default: 1 when no other analysis is named, else 0)")
+    analyses.add_argument("--smallest", type=int, default=0, metavar="K", help="K smallest eigenvalues")
+    analyses.add_argument("--trace", action="store_true", help="Hessian trace")
+    analyses.add_argument("--density", action="store_true", help="spectral density")
+    analyses.add_argument("--sharpness", action="store_true", help="sharpness and the GD stability verdict")
+    analyses.add_argument("--non-uniformity", action="store_true", help="non-uniformity and the SGD stability verdict")
+    analyses.add_argument("--lipschitz", action="store_true", help="Lipschitz bounds")
+    analyses.add_argument("--epsilon-sharpness", action="store_true", help="epsilon-sharpness (Keskar et al. 2017)")
+    analyses.add_argument("--adaptive-sharpness", action="store_true",
+                          help="adaptive worst- or average-case sharpness (Kwon et al. 2021; Andriushchenko et al. 2023)")
+    analyses.add_argument("--weight-spectra", action="store_true",
+                          help="per-layer spectral norms, stable rank and power-law alpha (no data needed)")
+    analyses.add_argument("--set", action="append", default=[], metavar="ANALYSIS.SETTING=VALUE", dest="settings",
+                          help="any setting of an analysis's spec, adding that analysis; repeatable, e.g. "
+                               "--set non_uniformity.method=gauss_newton --set lipschitz.methods=lipsdp_neuron,lower "
+                               "--set adaptive_sharpness.rho=0.05 (names as in the API's *Spec messages)")
+    analyses.add_argument("--per-layer", action="store_true", help="also analyse each layer's parameter block")
+    analyses.add_argument("--lr", type=float, default=0.0, metavar="ETA",
+                          help="learning rate for the stability verdicts (default: 0, no verdict)")
+    analyses.add_argument("--batch-size", type=int, default=0, metavar="B",
+                          help="SGD batch size for the stability verdict (default: 0, no verdict)")
+    numerics = parser.add_argument_group("numerics")
+    numerics.add_argument("--curvature", choices=list(CURVATURES), default=None,
+                          help="the matrix the spectral analyses (eigen, trace, density) measure (default: hessian; "
+                               "ggn = J^T H_loss J; fisher: labels sampled from the model with the seed; "
+                               "empirical_fisher: the data's labels)")
+    numerics.add_argument("--tolerance", type=float, default=0.0, metavar="REL",
+                          help="relative Ritz residual the eigensolver stops at (default: the server's, 1e-3)")
+    numerics.add_argument("--max-hvps", type=int, default=0, metavar="N",
+                          help="budget of Hessian-vector products of the eigensolver (default: the server's)")
+    numerics.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    numerics.add_argument("--precision", choices=["float32", "float64"], default="float32",
+                          help="floating-point type of the computation")
+    numerics.add_argument("--micro-batch-size", type=int, default=0, metavar="N",
+                          help="samples per micro-batch (default: the server's)")
+    numerics.add_argument("--max-samples", type=int, default=0, metavar="N",
+                          help="use at most this many samples, chosen with the seed (default: 0, all)")
+    trace = parser.add_argument_group("numerics of --trace")
     trace.add_argument("--trace-method", choices=list(TRACE_METHODS), default=None,
                        help="estimator (default: the server's, xtrace; seeded with the Ritz pairs of --eigen when both run)")
     trace.add_argument("--trace-max-hvps", type=int, default=0, metavar="N", help="budget of products (default: the server's)")
     trace.add_argument("--trace-tolerance", type=float, default=0.0, metavar="REL",
                        help="adaptive mode: stop once stderr/|trace| <= REL (default: use the whole budget)")
     trace.add_argument("--frobenius", action="store_true", help="also estimate tr(H^2), the squared Frobenius norm")
-    density = parser.add_argument_group("spectral density (with --density)")
+    density = parser.add_argument_group("numerics of --density")
     density.add_argument("--density-steps", type=int, default=0, metavar="M", help="Lanczos steps per probe (default 90)")
     density.add_argument("--density-probes", type=int, default=0, metavar="P", help="random probes (default 10)")
     density.add_argument("--density-grid", type=int, default=0, metavar="G", help="points of the output grid (default 1000)")
     density.add_argument("--density-sigma", type=float, default=0.0, metavar="S",
                          help="Gaussian broadening width, relative to the spectral range (default: the server's)")
+    _add_connection_flags(parser, "the analysis's deadline: the server gives up past it (default: none)")
+    output = parser.add_argument_group("output (the report's table goes to stdout)")
+    output.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here ('-' for stdout)")
+    output.add_argument("--plot", type=Path, metavar="OUT.png|OUT.svg",
+                        help="plot the spectral density (log scale) and the top eigenvalues per layer: .svg needs "
+                             "nothing more, .png needs matplotlib (pip install 'curvscope[plot]')")
 
 
 def _spec_fields(settings: list[str]) -> dict[str, dict[str, str]]:
@@ -348,50 +411,110 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_gate_parser(commands) -> None:
-    gate = commands.add_parser(
-        "gate", help="check a checkpoint against a policy (exit 1 when a check fails)",
+ANALYZE_EXAMPLES = """examples:
+  curvscope analyze model.pt2 --data batch.safetensors          # the largest Hessian eigenvalue
+  curvscope analyze model.pt2 --data batch.safetensors --eigen 5 --smallest 2 --trace --density \\
+      --per-layer --json report.json --plot spectrum.svg
+  curvscope analyze model.pt2 --data batch.safetensors --sharpness --non-uniformity --lr 0.1 --batch-size 32
+  curvscope analyze model.safetensors --lipschitz --weight-spectra --local   # data-free, in this process
+  curvscope analyze model.pt2 --data batch.safetensors --curvature ggn --trace --trace-method xtrace \\
+      --frobenius --set non_uniformity.method=gauss_newton
+  curvscope analyze model.pt2 --data batch.safetensors --server curvscope.example.org:443 --tls \\
+      --token-file token.txt --timeout 600
+"""
+GATE_EXAMPLES = """examples:
+  curvscope gate --init                                 # write a commented starter curvscope.toml
+  curvscope gate model.pt2 --data batch.safetensors --policy curvscope.toml
+  curvscope gate model.pt2 --data batch.safetensors --policy curvscope.toml --baseline main.json \\
+      --junit gate.xml --markdown gate.md --json gate.json --html gate.html
+  curvscope gate --policy curvscope.toml --report report.json   # judge a report made before
+"""
+REPORT_EXAMPLES = """examples:
+  curvscope report report.json                          # the report's table
+  curvscope report gate.json --html gate.html --title "nightly gate"
+"""
+COMPARE_EXAMPLES = """examples:
+  curvscope compare main.json branch.json --changed-only
+  curvscope compare main.json branch.json --markdown comparison.md
+"""
+DEMO_EXAMPLES = """examples:
+  curvscope demo                                        # a report in about a minute, no files needed
+  curvscope demo --whole-model-only --json demo.json
+"""
+MAIN_EXAMPLES = """examples:
+  curvscope demo                                        # try it: no files, no server
+  curvscope serve --port 50051 --store /var/lib/curvscope
+  curvscope analyze model.pt2 --data batch.safetensors --server localhost:50051 --eigen 5 --trace
+  curvscope analyze model.pt2 --data batch.safetensors --local   # no server, the same engine
+  curvscope gate model.pt2 --data batch.safetensors --policy curvscope.toml
+
+Every command has its --help. The server's address: --server HOST:PORT, else CURVSCOPE_SERVER,
+else localhost:50051. Exit codes: 0 ok, 1 a gate failed, 2 usage or input error, 3 the server
+could not be reached or failed.
+"""
+
+
+def _command(commands: Any, name: str, help: str, examples: str,
+             description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose help ends with ``examples`` and shows every flag's default."""
+    return commands.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
+                               epilog=examples, formatter_class=_HelpFormatter)
+
+
+def _add_gate_parser(commands: Any) -> None:
+    gate = _command(
+        commands, "gate", "check a checkpoint against a policy (exit 1 when a check fails)", GATE_EXAMPLES,
         description="Run a policy's analyses on MODEL (or read --report) and judge its checks. Exit codes: 0 every "
                     "check passed (warnings allowed), 1 a check failed or a value could not be measured, 2 usage "
                     "or input error, 3 the server could not be reached or failed.")
-    gate.add_argument("model", nargs="?", help="model: a local .pt2/.safetensors file, a file:// URI on the server, or sha256:DIGEST")
-    gate.add_argument("--policy", type=Path, help="the TOML policy (with --init: where to write the starter policy)")
-    gate.add_argument("--init", action="store_true", help="write a commented starter policy and stop")
-    gate.add_argument("--force", action="store_true", help="with --init: overwrite an existing policy")
-    gate.add_argument("--data", help="data batch: a .safetensors file with inputs and targets (or file://, sha256:)")
-    gate.add_argument("--report", type=Path, help="gate this existing JSON report instead of analysing MODEL")
-    gate.add_argument("--baseline", type=Path, help="report (or gate --json output) to measure changes against")
-    _add_connection_flags(gate)
-    gate.add_argument("--timeout", type=float, default=None, help="seconds per request before the server gives up")
-    gate.add_argument("--junit", type=Path, metavar="OUT.xml", help="write JUnit XML (a testcase per checked value)")
-    gate.add_argument("--markdown", type=Path, metavar="OUT.md", help="write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY)")
-    gate.add_argument("--json", type=Path, metavar="OUT.json", help="write the verdicts and the report (usable as a later --baseline)")
-    gate.add_argument("--html", type=Path, metavar="OUT.html", help="write the verdicts, plots and values as one HTML page")
+    inputs = gate.add_argument_group("policy and input")
+    inputs.add_argument("model", nargs="?", help="a local .pt2/.safetensors file, a file:// URI on the server, or sha256:DIGEST")
+    inputs.add_argument("--policy", type=Path, help="the TOML policy (with --init: where to write the starter policy, "
+                                                    "default curvscope.toml)")
+    inputs.add_argument("--init", action="store_true", help="write a commented starter policy and stop")
+    inputs.add_argument("--force", action="store_true", help="with --init: overwrite an existing policy")
+    inputs.add_argument("--data", help="data batch: a .safetensors file with inputs and targets (or file://, sha256:)")
+    inputs.add_argument("--report", type=Path, help="gate this existing JSON report instead of analysing MODEL")
+    inputs.add_argument("--baseline", type=Path, help="report (or gate --json output) to measure changes against")
+    _add_connection_flags(gate, "each request's deadline: the server gives up past it (default: the policy's "
+                                "timeout, else none)")
+    output = gate.add_argument_group("output (the verdicts' table goes to stdout)")
+    output.add_argument("--junit", type=Path, metavar="OUT.xml", help="write JUnit XML (a testcase per checked value)")
+    output.add_argument("--markdown", type=Path, metavar="OUT.md", help="write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY)")
+    output.add_argument("--json", type=Path, metavar="OUT.json", help="write the verdicts and the report (usable as a later --baseline)")
+    output.add_argument("--html", type=Path, metavar="OUT.html", help="write the verdicts, plots and values as one HTML page")
     gate.set_defaults(run=cmd_gate)
-    report = commands.add_parser("report", help="show a JSON report; --html writes a page with its plots")
+    report = _command(commands, "report", "show a JSON report; --html writes a page with its plots", REPORT_EXAMPLES)
     report.add_argument("report", type=Path, help="a report (analyze --json) or a gate --json output")
-    report.add_argument("--html", type=Path, metavar="OUT.html", help="write one self-contained HTML page")
-    report.add_argument("--title", help="title of the page")
+    output = report.add_argument_group("output")
+    output.add_argument("--html", type=Path, metavar="OUT.html", help="write one self-contained HTML page")
+    output.add_argument("--title", help="title of the page (default: 'curvscope report: ' and the file's name)")
     report.set_defaults(run=cmd_report)
-    compare = commands.add_parser("compare", help="two reports side by side, with the change of every value")
+    compare = _command(commands, "compare", "two reports side by side, with the change of every value",
+                       COMPARE_EXAMPLES)
     compare.add_argument("a", type=Path, help="the first report (e.g. main's)")
     compare.add_argument("b", type=Path, help="the second report (e.g. the candidate's)")
-    compare.add_argument("--changed-only", action="store_true", help="only the values that differ")
-    compare.add_argument("--markdown", type=Path, metavar="OUT.md", help="also write the comparison as Markdown")
+    output = compare.add_argument_group("output")
+    output.add_argument("--changed-only", action="store_true", help="only the values that differ")
+    output.add_argument("--markdown", type=Path, metavar="OUT.md", help="also write the comparison as Markdown")
     compare.set_defaults(run=cmd_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="curvscope", description="Curvature analysis of model checkpoints.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the gRPC server (flags: curvscope serve --help)", add_help=False)
-    analyze = commands.add_parser("analyze", help="analyse a checkpoint on a data batch")
+    parser = _Parser(prog="curvscope", description="Curvature analysis of model checkpoints.", epilog=MAIN_EXAMPLES,
+                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action=_Version, help="print the versions of the client and the service, and exit")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("serve", help="run the gRPC server (its flags: curvscope serve --help)", add_help=False)
+    analyze = _command(commands, "analyze", "analyse a checkpoint on a data batch", ANALYZE_EXAMPLES)
     _add_analysis_flags(analyze)
     analyze.set_defaults(run=cmd_analyze)
     _add_gate_parser(commands)
-    demo = commands.add_parser("demo", help="a small model on scikit-learn's digits, an in-process server, a report")
-    demo.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here ('-' for stdout)")
+    demo = _command(commands, "demo", "a small model on scikit-learn's digits, an in-process server, a report",
+                    DEMO_EXAMPLES)
     demo.add_argument("--whole-model-only", action="store_true", help="skip the per-layer eigenvalues")
+    output = demo.add_argument_group("output")
+    output.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here ('-' for stdout)")
     demo.set_defaults(run=cmd_demo)
     return parser
 
@@ -403,7 +526,14 @@ def main(argv: list[str] | None = None) -> int:
             # The server parses its own flags (they have CURVSCOPE_* environment defaults).
             _service_module("server").main(argv[1:])
             return EXIT_OK
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not argv:
+            parser.print_help()
+            return EXIT_INPUT
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as done:  # --help, --version, or a usage error (already printed)
+            return EXIT_OK if done.code is None else int(done.code)
         return args.run(args)
     except CurvscopeError as error:
         print(f"curvscope: {error.code}: {_one_line(error.message)}", file=sys.stderr)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -15,12 +18,43 @@ from ._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
 from .report import Report, message_to_dict
 
 DEFAULT_SERVER = "localhost:50051"
+SERVICE = pb.DESCRIPTOR.services_by_name["Curvscope"].full_name  # "curvscope.v1.Curvscope"
+# grpc itself sends these calls again when they fail with UNAVAILABLE (a draining replica, a
+# connection lost as the call started), with exponential backoff. They are idempotent: StatBlob,
+# DescribeModel and GetCapabilities read, and the server caches Analyze's report by the request's
+# content; grpc retries Analyze only until its first event arrives. Upload is left out: its
+# chunks are larger than grpc's retry buffer, so a retry could not replay them.
+RETRIED_METHODS = ("StatBlob", "DescribeModel", "GetCapabilities", "Analyze")
+SERVICE_CONFIG = {"methodConfig": [{
+    "name": [{"service": SERVICE, "method": method} for method in RETRIED_METHODS],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "5s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]},
+}]}
+# Ping the server every 30 s while a call is open, so a long, silent Analyze stream (a solve of
+# minutes) finds a dead connection within 50 s; the server accepts pings every 10 s.
+KEEPALIVE_OPTIONS = {"grpc.keepalive_time_ms": 30_000, "grpc.keepalive_timeout_ms": 20_000,
+                     "grpc.keepalive_permit_without_calls": 0, "grpc.http2.max_pings_without_data": 0}
+# Trailing metadata with which the server marks an error after which the same request may be
+# sent again as it is (ABORTED: a solver process killed from outside the server).
+RETRY_SAFE_METADATA = "curvscope-retry-safe"
+CONNECT_TIMEOUT_SECONDS = 10.0
+UNARY_TIMEOUT_SECONDS = 60.0
+ABORTED_BACKOFF_SECONDS = 1.0
+# Until a client has a connection, a health check (public: no token needed) waits for one before
+# its call; after a connect timeout, one more, fail-fast, asks the channel why there is none.
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+_PROBE_SECONDS = 2.0
+_NOT_CONNECTED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+log = logging.getLogger(__name__)
 ProgressCallback = Callable[[pb.AnalyzeEvent], None]
 # The curvature matrices and trace estimators a request can name (the report's spelling).
 CURVATURES = {"hessian": pb.CURVATURE_HESSIAN, "ggn": pb.CURVATURE_GGN, "fisher": pb.CURVATURE_FISHER,
               "empirical_fisher": pb.CURVATURE_EMPIRICAL_FISHER}
 TRACE_METHODS = {"hutchinson": pb.TRACE_METHOD_HUTCHINSON, "hutchpp": pb.TRACE_METHOD_HUTCH_PLUS_PLUS,
                  "xtrace": pb.TRACE_METHOD_XTRACE}
+# The losses the server differentiates (curvscope_service.losses), mean over the samples.
+LOSSES = ("cross_entropy", "mse")
 
 
 class CurvscopeError(Exception):
@@ -35,8 +69,6 @@ class CurvscopeError(Exception):
     def from_rpc(cls, error: grpc.RpcError) -> "CurvscopeError":
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = error.details() if hasattr(error, "details") else str(error)
-        if code == grpc.StatusCode.UNAVAILABLE:
-            details = f"could not reach the server ({details})"
         return cls(code.name, details or code.name)
 
 
@@ -181,21 +213,47 @@ class Client:
     plus ``tls_cert``/``tls_key`` for mutual TLS. Local files are uploaded once: a file the server already holds (same
     sha256) is not sent again.
 
+    On a real network: the first call, and the first after one that found the server
+    unavailable, waits up to ``connect_timeout`` seconds (never past its own deadline) for a
+    connection (``wait_for_ready``), then fails with UNAVAILABLE naming the address, where it came
+    from (``target_origin``; the CLI passes ``--server``) and how to set it. StatBlob,
+    DescribeModel and GetCapabilities have a deadline of ``unary_timeout`` seconds (None: none);
+    Upload and Analyze have none unless ``analyze(timeout=...)`` sets one. grpc sends a call again
+    on UNAVAILABLE (a draining replica, a connection lost as the call started), up to 5 attempts
+    with exponential backoff from 0.2 s (``SERVICE_CONFIG``: StatBlob, DescribeModel,
+    GetCapabilities, and Analyze until its first event; not Upload, whose chunks grpc cannot
+    replay). An Analyze that ends ABORTED with the server's ``curvscope-retry-safe: 1`` mark (its
+    solver process was killed from outside the server) is sent again up to ``aborted_retries``
+    times, after 1 s, 2 s, ..., within its deadline; every other error is raised at once.
+    Keepalive pings every 30 s during a call keep a long, quiet Analyze stream alive through
+    proxies and find a dead connection within a minute.
+
     Scaling out: ``load_balancing="round_robin"`` spreads the calls over every address the
     target resolves to (``dns:///curvscope-headless.ml.svc:50051``, or
     ``ipv4:10.0.0.1:50051,10.0.0.2:50051``); the replicas must share their blob store.
-    ``options`` are passed to the gRPC channel as they are.
+    ``options`` are passed to the gRPC channel, over these defaults (``grpc.service_config``,
+    the keepalive settings).
     """
 
     def __init__(self, target: str | None = None, *, token: str | None = None, tls_ca: str | Path | None = None,
                  tls: bool = False, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
-                 load_balancing: str | None = None, options: Sequence[tuple[str, Any]] = ()):
-        self.target = target or os.environ.get("CURVSCOPE_SERVER") or DEFAULT_SERVER
+                 load_balancing: str | None = None, options: Sequence[tuple[str, Any]] = (),
+                 connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+                 unary_timeout: float | None = UNARY_TIMEOUT_SECONDS, aborted_retries: int = 1,
+                 target_origin: str | None = None):
+        from_env = os.environ.get("CURVSCOPE_SERVER")
+        self.target = target or from_env or DEFAULT_SERVER
+        self.target_origin = target_origin or (
+            "the target argument" if target else "CURVSCOPE_SERVER" if from_env else "the default")
+        self.connect_timeout = connect_timeout
+        self.unary_timeout = unary_timeout
+        self.aborted_retries = aborted_retries
         token = token if token is not None else os.environ.get("CURVSCOPE_TOKEN")
         self._metadata = (("authorization", f"Bearer {token.strip()}"),) if token else ()
-        channel_options = list(options)
+        channel_options: dict[str, Any] = {"grpc.service_config": json.dumps(SERVICE_CONFIG), **KEEPALIVE_OPTIONS}
         if load_balancing:
-            channel_options.append(("grpc.lb_policy_name", load_balancing))
+            channel_options["grpc.lb_policy_name"] = load_balancing
+        channel_options.update(options)
         if bool(tls_cert) != bool(tls_key):
             raise CurvscopeError("INVALID_ARGUMENT", "tls_cert and tls_key go together (--tls-cert, --tls-key)")
         if tls or tls_ca or tls_cert:
@@ -203,10 +261,12 @@ class Client:
             # certificate, for servers that require mutual TLS.
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert))
-            self._channel = grpc.secure_channel(self.target, credentials, channel_options)
+            self._channel = grpc.secure_channel(self.target, credentials, list(channel_options.items()))
         else:
-            self._channel = grpc.insecure_channel(self.target, channel_options)
+            self._channel = grpc.insecure_channel(self.target, list(channel_options.items()))
         self._stub = pb_grpc.CurvscopeStub(self._channel)
+        self._health_check = self._channel.unary_unary(_HEALTH_CHECK)
+        self._connected = False  # True once a call reached the server; False again once one found it gone
 
     def close(self) -> None:
         self._channel.close()
@@ -217,17 +277,56 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+    def _wait_until_ready(self, deadline: float | None) -> None:
+        """Wait for a connection, up to ``connect_timeout`` and never past ``deadline``; else
+        raise UNAVAILABLE with the address, where it came from, and the transport's reason.
+        The wait is a health check with ``wait_for_ready`` rather than grpc's channel-state
+        watcher, whose thread races with ``close``; made only while not connected, it leaves
+        round-robin's order of the calls alone."""
+        if self._connected:
+            return
+        started, reason = time.monotonic(), ""
+        wait = self.connect_timeout if deadline is None else min(self.connect_timeout,
+                                                                 max(deadline - time.monotonic(), 0.0))
+        for timeout, wait_for_ready in ((wait, True), (_PROBE_SECONDS, False)):
+            try:
+                self._health_check(b"", timeout=timeout, wait_for_ready=wait_for_ready)
+            except grpc.RpcError as error:
+                if error.code() in _NOT_CONNECTED:
+                    reason = (error.details() or error.code().name).removeprefix(
+                        "failed to connect to all addresses; last error: ")
+                    continue
+            # It answered (an error such as UNIMPLEMENTED too: a server without the health service).
+            self._connected = True
+            return
+        # Fail-fast, the second check's reason is the channel's (refused, a TLS handshake, ...).
+        raise CurvscopeError("UNAVAILABLE", self._unreachable(time.monotonic() - started, reason))
+
+    def _unreachable(self, waited: float, reason: str) -> str:
+        # The reason first: the CLI cuts its one-line errors at 300 characters.
+        return (f"could not reach the server at {self.target} (from {self.target_origin}) in {waited:.1f} s "
+                f"({reason}); start one with `curvscope serve`, set --server or CURVSCOPE_SERVER, or use --local")
+
+    def _error(self, error: grpc.RpcError) -> CurvscopeError:
+        if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE:
+            self._connected = False  # the next call waits for a connection again
+            return CurvscopeError("UNAVAILABLE", f"the server at {self.target} (from {self.target_origin}) is "
+                                                 f"unavailable: {error.details() or 'UNAVAILABLE'}")
+        return CurvscopeError.from_rpc(error)
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        deadline = _deadline(timeout)
+        self._wait_until_ready(deadline)
         try:
-            return method(request, metadata=self._metadata, timeout=timeout)
+            return method(request, metadata=self._metadata, timeout=_remaining(deadline))
         except grpc.RpcError as error:
-            raise CurvscopeError.from_rpc(error) from None
+            raise self._error(error) from None
 
     # -- blobs --------------------------------------------------------------------------------
     def stat(self, sha256: str) -> pb.BlobInfo | None:
         """The stored blob's info, or None when the server does not have it."""
         try:
-            return self._call(self._stub.StatBlob, pb.BlobRef(sha256=sha256))
+            return self._call(self._stub.StatBlob, pb.BlobRef(sha256=sha256), self.unary_timeout)
         except CurvscopeError as error:
             if error.code == "NOT_FOUND":
                 return None
@@ -249,7 +348,7 @@ class Client:
                 while block := handle.read(chunk_bytes):
                     yield pb.UploadChunk(data=block)
 
-        return self._call(self._stub.Upload, chunks()).sha256
+        return self._call(self._stub.Upload, chunks(), None).sha256
 
     def model_ref(self, model: str | Path, **options: Any) -> pb.ModelRef:
         """A local path (uploaded), a ``file://`` URI on the server, or ``sha256:<digest>``."""
@@ -274,10 +373,11 @@ class Client:
 
     # -- analyses -----------------------------------------------------------------------------
     def capabilities(self) -> dict[str, Any]:
-        return message_to_dict(self._call(self._stub.GetCapabilities, pb.GetCapabilitiesRequest()))
+        return message_to_dict(self._call(self._stub.GetCapabilities, pb.GetCapabilitiesRequest(), self.unary_timeout))
 
     def describe(self, model: str | Path, **model_options: Any) -> dict[str, Any]:
-        return message_to_dict(self._call(self._stub.DescribeModel, self.model_ref(model, **model_options)))
+        return message_to_dict(self._call(self._stub.DescribeModel, self.model_ref(model, **model_options),
+                                          self.unary_timeout))
 
     def analyze(self, model: str | Path, data: str | Path | None = None, *, progress: ProgressCallback | None = None,
                 timeout: float | None = None, **options: Any) -> Report:
@@ -289,8 +389,27 @@ class Client:
 
     def analyze_request(self, request: pb.AnalyzeRequest, *, progress: ProgressCallback | None = None,
                         timeout: float | None = None) -> Report:
-        """Send a prepared request; ``progress`` sees every Queued and Progress event."""
-        call = self._stub.Analyze(request, metadata=self._metadata, timeout=timeout)
+        """Send a prepared request; ``progress`` sees every Queued and Progress event. An ABORTED
+        the server marks retry-safe is sent again (``aborted_retries``), within ``timeout``."""
+        deadline = _deadline(timeout)
+        retries = 0
+        while True:
+            try:
+                return self._analyze_once(request, progress, deadline)
+            except grpc.RpcError as error:
+                delay = ABORTED_BACKOFF_SECONDS * 2 ** retries
+                left = float("inf") if deadline is None else deadline - time.monotonic()
+                if not (_retry_safe(error) and retries < self.aborted_retries and delay < left):
+                    raise self._error(error) from None
+                retries += 1
+                log.warning("%s: %s; sending the request again in %g s (retry %d of %d)", error.code().name,
+                            error.details(), delay, retries, self.aborted_retries)
+            time.sleep(delay)
+
+    def _analyze_once(self, request: pb.AnalyzeRequest, progress: ProgressCallback | None,
+                      deadline: float | None) -> Report:
+        self._wait_until_ready(deadline)
+        call = self._stub.Analyze(request, metadata=self._metadata, timeout=_remaining(deadline))
         report = None
         try:
             # Read the stream to its end, past the report: stopping at the report would cancel
@@ -300,11 +419,25 @@ class Client:
                     report = Report(event.report)
                 elif progress is not None:
                     progress(event)
-        except grpc.RpcError as error:
-            raise CurvscopeError.from_rpc(error) from None
+        except grpc.RpcError:
+            raise  # the call is over: analyze_request decides
         except BaseException:
             call.cancel()  # e.g. Ctrl-C: stop the work on the server too
             raise
         if report is None:
             raise CurvscopeError("INTERNAL", "the server closed the stream without a report")
         return report
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+def _retry_safe(error: grpc.RpcError) -> bool:
+    """Whether the server marked this error as one after which the same request may be sent again."""
+    trailing = error.trailing_metadata() if isinstance(error, grpc.Call) else None
+    return any(key == RETRY_SAFE_METADATA and value == "1" for key, value in trailing or ())

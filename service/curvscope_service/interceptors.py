@@ -18,7 +18,9 @@ from typing import Any, Awaitable, Callable
 import grpc
 from grpc import aio
 
-from .errors import CurvscopeError, InvalidInput
+from curvscope.client import RETRY_SAFE_METADATA
+
+from .errors import Aborted, CurvscopeError, InvalidInput
 from .logging_setup import REQUEST_ID
 from .metrics import REQUESTS, RPC_SECONDS
 
@@ -30,6 +32,9 @@ _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 # Probes and tooling need these without a token (a kubelet has none).
 PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Errors after which the same request may be sent again as it is: their status carries the
+# trailing metadata ``curvscope-retry-safe: 1``, and the client retries them.
+RETRY_SAFE_ERRORS = (Aborted,)
 
 
 def _wrap(handler: grpc.RpcMethodHandler, wrap_behavior: Callable[[Any, bool], Any],
@@ -164,7 +169,10 @@ async def _abort_for(error: BaseException, context: aio.ServicerContext, method:
     """Abort the call for ``error`` (always raises); re-raise what is not an error of the request."""
     if isinstance(error, CurvscopeError):
         status = _status_of(error)
-        await context.abort(status, str(error).splitlines()[0] if str(error) else status.name)
+        trailing = tuple(context.trailing_metadata() or ())  # the request id
+        if isinstance(error, RETRY_SAFE_ERRORS):
+            trailing += ((RETRY_SAFE_METADATA, "1"),)
+        await context.abort(status, str(error).splitlines()[0] if str(error) else status.name, trailing)
     if isinstance(error, (aio.AbortError, GeneratorExit)) or not isinstance(error, Exception):
         raise error  # already aborted, or cancellation of the call: not ours to map
     incident = uuid.uuid4().hex[:12]

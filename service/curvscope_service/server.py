@@ -38,6 +38,13 @@ log = logging.getLogger("curvscope")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Curvscope"].full_name  # "curvscope.v1.Curvscope"
 MAX_MESSAGE_BYTES = 4 * UPLOAD_CHUNK_BYTES + (64 << 10)
+# An Analyze stream can be silent for minutes (a solve). Clients ping every 30 s during a call
+# (curvscope.client.KEEPALIVE_OPTIONS): accept pings every 10 s, with or without calls, where
+# grpc's default (one per 5 minutes) answers a third early ping with GOAWAY too_many_pings; and
+# ping every minute, so the work of a client that vanished without closing is stopped.
+KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
+                     ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+                     ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
 
 
 def resolve_devices(device: str) -> list[str]:
@@ -95,7 +102,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     server = aio.server(
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *KEEPALIVE_OPTIONS],
     )
     store = BlobStore(config.store, config.model_roots, max_bytes=config.store_max_bytes,
                       max_age_seconds=config.store_max_age_seconds)
