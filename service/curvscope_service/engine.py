@@ -38,6 +38,11 @@ class ServerLimits(EngineLimits):
     max_samples: int = 0
 
 
+def parameter_cap(limits: EngineLimits) -> int | None:
+    """A server's --max-parameters, checked by the loader before it allocates; None = the loader's own cap."""
+    return (limits.max_parameters or None) if isinstance(limits, ServerLimits) else None
+
+
 def _check_size(model: LoadedModel, data: LoadedData | None, limits: EngineLimits) -> None:
     """Refuse a model or batch over the server's caps before any product is computed."""
     if not isinstance(limits, ServerLimits):
@@ -113,10 +118,11 @@ def validate_job(job: AnalysisJob, limits: EngineLimits) -> dict[str, dict[str, 
 
 def describe(
     model_path: Path, *, model_format: str = "auto", architecture: str | None = None,
-    architecture_config: dict | None = None,
+    architecture_config: dict | None = None, max_parameters: int | None = None,
 ) -> dict:
-    """The DescribeModel answer: loads on the CPU, runs nothing."""
-    model = load_model(model_path, format=model_format, architecture=architecture, config=architecture_config)
+    """The DescribeModel answer: loads on the CPU, runs nothing; ``max_parameters`` None = the loader's cap."""
+    model = load_model(model_path, format=model_format, architecture=architecture, config=architecture_config,
+                       max_parameters=max_parameters)
     return describe_model(model)
 
 
@@ -149,7 +155,7 @@ def run_analysis(
     dtype = PRECISIONS[job.precision]
     model = load_model(
         job.model_path, format=job.model_format, architecture=job.architecture,
-        config=job.architecture_config, device=device, dtype=dtype,
+        config=job.architecture_config, device=device, dtype=dtype, max_parameters=parameter_cap(limits),
     )
     data = None
     if job.data_path is not None:

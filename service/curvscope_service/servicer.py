@@ -114,18 +114,20 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
             return path, sha256_of_file(path)
         raise InvalidInput(f"the request names no {what}; give a blob digest or a file:// URI")
 
-    async def _vet(self, model_path: Path, options: dict, data_path: Path | None) -> None:
-        """Load new inputs first in a capped child process (see loading.vetting)."""
+    async def _vet(self, model: tuple[Path, str], options: dict, data: tuple[Path, str] | None) -> None:
+        """Load new inputs (path, digest) first in a capped child process (see loading.vetting)."""
         if self.vetter is None:
             return
-        await asyncio.to_thread(functools.partial(self.vetter.check_model, model_path, **options))
-        if data_path is not None:
-            await asyncio.to_thread(self.vetter.check_data, data_path)
+        await asyncio.to_thread(functools.partial(
+            self.vetter.check_model, *model, **options, max_parameters=engine.parameter_cap(self.config.limits)))
+        if data is not None:
+            await asyncio.to_thread(self.vetter.check_data, *data)
 
     async def DescribeModel(self, request: pb.ModelRef, context: aio.ServicerContext) -> pb.ModelDescription:
         path, digest = await asyncio.to_thread(self._resolve, request, "model")
-        await self._vet(path, model_options(request), None)
-        description = await asyncio.to_thread(functools.partial(engine.describe, path, **model_options(request)))
+        await self._vet((path, digest), model_options(request), None)
+        description = await asyncio.to_thread(functools.partial(
+            engine.describe, path, **model_options(request), max_parameters=engine.parameter_cap(self.config.limits)))
         return description_message(digest, description)
 
     async def Analyze(self, request: pb.AnalyzeRequest, context: aio.ServicerContext) -> AsyncIterator[pb.AnalyzeEvent]:
@@ -144,7 +146,7 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
                 release()
                 yield pb.AnalyzeEvent(report=json_format.ParseDict(cached, pb.Report()))
                 return
-            await self._vet(model[0], model_options(request.model), data[0] if data else None)
+            await self._vet(model, model_options(request.model), data)
 
             def work(device: str, progress, check) -> pb.Report:
                 try:

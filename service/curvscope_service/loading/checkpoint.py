@@ -62,8 +62,8 @@ def load_model(
 ) -> LoadedModel:
     """Load a checkpoint; ``architecture``/``config`` override a safetensors file's metadata.
 
-    ``max_parameters`` (None: DEFAULT_MAX_PARAMETERS) is checked against what a state-dict
-    model declares before anything of it is allocated; over it is RESOURCE_EXHAUSTED.
+    ``max_parameters`` (None: DEFAULT_MAX_PARAMETERS) is checked against what a model declares
+    before anything of it is allocated; over it is RESOURCE_EXHAUSTED.
     """
     path = Path(path)
     if format not in FORMATS:
@@ -78,12 +78,12 @@ def load_model(
     elif (format == "torch_export") != (detected == "torch_export"):
         raise InvalidInput(f"model was given as {format} but the file looks like {detected}")
 
+    cap = DEFAULT_MAX_PARAMETERS if max_parameters is None else max_parameters
     if format == "torch_export":
-        exported = load_exported(path)
+        exported = load_exported(path, max_parameters=cap)
         module, arch, cfg = exported.module, "torch_export", None
         input_shape, fixed_batch_size = exported.input_shape, exported.fixed_batch_size
     else:
-        cap = DEFAULT_MAX_PARAMETERS if max_parameters is None else max_parameters
         module, arch, cfg = _load_state_dict_model(path, format, architecture, config, dtype, cap)
         input_shape = sequential.input_shape(cfg) if arch == sequential.ARCHITECTURE else _plugin_input_shape(cfg)
         fixed_batch_size = None

@@ -31,7 +31,7 @@ import torch
 from torch._export.serde.schema import Layout, ScalarType
 from torch.export.pt2_archive import constants as pt2
 
-from curvscope_service.errors import InvalidInput
+from curvscope_service.errors import InvalidInput, ResourceExhausted
 from curvscope_service.loading.json_text import parse_json
 from curvscope_service.loading.messages import one_line
 from curvscope_service.loading.pt2_program import REEXPORT, check_program
@@ -80,20 +80,22 @@ class ArchiveContents:
     constants: dict[str, torch.Tensor]
 
 
-def read_archive(path: Path) -> ArchiveContents:
-    """Read and check ``path``; raise InvalidInput (or ResourceExhausted) naming the first problem."""
+def read_archive(path: Path, *, max_parameters: int) -> ArchiveContents:
+    """Read and check ``path``; raise InvalidInput (or ResourceExhausted) naming the first problem.
+    The parameters the weights config declares are counted against ``max_parameters`` before any is read."""
     size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as archive:
-            reader = _Reader(archive, budget=MAX_INFLATION * size + _INFLATION_SLACK)
+            reader = _Reader(archive, budget=MAX_INFLATION * size + _INFLATION_SLACK, max_parameters=max_parameters)
             return reader.contents()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:
         raise InvalidInput(f"model is a corrupt or truncated zip archive ({one_line(e)}); {REEXPORT}") from None
 
 
 class _Reader:
-    def __init__(self, archive: zipfile.ZipFile, *, budget: int):
+    def __init__(self, archive: zipfile.ZipFile, *, budget: int, max_parameters: int):
         self._archive = archive
+        self._max_parameters = max_parameters
         self._budget = budget  # bytes this archive may still decompress
         self._members = self._check_names(archive.infolist())
 
@@ -183,14 +185,20 @@ class _Reader:
             raise InvalidInput(f"torch.export archive has a corrupt {kind}s config '{config_file}'; {REEXPORT}")
         if len(entries) > MAX_TENSORS:
             raise InvalidInput(f"torch.export archive declares {len(entries)} {kind}s; the limit is {MAX_TENSORS}")
+        specs = [_TensorSpec.parse(fqn, entry, kind) for fqn, entry in entries.items()]
+        parameters = sum(math.prod(spec.sizes) for spec in specs if spec.is_param)
+        if parameters > self._max_parameters:
+            raise ResourceExhausted(
+                f"the model declares {parameters} parameters, over the limit of {self._max_parameters}; "
+                "use a smaller model or a server with a higher --max-parameters"
+            )
         storages: dict[str, torch.Tensor] = {}  # file -> flat tensor; entries naming one file share it (tied weights)
         tensors: dict[str, torch.Tensor] = {}
-        for fqn, entry in entries.items():
-            spec = _TensorSpec.parse(fqn, entry, kind)
+        for spec in specs:
             if spec.path_name not in storages:
                 storages[spec.path_name] = self._storage(directory + spec.path_name, spec)
             tensor = spec.view(storages[spec.path_name])
-            tensors[fqn] = torch.nn.Parameter(tensor, requires_grad=spec.requires_grad) if spec.is_param else tensor
+            tensors[spec.fqn] = torch.nn.Parameter(tensor, requires_grad=spec.requires_grad) if spec.is_param else tensor
         return tensors
 
     def _storage(self, name: str, spec: _TensorSpec) -> torch.Tensor:

@@ -45,9 +45,9 @@ class ExportedModel:
     fixed_batch_size: int | None
 
 
-def load_exported(path: Path) -> ExportedModel:
+def load_exported(path: Path, *, max_parameters: int) -> ExportedModel:
     """Read, deserialise and unlift a ``.pt2``; the module's graph has only aten operators."""
-    contents = read_archive(path)
+    contents = read_archive(path, max_parameters=max_parameters)
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, contents.program)
         # no sample inputs: they are a pickle, and curvscope never needs them

@@ -341,3 +341,18 @@ def test_dunder_targets_other_than_aten_operators_are_refused(exported_dynamic, 
     path = _program_with(exported_dynamic[0], tmp_path / "evil.pt2", edit)
     with refuses(InvalidInput, "only aten operators"):
         load_model(path)
+
+
+def test_the_parameter_cap_is_checked_on_the_config_before_any_weight_is_read(exported_dynamic, refuses, monkeypatch):
+    from curvscope_service.errors import ResourceExhausted
+    from curvscope_service.loading import pt2_archive
+
+    def no_weight_reads(self, name, *, limit):
+        assert not name.startswith("data/weights/weight"), f"read {name} before the cap was checked"
+        return original(self, name, limit=limit)
+
+    original = pt2_archive._Reader._read
+    monkeypatch.setattr(pt2_archive._Reader, "_read", no_weight_reads)
+    total = sum(p.numel() for p in exported_dynamic[1].parameters())
+    with refuses(ResourceExhausted, f"declares {total} parameters", "over the limit of 10"):
+        load_model(exported_dynamic[0], max_parameters=10)
