@@ -6,14 +6,18 @@ first loads an input it has not seen in a fresh interpreter with an address-spac
 (RLIMIT_AS) and a wall-time limit: a hostile file that gets past the caps takes down that child,
 never the serving process. Only an input the child loaded cleanly is then loaded by the server,
 from the same immutable bytes with the same code; the verdict is kept per file, so a blob
-analysed many times is vetted once.
+analysed many times is vetted once. The child is started with the server and imports the
+readers once; it serves checks one at a time while files load cleanly, and is replaced after any
+file it refused, crashed on or timed out on, so no state of a hostile load carries over.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import resource
+import select
 import subprocess
 import sys
 import threading
@@ -55,88 +59,142 @@ class Vetter:
         self.base_memory_mib = base_memory_mib
         self.time_limit_s = time_limit_s
         self._verdicts: OrderedDict[tuple, _Verdict] = OrderedDict()
-        self._lock = threading.Lock()
-        self.children_started = 0  # for tests and metrics: a cached verdict starts none
+        self._verdicts_lock = threading.Lock()
+        self._child_lock = threading.Lock()  # one check at a time in the child
+        self._child: subprocess.Popen | None = self._start_child()
+        self.children_started = 1  # for tests
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """End the child (the server's shutdown)."""
+        with self._child_lock:
+            self._discard_child()
 
     def check_model(
-        self, path: Path, *, model_format: str = "auto", architecture: str | None = None, architecture_config: dict | None = None
+        self, path: Path, sha256: str, *, model_format: str = "auto", architecture: str | None = None,
+        architecture_config: dict | None = None, max_parameters: int | None = None,
     ) -> None:
-        self._check({"kind": "model", "path": str(path), "format": model_format, "architecture": architecture, "config": architecture_config})
+        """``sha256`` is the file's content digest: verdicts are kept per content and options."""
+        self._check(sha256, {
+            "kind": "model", "path": str(path), "format": model_format, "architecture": architecture,
+            "config": architecture_config, "max_parameters": max_parameters,
+        })
 
-    def check_data(self, path: Path) -> None:
-        self._check({"kind": "data", "path": str(path)})
+    def check_data(self, path: Path, sha256: str) -> None:
+        self._check(sha256, {"kind": "data", "path": str(path)})
 
-    def _check(self, request: dict[str, Any]) -> None:
-        stat = os.stat(request["path"])
-        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, json.dumps(request, sort_keys=True))
-        with self._lock:
+    def _check(self, sha256: str, request: dict[str, Any]) -> None:
+        size = os.stat(request["path"]).st_size
+        key = (sha256, json.dumps({**request, "path": None}, sort_keys=True))
+        with self._verdicts_lock:
             verdict = self._verdicts.get(key)
             if verdict is not None:
                 self._verdicts.move_to_end(key)
         if verdict is None:
-            verdict = self._run_child(request, memory_mib=self.base_memory_mib + MEMORY_PER_FILE_BYTE * stat.st_size // _MiB)
+            with self._child_lock:
+                verdict = self._ask_child({**request, "memory_mib": self.base_memory_mib + MEMORY_PER_FILE_BYTE * size // _MiB})
             if verdict.final:
-                with self._lock:
+                with self._verdicts_lock:
                     self._verdicts[key] = verdict
                     while len(self._verdicts) > _CACHE_SIZE:
                         self._verdicts.popitem(last=False)
         if not verdict.ok:
             raise _ERRORS.get(verdict.code, InvalidInput)(verdict.message)
 
-    def _run_child(self, request: dict[str, Any], *, memory_mib: int) -> _Verdict:
-        self.children_started += 1
+    @staticmethod
+    def _start_child() -> subprocess.Popen:
+        # a fresh interpreter on a module, not a fork of a threaded server
+        return subprocess.Popen(
+            [sys.executable, "-m", "curvscope_service.loading.vetting"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+
+    def _discard_child(self) -> None:
+        child, self._child = self._child, None
+        if child is not None:
+            child.kill()
+            child.wait()
+            for stream in (child.stdin, child.stdout):
+                stream.close()
+
+    def _ask_child(self, request: dict[str, Any]) -> _Verdict:
+        """One check in the child (called with the child lock held)."""
+        memory_mib = request["memory_mib"]
         what = "model" if request["kind"] == "model" else "data batch"
+        if self._child is None or self._child.poll() is not None:
+            self._discard_child()
+            self._child = self._start_child()
+            self.children_started += 1
+        child = self._child
+        line = b""
         try:
-            done = subprocess.run(
-                # a fresh interpreter on a module (no fork of a threaded server); it caps itself first
-                [sys.executable, "-m", "curvscope_service.loading.vetting", str(memory_mib)],
-                input=json.dumps(request).encode(), capture_output=True, timeout=self.time_limit_s,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-            )
-        except subprocess.TimeoutExpired:
-            return _Verdict(
-                False, "RESOURCE_EXHAUSTED", f"loading the {what} took longer than {self.time_limit_s:.0f} s; it was stopped", final=False
-            )
-        if done.returncode == 0:
-            try:
-                answer = json.loads(done.stdout.decode().strip().splitlines()[-1])
-                return _Verdict(bool(answer["ok"]), str(answer.get("code", "")), str(answer.get("message", "")))
-            except (ValueError, KeyError, IndexError, TypeError):
-                pass
-        if done.returncode == _EXIT_MEMORY:
+            child.stdin.write(json.dumps(request).encode() + b"\n")
+            child.stdin.flush()
+            # the answer, or the child's end: waited for with the time limit
+            if select.select([child.stdout], [], [], self.time_limit_s)[0]:
+                line = child.stdout.readline()
+            else:
+                self._discard_child()
+                return _Verdict(
+                    False, "RESOURCE_EXHAUSTED", f"loading the {what} took longer than {self.time_limit_s:.0f} s; it was stopped",
+                    final=False,
+                )
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            answer = json.loads(line)
+            verdict = _Verdict(bool(answer["ok"]), str(answer.get("code", "")), str(answer.get("message", "")))
+        except (ValueError, KeyError, TypeError):
+            verdict = None
+        if verdict is not None and verdict.ok:
+            return verdict
+        # it read a file it refused or died on: replaced now, so the next check finds it warm
+        self._discard_child()
+        self._child = self._start_child()
+        self.children_started += 1
+        if verdict is not None:
+            return verdict
+        if child.returncode == _EXIT_MEMORY:
             return _Verdict(False, "RESOURCE_EXHAUSTED", f"loading the {what} needs more than {memory_mib} MiB; refused")
         # killed by a signal (a crash in a library, or the address-space cap hit in C code)
         return _Verdict(
             False, "INVALID_ARGUMENT",
-            f"the {what} could not be read: its reader stopped abnormally (exit {done.returncode}) within a {memory_mib} MiB cap",
+            f"the {what} could not be read: its reader stopped abnormally (exit {child.returncode}) within a {memory_mib} MiB cap",
         )
 
 
-def _child(memory_mib: int) -> int:
-    """The child: cap its address space, load what stdin names, print one JSON verdict line."""
-    resource.setrlimit(resource.RLIMIT_AS, (memory_mib * _MiB, memory_mib * _MiB))
+def _child() -> int:
+    """The child: import the readers once, then for each request line: cap the address space,
+    load the file it names, answer one JSON line."""
     import torch
 
     from curvscope_service.loading import load_data, load_model
     from curvscope_service.loading.messages import one_line
 
     torch.set_num_threads(1)
-    request = json.loads(sys.stdin.read())
-    try:
-        if request["kind"] == "model":
-            load_model(Path(request["path"]), format=request["format"], architecture=request["architecture"], config=request["config"])
-        else:
-            load_data(Path(request["path"]))
-        answer: dict[str, Any] = {"ok": True}
-    except CurvscopeError as e:
-        answer = {"ok": False, "code": e.code, "message": str(e)}
-    except MemoryError:
-        return _EXIT_MEMORY
-    except Exception as e:  # a reader's bug, not the server's: the file is refused, with the reason
-        answer = {"ok": False, "code": "INVALID_ARGUMENT", "message": f"the file could not be read ({one_line(e)})"}
-    print(json.dumps(answer))
+    for line in sys.stdin:
+        request = json.loads(line)
+        # the soft limit only: the next request sets its own
+        resource.setrlimit(resource.RLIMIT_AS, (request["memory_mib"] * _MiB, resource.RLIM_INFINITY))
+        try:
+            if request["kind"] == "model":
+                load_model(
+                    Path(request["path"]), format=request["format"], architecture=request["architecture"],
+                    config=request["config"], max_parameters=request["max_parameters"],
+                )
+            else:
+                load_data(Path(request["path"]))
+            answer: dict[str, Any] = {"ok": True}
+        except CurvscopeError as e:
+            answer = {"ok": False, "code": e.code, "message": str(e)}
+        except MemoryError:
+            return _EXIT_MEMORY
+        except Exception as e:  # a reader's bug, not the server's: the file is refused, with the reason
+            answer = {"ok": False, "code": "INVALID_ARGUMENT", "message": f"the file could not be read ({one_line(e)})"}
+        print(json.dumps(answer), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_child(int(sys.argv[1])))
+    sys.exit(_child())

@@ -2,46 +2,64 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from curvscope._files import sha256_of_file
 from curvscope_service.errors import InvalidInput, ResourceExhausted
 from curvscope_service.loading.vetting import Vetter
-from loading_fixtures import evil_pickle, rewrite_archive
+from loading_fixtures import evil_pickle, read_json_member, rewrite_archive
+
+WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
 
 
-def test_an_archive_that_loads_passes_and_its_verdict_is_kept(exported_dynamic):
+@pytest.fixture
+def vetter():
     vetter = Vetter()
-    vetter.check_model(exported_dynamic[0])
-    vetter.check_model(exported_dynamic[0])
+    yield vetter
+    vetter.close()
+
+
+def test_archives_that_load_pass_in_one_child_and_verdicts_are_kept(exported_dynamic, tmp_path, vetter):
+    copy = rewrite_archive(exported_dynamic[0], tmp_path / "copy.pt2")
+    for path in (exported_dynamic[0], exported_dynamic[0], copy):
+        vetter.check_model(path, sha256_of_file(path))
     assert vetter.children_started == 1
 
 
-def test_a_refused_archive_gets_the_readers_message_from_the_child(exported_dynamic, tmp_path, refuses):
+def test_a_refused_archive_gets_the_readers_message_and_a_new_child_serves_the_next(exported_dynamic, tmp_path, vetter, refuses):
     marker = tmp_path / "ran"
-    path = rewrite_archive(exported_dynamic[0], tmp_path / "evil.pt2", replace={"models/model.json": b"[" * 100_000})
-    vetter = Vetter()
-    with refuses(InvalidInput, "nests JSON deeper"):
-        vetter.check_model(path)
-    with refuses(InvalidInput, "nests JSON deeper"):
-        vetter.check_model(path)
-    assert vetter.children_started == 1
+    config = read_json_member(exported_dynamic[0], WEIGHTS_CONFIG)
+    config["config"]["0.weight"]["use_pickle"] = True
+    path = rewrite_archive(exported_dynamic[0], tmp_path / "evil.pt2", replace={
+        WEIGHTS_CONFIG: json.dumps(config).encode(), f"data/weights/{config['config']['0.weight']['path_name']}": evil_pickle(marker)})
+    for _ in range(2):
+        with refuses(InvalidInput, "'0.weight'", "never unpickles"):
+            vetter.check_model(path, sha256_of_file(path))
+    assert vetter.children_started == 2  # the verdict was kept: one child read the file, once, and was replaced
+    vetter.check_model(exported_dynamic[0], sha256_of_file(exported_dynamic[0]))
+    assert vetter.children_started == 2  # the replacement serves the next file
     assert not marker.exists()
 
 
-def test_a_child_over_its_memory_cap_is_refused_and_the_caller_lives(exported_dynamic, refuses):
-    # 64 MiB of address space cannot even hold the interpreter and torch: the child fails the
-    # way a reader blown up by a hostile file would, and the caller answers RESOURCE_EXHAUSTED
+def test_a_child_over_its_memory_cap_is_refused_and_the_caller_lives(exported_dynamic):
+    # 64 MiB of address space cannot hold a load next to the interpreter and torch: the child
+    # fails the way a reader blown up by a hostile file would
     vetter = Vetter(base_memory_mib=64)
-    with pytest.raises((ResourceExhausted, InvalidInput)) as info:
-        vetter.check_model(exported_dynamic[0])
-    assert "MiB" in str(info.value)
+    try:
+        with pytest.raises((ResourceExhausted, InvalidInput)) as info:
+            vetter.check_model(exported_dynamic[0], sha256_of_file(exported_dynamic[0]))
+        assert "MiB" in str(info.value)
+    finally:
+        vetter.close()
     assert torch.ones(1).item() == 1.0
 
 
-def test_a_data_batch_is_vetted_too(tmp_path, refuses):
+def test_a_data_batch_is_vetted_too(tmp_path, vetter, refuses):
     path = tmp_path / "data.safetensors"
     path.write_bytes(evil_pickle(tmp_path / "ran"))
     with refuses(InvalidInput, "data"):
-        Vetter().check_data(path)
+        vetter.check_data(path, sha256_of_file(path))
     assert not (tmp_path / "ran").exists()
