@@ -2,13 +2,15 @@
 ECLipsE-Fast and LipSDP-Neuron per chain piece, and of LipSDP-Neuron over the whole graph in one
 matrix inequality, against the lower bound (Jacobians over random points plus the ascent).
 
-    python benchmarks/bench_lipschitz_residual.py [--threads 2]
+    python benchmarks/bench_lipschitz_residual.py [--threads 2] [--points 64] [--steps 60] [--only NAME]
 
 Random ReLU residual MLPs (an input map, identity-skip blocks x + W2 relu(W1 x), an output map) and a
 small conv ResNet (BatchNorm, a strided projection shortcut, 2x2 max pooling; and once without the
 pooling, which lets it be solved as one matrix inequality), exported with torch.export and loaded as
 the service loads them. LipSDP runs in this process here (the service runs each solve in a solver
-subprocess) and every bound is certified as in the service.
+subprocess) and every bound is certified as in the service. The lower bound starts from --points
+random inputs and takes --steps ascent steps (the analysis' ``ascent_steps``); --only runs the nets
+whose name contains NAME.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def certified_piece(weights, slopes) -> float | None:
     return lipsdp.certify(weights, alphas, betas, result["lambdas"]).bound
 
 
-def run(name: str, model: nn.Module, shape: tuple[int, ...], root: Path) -> None:
+def run(name: str, model: nn.Module, shape: tuple[int, ...], root: Path, points: int, steps: int) -> None:
     torch.manual_seed(0)
     model.eval()
     program = torch.export.export(model, (torch.randn(2, *shape),), dynamic_shapes=({0: torch.export.Dim("batch")},))
@@ -89,7 +91,7 @@ def run(name: str, model: nn.Module, shape: tuple[int, ...], root: Path) -> None
         whole = f"{bound:.4g} ({bound / graph.value:.3f})" if bound is not None else str(result["status"])
     started = time.perf_counter()
     module = loaded.module.to(torch.float64)
-    low = lower_bound(module, graph, torch.randn(64, *shape, dtype=torch.float64), steps=60).value
+    low = lower_bound(module, graph, torch.randn(points, *shape, dtype=torch.float64), steps=steps).value
     t_low = time.perf_counter() - started
     print(f"| {name} | {graph.value:.4g} | {graph.eclipse:.4g} ({graph.eclipse / graph.value:.3f}) | "
           f"{sdp:.4g} ({sdp / graph.value:.3f}) | {whole} | {low:.4g} ({low / graph.value:.3f}) | {t_graph:.2f} | "
@@ -99,20 +101,23 @@ def run(name: str, model: nn.Module, shape: tuple[int, ...], root: Path) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--points", type=int, default=64, help="random inputs the lower bound starts from")
+    parser.add_argument("--steps", type=int, default=60, help="ascent steps of the lower bound")
+    parser.add_argument("--only", default="", help="run only the nets whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("| net | naive | eclipse_fast (/naive) | lipsdp_neuron per piece (/naive) | lipsdp_neuron whole graph (/naive) | "
           "lower (/naive) | graph s | per piece s | whole s | lower s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    nets = [(f"res-mlp {n_in}-{width}x{blocks}", lambda n_in=n_in, width=width, blocks=blocks: ResidualMLP(n_in, width, blocks), (n_in,))
+            for n_in, width, blocks in [(16, 32, 2), (16, 32, 4), (16, 64, 4), (32, 100, 3)]]
+    nets += [("conv ResNet 1x8x8", SmallResNet, (1, 8, 8)),
+             ("conv ResNet 1x8x8, 2 channels, no pool", lambda: SmallResNet(2, pool=False), (1, 8, 8))]
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for n_in, width, blocks in [(16, 32, 2), (16, 32, 4), (16, 64, 4), (32, 100, 3)]:
-            torch.manual_seed(0)
-            run(f"res-mlp {n_in}-{width}x{blocks}", ResidualMLP(n_in, width, blocks), (n_in,), root)
-        torch.manual_seed(0)
-        run("conv ResNet 1x8x8", SmallResNet(), (1, 8, 8), root)
-        torch.manual_seed(0)
-        run("conv ResNet 1x8x8, 2 channels, no pool", SmallResNet(2, pool=False), (1, 8, 8), root)
+        for name, build, shape in nets:
+            if args.only in name:
+                torch.manual_seed(0)
+                run(name, build(), shape, Path(tmp), args.points, args.steps)
 
 
 if __name__ == "__main__":
