@@ -33,16 +33,16 @@ def parse_json(text: str | bytes, *, what: str, max_bytes: int, max_depth: int =
 
 
 def _check_depth(value: Any, *, what: str, max_depth: int) -> None:
-    # iterative: a recursive walk is what this guards against
-    stack = [(value, 1)]
+    # iterative, one iterator per open container: memory grows with the depth, not the document
+    stack = [iter((value,))]
     while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            children = node.values()
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
-        if depth > max_depth:
-            raise InvalidInput(f"{what} nests JSON deeper than {max_depth} levels")
-        stack.extend((child, depth + 1) for child in children)
+        node = next(stack[-1], _END)
+        if node is _END:
+            stack.pop()
+        elif isinstance(node, (dict, list)):
+            if len(stack) > max_depth:
+                raise InvalidInput(f"{what} nests JSON deeper than {max_depth} levels")
+            stack.append(iter(node.values() if isinstance(node, dict) else node))
+
+
+_END = object()
