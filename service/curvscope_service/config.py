@@ -62,9 +62,22 @@ class ServerConfig:
         return tokens
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, examples kept as written."""
+
+
+_SERVE_EXAMPLES = """examples:
+  curvscope serve --host 127.0.0.1 --store ./store                 a server on this machine only
+  curvscope serve --device cuda:0 --token-file tokens.txt           a shared GPU endpoint with bearer tokens
+  curvscope serve --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem   mutual TLS
+  curvscope serve --model-root /models --max-parameters 200000000   read-only model files, a size cap
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="curvscope serve", description="Run the curvscope gRPC server. Every flag has a CURVSCOPE_* environment default.")
+        prog="curvscope serve", description="Run the curvscope gRPC server. Every flag has a CURVSCOPE_* environment default.",
+        formatter_class=_HelpFormatter, epilog=_SERVE_EXAMPLES)
     parser.add_argument("--host", default=_env("HOST", "[::]"), help="address to bind (CURVSCOPE_HOST)")
     parser.add_argument("--port", type=int, default=int(_env("PORT", "50051")), help="gRPC port; 0 picks a free one (CURVSCOPE_PORT)")
     parser.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "9090")),

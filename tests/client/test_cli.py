@@ -43,7 +43,7 @@ def test_exit_codes(digits_files, tmp_path, capsys):
         sock.bind(("127.0.0.1", 0))
         free_port = sock.getsockname()[1]
     unreachable = main(["analyze", str(model_path), "--data", str(data_path), "--server", f"127.0.0.1:{free_port}",
-                        "--timeout", "5"])
+                        "--timeout", "5", "--connect-timeout", "1"])
     assert unreachable == 3
     assert "UNAVAILABLE: could not reach the server" in capsys.readouterr().err
     bad_loss = main(["analyze", str(model_path), "--data", str(data_path), "--local", "--loss", "hinge"])

@@ -457,7 +457,7 @@ def test_gate_against_a_server(server, client, digits_files, files, tmp_path, ca
         sock.bind(("127.0.0.1", 0))
         free_port = sock.getsockname()[1]
     assert main(["gate", "--policy", str(passing), str(model_path), "--data", str(data_path),
-                 "--server", f"127.0.0.1:{free_port}", "--timeout", "5"]) == 3
+                 "--server", f"127.0.0.1:{free_port}", "--timeout", "5", "--connect-timeout", "1"]) == 3
     assert "UNAVAILABLE" in capsys.readouterr().err
 
 

@@ -214,8 +214,9 @@ def test_a_solver_killed_mid_solve_gives_a_clean_error(tmp_path):
     small = _write_mlp(tmp_path / "small.safetensors", [3, 10, 8, 4])
     wide = _write_mlp(tmp_path / "wide.safetensors", [16, 400, 3])  # minutes of SCS on 2 cores
     store, metrics_port = tmp_path / "store", _free_port()
+    # aborted_retries=0: the client would send the killed (minutes-long) solve again
     with ServerProcess(["--store", str(store), "--metrics-port", str(metrics_port)]) as server, \
-            Client(server.target) as client, ThreadPoolExecutor(1) as pool:
+            Client(server.target, aborted_retries=0) as client, ThreadPoolExecutor(1) as pool:
         first = client.analyze_request(_lipsdp_request(client, small))  # starts a warm solver process
         assert _solver_gauge(metrics_port, "idle") == 1 and _solver_gauge(metrics_port, "busy") == 0
         wide_request = _lipsdp_request(client, wide)

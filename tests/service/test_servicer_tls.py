@@ -58,10 +58,10 @@ def test_tls(tmp_path, pki):
     with InProcessServer(config) as server:
         with Client(server.target, tls_ca=pki / "ca.pem") as client:
             assert client.capabilities()["api_version"] == "curvscope.v1"
-        with Client(server.target) as plaintext, pytest.raises(CurvscopeError) as caught:
+        with Client(server.target, connect_timeout=1) as plaintext, pytest.raises(CurvscopeError) as caught:
             plaintext.capabilities()
         assert caught.value.code == "UNAVAILABLE"
-        with Client(server.target, tls_ca=pki / "stranger.pem") as untrusting, pytest.raises(CurvscopeError) as caught:
+        with Client(server.target, tls_ca=pki / "stranger.pem", connect_timeout=1) as untrusting, pytest.raises(CurvscopeError) as caught:
             untrusting.capabilities()
         assert caught.value.code == "UNAVAILABLE"
 
@@ -74,7 +74,7 @@ def test_mutual_tls_in_the_client_and_the_cli(tmp_path, pki, digits_files, capsy
                     tls_key=pki / "client.key") as client:
             assert client.capabilities()["api_version"] == "curvscope.v1"
         for cert, key in ((None, None), (pki / "stranger.pem", pki / "stranger.key")):
-            with Client(server.target, tls_ca=pki / "ca.pem", tls_cert=cert, tls_key=key) as refused:
+            with Client(server.target, tls_ca=pki / "ca.pem", tls_cert=cert, tls_key=key, connect_timeout=1) as refused:
                 with pytest.raises(CurvscopeError) as caught:
                     refused.capabilities()
             assert caught.value.code == "UNAVAILABLE"
@@ -84,7 +84,7 @@ def test_mutual_tls_in_the_client_and_the_cli(tmp_path, pki, digits_files, capsy
                  "--tls-ca", str(pki / "ca.pem")]
         assert cli_main(flags + ["--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]) == 0
         assert "2,410 parameters" in capsys.readouterr().out  # the report table
-        assert cli_main(flags) == 3  # no client certificate: the server could not be reached
+        assert cli_main(flags + ["--connect-timeout", "1"]) == 3  # no client certificate: the server could not be reached
         assert cli_main(flags + ["--tls-cert", str(pki / "client.pem")]) == 2
 
 
@@ -115,9 +115,10 @@ def test_gate_takes_the_same_tls_and_token_flags_as_analyze(tmp_path, pki, digit
         assert cli_main(gate + mutual) == 0
         assert "PASS" in capsys.readouterr().out
         assert (tmp_path / "gate.json").is_file()
-        assert cli_main(gate) == 3  # no client certificate: the handshake fails
+        assert cli_main(gate + ["--connect-timeout", "1"]) == 3  # no client certificate: the handshake fails
         assert "UNAVAILABLE" in capsys.readouterr().err
-        assert cli_main(gate + ["--tls-cert", str(pki / "stranger.pem"), "--tls-key", str(pki / "stranger.key")]) == 3
+        assert cli_main(gate + ["--tls-cert", str(pki / "stranger.pem"), "--tls-key", str(pki / "stranger.key"),
+                                "--connect-timeout", "1"]) == 3
         capsys.readouterr()
         wrong = tmp_path / "wrong"
         wrong.write_text("guess\n")
