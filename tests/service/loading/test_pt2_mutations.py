@@ -80,6 +80,14 @@ def test_every_accepted_archive_loads_without_an_unpickler(accepted):
         assert load_model(path).num_parameters > 0
 
 
+def test_every_accepted_state_dict_and_batch_loads_without_an_unpickler(cnn_file, digits_files):
+    from curvscope_service.loading import load_data
+
+    for model in (cnn_file[0], digits_files[0]):
+        assert load_model(model).num_parameters > 0
+    assert load_data(digits_files[1]).num_samples > 0
+
+
 def test_loaded_archives_compute_what_the_exported_models_compute(originals):
     for path, (model, x) in originals.items():
         torch.testing.assert_close(load_model(path).module(x), model(x), rtol=1e-6, atol=1e-6)
