@@ -12,8 +12,6 @@ from google.protobuf.message import Message
 
 from ._proto.curvscope.v1 import curvscope_pb2 as pb
 
-SCHEMA_ID = "curvscope.report/v1"
-
 
 def message_to_dict(message: Message) -> dict[str, Any]:
     """A message as plain JSON data with the proto field names.

@@ -161,11 +161,6 @@ def _is_nested_sequential(module: nn.Module) -> bool:
     return all(_is_nested_sequential(c) or not list(c.children()) for c in module.children())
 
 
-def _segment_norm(forward: Callable, name: str, in_shape: tuple[int, ...], max_dense_entries: int) -> tuple[float, bool]:
-    norm, exact, _ = _segment(forward, name, in_shape, max_dense_entries)
-    return norm, exact
-
-
 def _segment(forward: Callable, name: str, in_shape: tuple[int, ...], max_dense_entries: int) -> tuple[float, bool, np.ndarray | None]:
     """(‖A‖₂, exact, A or None when too large to unroll) of an affine map's linear part A."""
     with torch.no_grad():

@@ -43,7 +43,6 @@ CVXOPT_MAX_ROWS = 160
 # SCS's tolerance: its optimum may sit slightly low, which the certificate corrects upwards.
 SCS_EPS = 1e-6
 VARIANTS = ("neuron", "layer")
-SOLVERS = ("CVXOPT", "SCS")
 
 
 @dataclass
