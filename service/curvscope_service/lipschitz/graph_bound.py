@@ -34,23 +34,22 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..loading.layer_chain import _AFFINE_OPS, _OP_REASONS, _is_tensor_valued, _live_users, _op_name
 from ..loading.torch_export import argument
+from .chain import (ACTIVATION_MODULES, ACTIVATION_OPS, AFFINE_MODULES, AFFINE_OPS, OP_REASONS, is_nested_sequential,
+                    is_tensor_valued, live_users, op_name)
 from .eclipse_fast import eclipse_fast
 from .lipsdp_graph import LiftedGraph
 from .naive import spectral_norm
-from .network import MAX_DENSE_ENTRIES, Segment, Slope, _SegmentRun, _unroll, activation_slope
+from .network import MAX_DENSE_ENTRIES, Segment, SegmentRun, Slope, module_slope, node_slope, unroll
 
 # ops affine in their data argument besides the chain's own
 _MORE_AFFINE_OPS = {
-    "adaptive_avg_pool2d", "avg_pool1d", "mean", "unsqueeze", "squeeze", "permute", "transpose", "t",
-    "neg", "constant_pad_nd", "slice", "select", "expand", "repeat",
+    "mean", "unsqueeze", "squeeze", "permute", "transpose", "t", "neg", "constant_pad_nd", "slice", "select", "expand", "repeat",
 }
 # affine in each tensor argument separately (the other arguments constant): data may sit anywhere
 _AFFINE_IN_ANY_ARGUMENT = {"linear", "conv1d", "conv2d", "convolution", "mm", "matmul", "addmm", "mul", "add", "sub"}
 _ELEMENTWISE_WITH_CONSTANT = {"add", "sub", "mul", "div"}
 _MAX_POOLS = {"max_pool1d": 1, "max_pool2d": 2, "max_pool2d_with_indices": 2, "max_pool3d": 3, "max_pool3d_with_indices": 3}
-_ACTIVATIONS = {"relu", "leaky_relu", "tanh", "sigmoid", "gelu"}
 # other ops of one data input with a known ℓ2 Lipschitz constant. Softmax: its Jacobian diag(p) − ppᵀ
 # is symmetric with row i's Gershgorin bound p_i(1 − p_i) + p_i Σ_{j≠i} p_j = 2p_i(1 − p_i) ≤ 1/2.
 _LIPSCHITZ_OPS = {"softmax": 0.5, "_softmax": 0.5, "hardtanh": 1.0, "clamp": 1.0, "clamp_min": 1.0, "clamp_max": 1.0, "abs": 1.0}
@@ -150,15 +149,9 @@ def bound_graph(module: nn.Module, input_shape: tuple[int, ...], max_dense_entri
         walk = _GraphWalk(module, tuple(input_shape), max_dense_entries)
         walk.check = check
         return walk.run()
-    if _is_nested_sequential(module):
+    if is_nested_sequential(module):
         return _sequential_bound(module, tuple(input_shape), max_dense_entries, check)
     return GraphBound(None, f"{type(module).__name__} is not an nn.Sequential, so its data flow is unknown; export it as .pt2")
-
-
-def _is_nested_sequential(module: nn.Module) -> bool:
-    if not isinstance(module, nn.Sequential):
-        return False
-    return all(_is_nested_sequential(c) or not list(c.children()) for c in module.children())
 
 
 def _segment(forward: Callable, name: str, in_shape: tuple[int, ...], max_dense_entries: int) -> tuple[float, bool, np.ndarray | None]:
@@ -167,7 +160,7 @@ def _segment(forward: Callable, name: str, in_shape: tuple[int, ...], max_dense_
         out_shape = tuple(forward(torch.zeros(1, *in_shape, dtype=torch.float64)).shape[1:])
     segment = Segment(name, forward, in_shape, out_shape)
     if segment.in_dim * segment.out_dim <= max_dense_entries:
-        segment.matrix = _unroll(segment)
+        segment.matrix = unroll(segment)
     norm, exact = spectral_norm(segment)
     return norm, exact, segment.matrix
 
@@ -185,9 +178,6 @@ def _smooth_activation(slope: Slope, x: torch.Tensor, smooth: float | None, exac
 # nn.Sequential: a chain whose only non-chain layers are max pooling
 
 
-_AFFINE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Flatten, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                   nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout, nn.Identity)
-_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.GELU: "gelu"}
 _POOL_MODULES = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
 
 
@@ -232,16 +222,15 @@ def _sequential_bound(module: nn.Sequential, input_shape: tuple[int, ...], max_d
             names.clear()
 
     for name, leaf in leaves:
-        if isinstance(leaf, _AFFINE_MODULES):
+        if isinstance(leaf, AFFINE_MODULES):
             if isinstance(leaf, (nn.BatchNorm1d, nn.BatchNorm2d)) and leaf.training:
                 return GraphBound(None, f"layer '{name}' (BatchNorm) is in training mode")
             run.append((name, leaf))
             names.append(name)
-        elif type(leaf) in _ACTIVATION_MODULES:
+        elif type(leaf) in ACTIVATION_MODULES:
             close_run()
             identity_unless_affine()
-            slope = activation_slope(_ACTIVATION_MODULES[type(leaf)], negative_slope=getattr(leaf, "negative_slope", 0.01),
-                                     approximate=getattr(leaf, "approximate", "none"))
+            slope = module_slope(leaf)
             items.append(("act", slope, slope.lipschitz))
             names.append(name)
         elif type(leaf) in _POOL_MODULES:
@@ -274,8 +263,7 @@ def _sequential_bound(module: nn.Sequential, input_shape: tuple[int, ...], max_d
     eclipse = combine(lambda key, weights, slopes: eclipse_fast(weights, slopes) if key in eclipse_pieces else None)
 
     smoothable = {
-        id(leaf): activation_slope(_ACTIVATION_MODULES[type(leaf)], negative_slope=getattr(leaf, "negative_slope", 0.01))
-        for _, leaf in leaves if _ACTIVATION_MODULES.get(type(leaf)) in ("relu", "leaky_relu")
+        id(leaf): module_slope(leaf) for _, leaf in leaves if ACTIVATION_MODULES.get(type(leaf)) in ("relu", "leaky_relu")
     }
 
     def forward(x: torch.Tensor, smooth: float | None) -> torch.Tensor:
@@ -341,7 +329,7 @@ class _GraphWalk:
         return found
 
     def _classify(self, node: fx.Node) -> str:
-        op = "getitem" if node.target is operator.getitem else _op_name(node)
+        op = "getitem" if node.target is operator.getitem else op_name(node)
         occurrences = self._occurrences(node)
         unique = list(dict.fromkeys(occurrences))
         self.data_inputs[node] = unique
@@ -355,7 +343,7 @@ class _GraphWalk:
             return "affine"
         if op in _MAX_POOLS and len(unique) == 1 and first_is_data:
             return "pool"
-        if op in _ACTIVATIONS and len(unique) == 1 and first_is_data:
+        if op in ACTIVATION_OPS and len(unique) == 1 and first_is_data:
             return "activation"
         if op in _LIPSCHITZ_OPS and len(unique) == 1 and first_is_data and len(occurrences) == 1:
             return "lipschitz"
@@ -372,9 +360,9 @@ class _GraphWalk:
                 raise _Unsupported(f"'{node.name}' ({op}): a product of the data with itself is not affine")
             if op in ("add", "sub") or op in _AFFINE_IN_ANY_ARGUMENT and len(occurrences) == 1:
                 return "affine"
-            if (op in _AFFINE_OPS or op in _MORE_AFFINE_OPS or op == "div") and first_is_data and len(occurrences) == 1:
+            if (op in AFFINE_OPS or op in _MORE_AFFINE_OPS or op == "div") and first_is_data and len(occurrences) == 1:
                 return "affine"
-        why = _OP_REASONS.get(op, "it is neither affine, a supported slope-restricted activation, max pooling nor a residual add")
+        why = OP_REASONS.get(op, "it is neither affine, a supported slope-restricted activation, max pooling nor a residual add")
         if op in _BILINEAR_OPS and len(unique) > 1:
             why = "a product of two data paths (a gate, attention's q·kᵀ) has no global Lipschitz constant"
         elif len(unique) > 1:
@@ -388,7 +376,7 @@ class _GraphWalk:
         if key not in self.norms:
             if self.check is not None:
                 self.check()
-            runner = _SegmentRun(self.module, start, end)
+            runner = SegmentRun(self.module, start, end)
             forward = lambda x, r=runner: r(x, self.input_shape)  # noqa: E731
             norm, exact, matrix = _segment(forward, f"{start.name}->{end.name}", self.shapes[start], self.max_dense)
             self.norms[key], self.matrices[key] = norm, matrix
@@ -475,25 +463,24 @@ class _GraphWalk:
         order: list[fx.Node] = []
         try:
             for node in self.module.graph.nodes:
-                if node.op != "call_function" or not any(a in self.data for a in node.all_input_nodes) or not _is_tensor_valued(node):
+                if node.op != "call_function" or not any(a in self.data for a in node.all_input_nodes) or not is_tensor_valued(node):
                     continue
                 kind = self._classify(node)
                 self.data.add(node)
                 self.kind[node] = kind
                 order.append(node)
                 inputs = self.data_inputs[node]
-                op = _op_name(node) if node.target is not operator.getitem else "getitem"
+                op = op_name(node) if node.target is not operator.getitem else "getitem"
                 if kind in ("affine", "activation"):
                     (source,) = inputs
-                    extend = self.kind.get(source) in ("affine", "activation") and _live_users(source) == [node]
+                    extend = self.kind.get(source) in ("affine", "activation") and live_users(source) == [node]
                     self.piece_start[node] = self.piece_start[source] if extend else source
                 if kind == "affine":
                     (source,) = inputs
-                    extend = self.kind.get(source) == "affine" and _live_users(source) == [node]
+                    extend = self.kind.get(source) == "affine" and live_users(source) == [node]
                     self.run_start[node] = self.run_start[source] if extend else source
                 elif kind == "activation":
-                    slope = node.args[1] if op == "leaky_relu" and len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
-                    self.slopes[node] = activation_slope(op, negative_slope=slope, approximate=node.kwargs.get("approximate", "none"))
+                    self.slopes[node] = node_slope(node, op)
                     self.factor[node] = self.slopes[node].lipschitz
                 elif kind == "lipschitz":
                     self.factor[node] = _LIPSCHITZ_OPS[op]
@@ -571,11 +558,11 @@ class _GraphWalk:
                 terms[1] *= abs(self.alpha[node])
                 lengths = [len(a) for a in ancestors]
                 terms = [terms[0], terms[1]] if lengths[0] <= lengths[1] else [terms[1], terms[0]]
-            return Join(node.name, _op_name(node), start.name, terms)
+            return Join(node.name, op_name(node), start.name, terms)
         terms = self._bounds(order, {self.input: 1.0}, inputs)
         if self.kind[node] == "join":
             terms[1] *= abs(self.alpha[node])
-        return Join(node.name, _op_name(node), None, terms)
+        return Join(node.name, op_name(node), None, terms)
 
     def _ancestors(self, node: fx.Node) -> set[fx.Node]:
         seen, stack = set(), [node]

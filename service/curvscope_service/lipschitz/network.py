@@ -1,11 +1,11 @@
 """Graph -> LipSDP chain: a network as affine maps with slope-restricted activations between them.
 
-Consecutive affine layers (Linear, Conv2d, eval-mode BatchNorm, Flatten, average pooling,
+Consecutive affine layers (Linear, Conv1d, Conv2d, eval-mode BatchNorm, Flatten, average pooling,
 dropout in eval mode, input normalisation) form one *segment*; its linear part is read off by
 running the segment itself, so BatchNorm folding, padding, stride and pooling are exact without
 a rule per layer type. A segment is unrolled to a dense float64 matrix when it has at most
 ``max_dense_entries`` entries; otherwise it stays an operator (products through the segment).
-The chain verdict (which layer breaks it and why) comes from ``loading.layer_chain``.
+The chain verdict (which layer breaks it and why) comes from ``chain``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from ..loading import LoadedModel
-from ..loading.layer_chain import _is_tensor_valued, _op_name, graph_chain, module_chain
+from .chain import ACTIVATION_MODULES, ACTIVATION_OPS, WEIGHTED_MODULES, graph_chain, is_tensor_valued, module_chain, op_name
 
 MAX_DENSE_ENTRIES = 4_000_000  # 32 MB of float64 per segment
 
@@ -82,6 +82,18 @@ def activation_slope(kind: str, *, negative_slope: float = 0.01, approximate: st
             return Slope("gelu_tanh", *_tanh_gelu_slopes())
         return Slope("gelu", *_gelu_slopes())
     raise ValueError(f"no slope bounds for activation '{kind}'")
+
+
+def module_slope(leaf: nn.Module) -> Slope:
+    """The slope sector of an activation module (its type a key of ``chain.ACTIVATION_MODULES``)."""
+    return activation_slope(ACTIVATION_MODULES[type(leaf)], negative_slope=getattr(leaf, "negative_slope", 0.01),
+                            approximate=getattr(leaf, "approximate", "none"))
+
+
+def node_slope(node: fx.Node, op: str) -> Slope:
+    """The slope sector of an activation call ``op`` (one of ``chain.ACTIVATION_OPS``) in an exported graph."""
+    negative_slope = node.args[1] if op == "leaky_relu" and len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+    return activation_slope(op, negative_slope=negative_slope, approximate=node.kwargs.get("approximate", "none"))
 
 
 @dataclass
@@ -177,7 +189,7 @@ def extract_network(model: LoadedModel, max_dense_entries: int = MAX_DENSE_ENTRI
         segments.append(Segment("identity", lambda x: x, shape, shape))
     for segment in segments:
         if segment.in_dim * segment.out_dim <= max_dense_entries:
-            segment.matrix = _unroll(segment)
+            segment.matrix = unroll(segment)
     return Extraction(Network(segments, activations, tuple(input_shape)), chain.reason)
 
 
@@ -185,8 +197,8 @@ def _compose(f: Callable, g: Callable) -> Callable:
     return lambda x: g(f(x))
 
 
-def _unroll(segment: Segment, chunk: int = 1024) -> np.ndarray:
-    # Columns A e_j by running the segment on basis vectors: exact for any affine layer mix.
+def unroll(segment: Segment, chunk: int = 1024) -> np.ndarray:
+    """The segment's matrix A, columns A e_j read off by running it on basis vectors: exact for any affine layer mix."""
     n = segment.in_dim
     columns = []
     with torch.no_grad():
@@ -204,12 +216,9 @@ def _first_linear_shape(module: nn.Module) -> tuple[int, ...] | None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
             return (m.in_features,)
-        if isinstance(m, (nn.Conv2d, nn.Flatten)):
+        if isinstance(m, (*WEIGHTED_MODULES, nn.Flatten)):
             return None
     return None
-
-
-_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.GELU: "gelu"}
 
 
 def _module_pieces(module: nn.Module) -> list[tuple[str, object]]:
@@ -217,24 +226,19 @@ def _module_pieces(module: nn.Module) -> list[tuple[str, object]]:
     pieces: list[tuple[str, object]] = []
     run: list[tuple[str, nn.Module]] = []
     for name, leaf in leaves:
-        kind = _ACTIVATIONS.get(type(leaf))
-        if kind is None:
+        if type(leaf) not in ACTIVATION_MODULES:
             run.append((name, leaf))
             continue
         if run:
             pieces.append(("affine", (nn.Sequential(*(m for _, m in run)), "+".join(n for n, _ in run))))
             run = []
-        pieces.append(("activation", activation_slope(
-            kind, negative_slope=getattr(leaf, "negative_slope", 0.01), approximate=getattr(leaf, "approximate", "none"))))
+        pieces.append(("activation", module_slope(leaf)))
     if run:
         pieces.append(("affine", (nn.Sequential(*(m for _, m in run)), "+".join(n for n, _ in run))))
     return pieces
 
 
-_GRAPH_ACTIVATIONS = {"relu", "leaky_relu", "tanh", "sigmoid", "gelu"}
-
-
-class _SegmentRun(fx.Interpreter):
+class SegmentRun(fx.Interpreter):
     """Runs an exported graph from ``start`` (given its value) up to ``stop`` and returns that value."""
 
     class _Stop(Exception):
@@ -290,21 +294,19 @@ def _graph_pieces(module: fx.GraphModule, input_shape: tuple[int, ...]) -> list[
 
     def close_run() -> None:
         if run:
-            runner = _SegmentRun(module, start, run[-1])
+            runner = SegmentRun(module, start, run[-1])
             names = "+".join(n.name for n in run if n.target is not operator.getitem)
             pieces.append(("affine", (lambda x, r=runner: r(x, input_shape), names)))
             run.clear()
 
     for node in module.graph.nodes:
-        if node.op != "call_function" or not any(a in data for a in node.all_input_nodes) or not _is_tensor_valued(node):
+        if node.op != "call_function" or not any(a in data for a in node.all_input_nodes) or not is_tensor_valued(node):
             continue
         data.add(node)
-        op = "getitem" if node.target is operator.getitem else _op_name(node)
-        if op in _GRAPH_ACTIVATIONS:
+        op = "getitem" if node.target is operator.getitem else op_name(node)
+        if op in ACTIVATION_OPS:
             close_run()
-            slope = node.args[1] if op == "leaky_relu" and len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
-            approximate = node.kwargs.get("approximate", "none")
-            pieces.append(("activation", activation_slope(op, negative_slope=slope, approximate=approximate)))
+            pieces.append(("activation", node_slope(node, op)))
             start = node
         else:
             run.append(node)

@@ -17,7 +17,7 @@ from torch import fx, nn
 from curvscope_service.errors import InvalidInput, NotFound, ResourceExhausted
 from curvscope_service.loading import plugins, sequential
 from curvscope_service.loading.json_text import parse_json
-from curvscope_service.loading.layer_chain import graph_chain, module_chain
+from curvscope_service.lipschitz.chain import graph_chain, module_chain
 from curvscope_service.loading.messages import one_line
 from curvscope_service.loading.safetensors_file import SafetensorsHeader, SafetensorsReader
 from curvscope_service.loading.torch_export import load_exported

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from curvscope_service.lipschitz.naive import power_iteration_norm
+from curvscope_service.lipschitz.chain import module_chain
+from curvscope_service.lipschitz.graph_bound import bound_graph
+from curvscope_service.lipschitz.naive import naive_bound, power_iteration_norm
 from curvscope_service.lipschitz.network import activation_slope, extract_network
 from curvscope_service.loading import load_model
 
@@ -99,6 +101,24 @@ def test_residual_graph_gets_a_reason(tmp_path):
 
     extraction = extract_network(exported(Residual().eval(), (3,), tmp_path / "res.pt2"))
     assert extraction.network is None and "residual" in extraction.reason
+
+
+def test_a_conv1d_net_is_a_chain_and_the_graph_bound_reads_the_same_affine_maps(tmp_path):
+    # Conv1d and 1-d average pooling are affine: the chain verdict and the graph bound agree on it
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ReLU(), nn.AvgPool1d(2), nn.Conv1d(3, 2, 2), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(4, 2)).eval()
+    chain = module_chain(model)
+    assert chain.found and "3 linear or convolutional layers" in chain.reason
+    network = extract_network(loaded(model, (2, 6))).network
+    assert network is not None and network.dense and [a.name for a in network.activations] == ["relu", "tanh"]
+    from_graph = extract_network(exported(model, (2, 6), tmp_path / "conv1d.pt2")).network
+    assert from_graph is not None and len(from_graph.segments) == len(network.segments) == 3
+    for a, b in zip(from_graph.segments, network.segments):
+        np.testing.assert_allclose(a.matrix, b.matrix, atol=1e-6)  # the archive holds float32 weights
+    assert bound_graph(model, (2, 6)).value == pytest.approx(naive_bound(network).value, rel=1e-9)
+    x = torch.randn(4, 2, 6, dtype=torch.float64)
+    torch.testing.assert_close(network.forward(x), model.double()(x))
 
 
 @pytest.mark.parametrize("kind, kwargs, fn", [
