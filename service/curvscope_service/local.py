@@ -9,13 +9,12 @@ import torch
 
 from curvscope import CurvscopeError as ClientError
 from curvscope import Report
-from curvscope._files import sha256_of_file
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 
 from . import engine
 from .errors import CurvscopeError, InvalidInput
 from .requests import job_from_request, report_message
-from .store import path_of_file_uri
+from .store import path_of_file_uri, sha256_of_file
 
 
 def _local_file(ref: pb.ModelRef | pb.DataRef) -> tuple[Path, str]:

@@ -29,8 +29,7 @@ from .loading.vetting import Vetter
 from .logging_setup import REQUEST_ID
 from .requests import canonical_request, description_message, job_from_request, model_options, report_message
 from .scheduler import Scheduler
-from .store import BlobStore, result_key
-from curvscope._files import sha256_of_file
+from .store import BlobStore, result_key, sha256_of_file
 
 API_VERSION = "curvscope.v1"
 UPLOAD_CHUNK_BYTES = 1 << 20

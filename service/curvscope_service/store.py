@@ -182,6 +182,12 @@ def result_key(canonical: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def sha256_of_file(path: Path) -> str:
+    """Lower-case hex sha256 of a file (a ``file://`` input's digest), read in chunks."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def path_of_file_uri(uri: str) -> Path:
     """The absolute path a ``file://`` URI names; INVALID_ARGUMENT naming what is wrong with a bad one."""
     if len(uri) > MAX_URI_CHARS:

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from curvscope._files import sha256_of_file
 from curvscope_service.errors import InvalidInput, ResourceExhausted
 from curvscope_service.loading.vetting import Vetter
+from curvscope_service.store import sha256_of_file
 from loading_fixtures import evil_pickle, read_json_member, rewrite_archive
 
 WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
