@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from curvscope_service.analyses.lipschitz import MAX_WHOLE_GRAPH_ROWS
 from curvscope_service.lipschitz import lipsdp, lipsdp_graph
 from curvscope_service.lipschitz.graph_bound import bound_graph
+from curvscope_service.lipschitz.lipsdp_bound import MAX_WHOLE_GRAPH_ROWS
 from curvscope_service.lipschitz.lower import lower_bound
 from curvscope_service.loading import load_model
 

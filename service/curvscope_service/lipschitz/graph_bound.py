@@ -78,6 +78,8 @@ MAX_LIFTED_NEURONS = 1200
 MAX_LIFTED_COORDINATES = 6000
 # (piece key, weights W_0 … W_L, slopes) -> an upper bound of that chain piece, or None for its norms
 PieceBounder = Callable[[tuple[str, str], list[np.ndarray], list[Slope]], "float | None"]
+# how ``GraphBound.combine`` combines the chain pieces' bounds, in the words of a report's note
+COMBINED_BY_THE_NAIVE_RULES = "combined by the naive bound's rules (a residual block as ‖skip‖ + L(block), max pooling as √N)"
 
 
 @dataclass

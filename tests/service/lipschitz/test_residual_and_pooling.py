@@ -16,10 +16,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from curvscope_service.analyses import lipschitz as lipschitz_analysis
 from curvscope_service.engine import AnalysisJob, run_analysis
 from curvscope_service.errors import InvalidInput
-from curvscope_service.lipschitz import graph_bound, lipsdp, lipsdp_graph
+from curvscope_service.lipschitz import graph_bound, lipsdp, lipsdp_bound, lipsdp_graph
 from curvscope_service.lipschitz.graph_bound import bound_graph, max_pool_factor
 from curvscope_service.lipschitz.eclipse_fast import eclipse_fast
 from curvscope_service.lipschitz.lower import jacobian_norms
@@ -402,7 +401,7 @@ def test_lipsdp_over_the_whole_graph_against_the_papers_constraints(tmp_path, mo
     assert result["bounds"]["lipsdp_neuron"] <= result["bounds"]["lipsdp_layer"] <= result["bounds"]["naive"]
     # over the row limit: per chain piece, and the note says why
     monkeypatch.setattr(graph_bound, "MAX_LIFTED_NEURONS", 1200)
-    monkeypatch.setattr(lipschitz_analysis, "MAX_WHOLE_GRAPH_ROWS", 10)
+    monkeypatch.setattr(lipsdp_bound, "MAX_WHOLE_GRAPH_ROWS", 10)
     (detail,) = [d for d in lipschitz(path, methods=["LIPSCHITZ_METHOD_NAIVE", "LIPSCHITZ_METHOD_LIPSDP_NEURON"])["details"]
                  if d["method"] == "lipsdp_neuron"]
     assert detail["pieces"] == 4 and "would have 32 rows (over 10)" in detail["note"]
