@@ -157,8 +157,10 @@ def lanczos(
         thresholds = tol * np.maximum(np.abs(theta[chosen]), floor * scale)
         met = bool((residuals[chosen] <= thresholds).all())
         # At a breakdown every residual is zero, yet further copies of a repeated eigenvalue
-        # may sit outside the invariant subspace found: look there once before stopping.
-        broke = beta <= breakdown * scale
+        # may sit outside the invariant subspace found: look there once before stopping. A beta
+        # under every wanted threshold is a breakdown to within the tolerance (rounding can keep
+        # an exact breakdown's beta a few eps above the test), and is treated as one.
+        broke = beta <= max(breakdown * scale, thresholds.min() if thresholds.size else 0.0)
         converged = m == dim or (enough and met and not broke)
         if on_step is not None:
             on_step(matvecs, float(theta[-1]))

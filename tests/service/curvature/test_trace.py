@@ -111,7 +111,9 @@ def test_adaptive_mode_stops_at_the_tolerance(method):
     result = estimate_trace(operator, method=method, max_products=1500, relative_tolerance=0.01, seed=2)
     assert result.products == operator.hvps < 1500
     assert result.stderr <= 0.01 * abs(result.estimate)
-    assert abs(result.estimate - eigenvalues.sum().item()) <= 3 * result.stderr
+    exact = eigenvalues.sum().item()
+    # within 3 standard errors, or at rounding where the sketch spans the whole space (stderr 0)
+    assert abs(result.estimate - exact) <= 3 * result.stderr + 1e-13 * exact
     # A tolerance out of reach: the whole budget is spent.
     exhausted = estimate_trace(Dense(A), method=method, max_products=24, relative_tolerance=1e-9, seed=2)
     assert exhausted.products == 24
