@@ -11,15 +11,14 @@ from typing import Any, Callable
 import torch
 
 from ..curvature.fisher import EmpiricalFisherOperator, FisherOperator
-from ..curvature.ggn import GGNOperator, OutputCurvatureOperator
+from ..curvature.ggn import GGNOperator
 from ..curvature.hessian import HessianOperator
 from ..curvature.lanczos import RitzPairs
+from ..curvature.operator import CurvatureOperator
 from ..loading import LoadedData, LoadedModel
 
 ProgressFn = Callable[[dict], None]
 CheckFn = Callable[[], None]
-# Every curvature matrix of the API, matrix-free, behind the same products (matvec, matmat).
-CurvatureOperator = HessianOperator | OutputCurvatureOperator
 
 
 @dataclass(frozen=True)

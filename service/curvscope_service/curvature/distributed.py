@@ -19,29 +19,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import CurvscopeError, InvalidInput
-
-
-class MeanLossOperator(Protocol):
-    """What the data-parallel wrapper needs of a local operator: products, loss and gradient of
-    the mean loss over the rank's samples (HessianOperator, GGN and Fisher operators)."""
-
-    dim: int
-    dtype: torch.dtype
-    device: torch.device
-    num_samples: int
-    hvps: int
-
-    def matvec(self, v: Tensor) -> Tensor: ...
-    def matmat(self, V: Tensor) -> Tensor: ...
-    def loss(self) -> float: ...
-    def gradient(self) -> Tensor: ...
+from .operator import CurvatureOperator
 
 
 def shard_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -59,11 +43,11 @@ class DataParallelOperator:
     """The global mean-loss operator from each rank's ``local`` operator over its shard.
 
     Collective: every rank must make the same calls in the same order (as the solvers do when
-    they run with the same arguments everywhere). ``hvps`` counts this rank's local products,
+    they run with the same arguments everywhere). ``products`` counts this rank's local products,
     which equals the global count.
     """
 
-    def __init__(self, local: MeanLossOperator, *, module: torch.nn.Module | None = None,
+    def __init__(self, local: CurvatureOperator, *, module: torch.nn.Module | None = None,
                  group: dist.ProcessGroup | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: start the ranks with torchrun")
@@ -95,8 +79,8 @@ class DataParallelOperator:
             raise InvalidInput("the ranks hold different parameters; every rank must load the same checkpoint")
 
     @property
-    def hvps(self) -> int:
-        return self.local.hvps
+    def products(self) -> int:
+        return self.local.products
 
     def matvec(self, v: Tensor) -> Tensor:
         return self._reduce(self.local.matvec(v))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import InvalidInput, ResourceExhausted
-from .hessian import LossFn
+from .operator import LossFn
 
 # Keskar et al. use a 100-dimensional subspace; 10x that is as far as the method is meant to go.
 MAX_SUBSPACE_DIM = 1000

@@ -25,7 +25,7 @@ from torch.func import grad, vmap
 
 from ..errors import InvalidInput
 from .ggn import OutputCurvatureOperator
-from .hessian import LossFn
+from .operator import LossFn
 
 
 class _OuterProductOperator(OutputCurvatureOperator):

@@ -45,11 +45,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jacrev, jvp, linearize, vjp, vmap
+from torch.func import grad, hessian, jacrev, jvp, linearize, vjp, vmap
 
 from ..errors import InvalidInput
-from .hessian import HessianOperator, LossFn
+from .hessian import HessianOperator
 from .lanczos import lanczos
+from .operator import LossFn, MeanLossOperator
 
 # Per-sample tensors of length dim (or C x dim Jacobians) held at once: bounds the vmap chunk.
 PER_SAMPLE_BUDGET_ELEMENTS = 1 << 24
@@ -64,68 +65,11 @@ LINEARISE_MIN_DIM = 16384
 METHODS = ("exact", "gauss_newton")
 
 
-class _PerSample:
-    """The model as a function of the selected parameters, and the data in chunks."""
+class _PerSample(MeanLossOperator):
+    """The model as a function of the selected parameters, the data in chunks; ``products``
+    counts Sigma products. Sigma is a variance over samples: it needs two at least."""
 
-    def __init__(
-        self, module: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *,
-        param_names: Sequence[str] | None, micro_batch_size: int, check: Callable[[], None] | None,
-    ) -> None:
-        named = dict(module.named_parameters())
-        names = list(named) if param_names is None else list(param_names)
-        unknown = [name for name in names if name not in named]
-        if unknown or not names:
-            raise InvalidInput(f"unknown or no parameter names {unknown}; the model has {list(named)}")
-        n = inputs.shape[0] if inputs.dim() else 0
-        if n < 2 or targets.dim() == 0 or targets.shape[0] != n:
-            raise InvalidInput(
-                f"non-uniformity needs at least 2 samples with matching targets, got inputs "
-                f"{tuple(inputs.shape)} and targets {tuple(targets.shape)}")
-        if micro_batch_size < 1:
-            raise InvalidInput(f"micro_batch_size must be positive, got {micro_batch_size}")
-        selected = [named[name] for name in names]
-        self.param_names = names
-        self.dtype = selected[0].dtype
-        self.device = selected[0].device
-        self.num_samples = n
-        self.products = 0
-        self._module = module
-        self._loss_fn = loss_fn
-        self._check = check
-        self._shapes = [p.shape for p in selected]
-        self._sizes = [p.numel() for p in selected]
-        self.dim = sum(self._sizes)
-        self._values = tuple(p.detach() for p in selected)
-        chosen = set(names)
-        self._constants = {k: p.detach() for k, p in named.items() if k not in chosen}
-        self._inputs = _to(inputs, self.device, self.dtype)
-        self._targets = _to(targets, self.device, self.dtype)
-        self._micro_batch_size = micro_batch_size
-
-    def _forward(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
-        values = dict(self._constants)
-        values.update(zip(self.param_names, params))
-        return functional_call(self._module, values, (x,))
-
-    def _chunks(self, size: int):
-        for start in range(0, self.num_samples, size):
-            self._step()
-            yield self._inputs[start:start + size], self._targets[start:start + size]
-
-    def _step(self) -> None:
-        if self._check is not None:
-            self._check()
-
-    def _split(self, v: Tensor) -> tuple[Tensor, ...]:
-        return tuple(part.reshape(shape) for part, shape in zip(v.split(self._sizes), self._shapes))
-
-    @staticmethod
-    def _flat(parts: Sequence[Tensor]) -> Tensor:
-        return torch.cat([p.reshape(-1) for p in parts])
-
-    @staticmethod
-    def _flat_rows(parts: Sequence[Tensor]) -> Tensor:
-        return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
+    min_samples = 2
 
 
 class PerSampleHessians(_PerSample):
@@ -161,7 +105,6 @@ class PerSampleHessians(_PerSample):
         self._chunk = max(1, min(micro_batch_size, PER_SAMPLE_BUDGET_ELEMENTS // (4 * self.dim)))
         budget = RETAIN_BUDGET_ELEMENTS if retain_budget_elements is None else retain_budget_elements
         self.retained = self.num_samples * self.dim <= budget
-        self._leaves = tuple(p.detach().requires_grad_(True) for p in self._values)
         self._graphs: list[tuple[Tensor, ...]] | None = None
         self._pushes: list[Callable | None] = []
         # Tracing costs about a second per chunk; it repays itself within a report (tens of
@@ -312,7 +255,6 @@ class PerSampleGaussNewton(_PerSample):
         self._kernels = torch.cat(kernels)        # n x C x C, K_i = J_i J_i^T
         self._curvatures = torch.cat(curvatures)  # n x C x C, L_i
         self.num_outputs = outputs
-        self._leaves = tuple(p.detach().requires_grad_(True) for p in self._values)
         self._retained: list[tuple[Tensor, Tensor, Callable | None]] | None = None
         if self.num_samples <= retain_max_samples:
             self._retained = [self._linearise(x) for x, _ in self._chunks(micro_batch_size)]
@@ -491,7 +433,3 @@ def _linearise(fn: Callable, primals: tuple[Tensor, ...]) -> Callable | None:
     except Exception:  # noqa: BLE001 - any tracing failure leaves the untraced path, same values
         return None
 
-
-def _to(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    # Floating data follows the parameters' dtype; class labels stay integers.
-    return tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)

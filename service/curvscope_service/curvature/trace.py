@@ -31,7 +31,8 @@ from ..errors import InvalidInput
 from .hutchinson import hutchinson
 from .lanczos import RitzPairs
 from .hutchpp import hutchpp
-from .trace_probes import Apply, BlockProducts, Operator, Progress, TraceEstimate
+from .operator import CurvatureOperator
+from .trace_probes import Apply, BlockProducts, Progress, TraceEstimate
 from .xtrace import xtrace
 
 ESTIMATORS = {"hutchinson": hutchinson, "hutchpp": hutchpp, "xtrace": xtrace}
@@ -39,7 +40,7 @@ METHODS = tuple(ESTIMATORS)
 
 
 def estimate_trace(
-    operator: Operator,
+    operator: CurvatureOperator,
     *,
     method: str = "xtrace",
     max_products: int = 100,

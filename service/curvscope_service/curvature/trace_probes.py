@@ -14,25 +14,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from .operator import CurvatureOperator
 
 Apply = Callable[[Tensor], Tensor]
 Progress = Callable[[int, int, float], None]
 
 # An adaptive run trusts its sample standard error only from this many samples on.
 MIN_ADAPTIVE_SAMPLES = 10
-
-
-class Operator(Protocol):
-    dim: int
-    dtype: torch.dtype
-    device: torch.device
-
-    def matmat(self, V: Tensor) -> Tensor: ...
 
 
 @dataclass
@@ -53,7 +45,7 @@ class TraceEstimate:
 class BlockProducts:
     """``apply`` for the estimators: float64 blocks through ``operator.matmat`` in its dtype."""
 
-    def __init__(self, operator: Operator, block_size: int = 8) -> None:
+    def __init__(self, operator: CurvatureOperator, block_size: int = 8) -> None:
         self.operator = operator
         self.block_size = block_size
         self.products = 0

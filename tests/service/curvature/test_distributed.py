@@ -97,7 +97,7 @@ WORKER = textwrap.dedent("""
     V = torch.randn(operator.dim, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     result = {"num_samples": operator.num_samples, "local_samples": stop - start,
               "matvec": operator.matvec(V[:, 0]).tolist(), "matmat": operator.matmat(V).tolist(),
-              "loss": operator.loss(), "gradient": operator.gradient().tolist(), "hvps": operator.hvps}
+              "loss": operator.loss(), "gradient": operator.gradient().tolist(), "hvps": operator.products}
     # float32, as a GPU would run it: the eigen solve on the distributed products.
     model32 = load_model(model_path, dtype=torch.float32)
     local32 = HessianOperator(model32.module, data.inputs[start:stop].float(), data.targets[start:stop],

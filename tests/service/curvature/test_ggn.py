@@ -59,7 +59,7 @@ def test_ggn_matches_the_dense_reference_and_is_psd(case, rel):
     assert torch.linalg.eigvalsh(G).min() >= -1e-12 * G.norm()
     v = torch.randn(operator.dim, dtype=torch.float64)
     assert rel(operator.matvec(v), G @ v) < 1e-12
-    assert operator.hvps == operator.dim + 1
+    assert operator.products == operator.dim + 1
 
 
 def test_ggn_of_a_block(cnn_case, rel):

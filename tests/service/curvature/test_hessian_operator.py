@@ -21,7 +21,7 @@ def test_matvec_and_matmat_equal_dense(case, method, rel):
     assert op.dim == case.hessian.shape[0]
     assert rel(op.matvec(V[:, 0]), case.hessian @ V[:, 0]) < 1e-10
     assert rel(op.matmat(V), case.hessian @ V) < 1e-10
-    assert op.hvps == 4
+    assert op.products == 4
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -131,7 +131,7 @@ def test_check_runs_before_every_product_and_stops_it(cnn_case, method):
     with pytest.raises(Cancelled):
         for _ in range(3):
             op.matvec(v)
-    assert op.hvps < 4
+    assert op.products < 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

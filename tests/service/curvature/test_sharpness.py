@@ -31,6 +31,6 @@ def test_reuse_only_a_converged_solve_at_least_as_tight(cnn_case):
     operator = HessianOperator(cnn_case.model, cnn_case.inputs, cnn_case.targets, cnn_case.loss_fn)
     earlier = {"largest": [1.5], "converged": True, "tolerance": 1e-4}
     assert compute_sharpness(operator, earlier_eigen=earlier)["source"] == "hessian_eigen"
-    assert operator.hvps == 0
+    assert operator.products == 0
     for stale in ({**earlier, "converged": False}, {**earlier, "tolerance": 1e-2}):
         assert compute_sharpness(operator, earlier_eigen=stale)["source"] == "lanczos"
