@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -24,7 +25,9 @@ from pathlib import Path
 from curvscope import Client
 from curvscope._files import sha256_of_file
 from curvscope_service.demo import write_demo_files
-from curvscope_service.server import ServerProcess
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the suite's ServerProcess
+from server_process import ServerProcess  # noqa: E402
 
 
 def _file(path: Path, mib: int) -> Path:

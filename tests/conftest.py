@@ -25,7 +25,7 @@ def digits_files(tmp_path_factory) -> tuple[Path, Path]:
 def server(tmp_path_factory):
     """A server on a free loopback port for the module's tests."""
     from curvscope_service.config import ServerConfig
-    from curvscope_service.server import InProcessServer
+    from curvscope_service.in_process import InProcessServer
 
     root = tmp_path_factory.mktemp("server")
     models = root / "models"

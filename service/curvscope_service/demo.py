@@ -16,7 +16,7 @@ from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 
 from .config import ServerConfig
 from .loading import save_sequential
-from .server import InProcessServer
+from .in_process import InProcessServer
 
 DEMO_CONFIG = {
     "input_shape": [64],

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -176,114 +170,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-class InProcessServer:
-    """A server on a free loopback port in a background thread (tests, the demo, notebooks).
-
-        with InProcessServer(ServerConfig(store=tmp)) as server:
-            client = Client(server.target)
-    """
-
-    def __init__(self, config: ServerConfig):
-        config.host, config.port, config.metrics_port = "127.0.0.1", 0, 0
-        self.config = config
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="curvscope-server", daemon=True)
-        self.running: RunningServer | None = None
-
-    @property
-    def target(self) -> str:
-        assert self.running is not None, "the server is not started"
-        return f"127.0.0.1:{self.running.port}"
-
-    def __enter__(self) -> "InProcessServer":
-        self._thread.start()
-        self.running = asyncio.run_coroutine_threadsafe(start_server(self.config), self._loop).result()
-        return self
-
-    def stop(self, grace: float = 1.0) -> None:
-        if self.running is not None:
-            asyncio.run_coroutine_threadsafe(self.running.shutdown(grace), self._loop).result()
-            self.running = None
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-
-class ServerProcess:
-    """``curvscope serve`` in a child process on a free loopback port, logging JSON lines
-    (fault tests, load tests and benchmarks: it can be killed, and its memory measured).
-
-        with ServerProcess(["--store", str(tmp)]) as server:
-            client = Client(server.target)
-    """
-
-    def __init__(self, flags: list[str], env: dict[str, str] | None = None, startup_seconds: float = 60.0):
-        command = [sys.executable, "-m", "curvscope_service.server", "--host", "127.0.0.1", "--port", "0",
-                   "--metrics-port", "0", "--log-format", "json", *flags]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, **(env or {})})
-        self.log: list[dict] = []
-        self.port = 0
-        ready = threading.Event()
-
-        def read() -> None:
-            # Drain stderr for the child's whole life, so a full pipe never blocks it.
-            for line in self.process.stderr:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    entry = {"message": line.rstrip()}
-                self.log.append(entry)
-                if "port" in entry and not self.port:
-                    self.port = int(entry["port"])
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, name="curvscope-server-log", daemon=True).start()
-        deadline = time.monotonic() + startup_seconds
-        while not ready.wait(0.1):
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError("the server did not start in time")
-        if not self.port:
-            raise RuntimeError(f"the server exited with {self.process.wait()}: {self.log[-5:]}")
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the server now (Linux)."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS line")
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup of any kind, as when a node dies."""
-        self.process.kill()
-        self.process.wait(30)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM (graceful shutdown); returns the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.process.returncode
-
-    def __enter__(self) -> "ServerProcess":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()

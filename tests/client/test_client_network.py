@@ -197,7 +197,7 @@ def test_a_retry_never_waits_past_the_deadline(fake):
 def test_the_server_marks_a_killed_solve_retry_safe_and_nothing_else(tmp_path, monkeypatch):
     from curvscope_service.config import ServerConfig
     from curvscope_service.errors import Aborted, InvalidInput
-    from curvscope_service.server import InProcessServer
+    from curvscope_service.in_process import InProcessServer
     from curvscope_service.servicer import CurvscopeServicer
 
     killed = Aborted("the solver process was killed by SIGKILL mid-solve; retry the request")

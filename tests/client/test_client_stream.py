@@ -23,7 +23,7 @@ def lingering_server(tmp_path, monkeypatch):
     """A server whose Analyze lingers a moment after sending the report (as a busy server's
     event loop does), so a client that stops at the report cancels a finished call."""
     from curvscope_service.config import ServerConfig
-    from curvscope_service.server import InProcessServer
+    from curvscope_service.in_process import InProcessServer
     from curvscope_service.servicer import CurvscopeServicer
 
     original = CurvscopeServicer.Analyze

@@ -9,7 +9,7 @@ import pytest
 
 from curvscope import Client
 from curvscope_service.config import ServerConfig
-from curvscope_service.server import InProcessServer
+from curvscope_service.in_process import InProcessServer
 
 
 @pytest.fixture

@@ -291,7 +291,7 @@ def _self_signed(directory: Path, name: str) -> None:
 @pytest.mark.parametrize("mutual", [False, True])
 def test_tls_probe_checks_a_real_tls_server(tmp_path, mutual):
     from curvscope_service.config import ServerConfig
-    from curvscope_service.server import InProcessServer
+    from curvscope_service.in_process import InProcessServer
 
     _self_signed(tmp_path, "cs-curvscope.ml.svc")
     manifests = render({"tls": {"enabled": True, "existingSecret": "tls", "mutual": mutual}})

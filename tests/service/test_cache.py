@@ -16,10 +16,10 @@ from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
 from curvscope_service import engine, metrics
 from curvscope_service.config import ServerConfig
-from curvscope_service.curvature.dense import dense_hessian
+from curvscope_service.in_process import InProcessServer
 from curvscope_service.loading import load_data, load_model
 from curvscope_service.losses import get_loss
-from curvscope_service.server import InProcessServer
+from dense_reference import dense_hessian
 
 
 def _count(counter, *labels) -> float:

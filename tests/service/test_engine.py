@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from curvscope_service.curvature.dense import dense_hessian
 from curvscope_service.engine import AnalysisJob, EngineLimits, run_analysis, validate_job
 from curvscope_service.errors import InvalidInput, Unimplemented
 from curvscope_service.loading import load_data, load_model, save_sequential
 from curvscope_service.losses import get_loss
+from dense_reference import dense_hessian
 
 DEVICES = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from curvscope import Client, CurvscopeError
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
-from curvscope_service.server import ServerProcess
+from server_process import ServerProcess
 
 # Sends the header and a few chunks of a 64 MiB upload, says so, then stalls until killed.
 STALLED_UPLOADER = """

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from curvscope import Client
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope_service.config import ServerConfig
-from curvscope_service.server import InProcessServer
+from curvscope_service.in_process import InProcessServer
 
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

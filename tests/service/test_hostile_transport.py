@@ -21,8 +21,10 @@ from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
 from curvscope_service import engine
 from curvscope_service.config import ServerConfig, config_from_args
-from curvscope_service.server import InProcessServer, ServerProcess, start_metrics
+from curvscope_service.in_process import InProcessServer
+from curvscope_service.server import start_metrics
 from curvscope_service.store import BlobStore
+from server_process import ServerProcess
 
 SECRET = b"SECRET-BYTES-OF-A-FILE-OUTSIDE-THE-STORE " * 4
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from curvscope import Client
 from curvscope.client import CurvscopeError
-from curvscope_service.server import ServerProcess
+from server_process import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).parent / "loading"))
 from loading_fixtures import evil_pickle, rewrite_archive  # noqa: E402

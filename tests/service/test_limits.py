@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from curvscope import Client, CurvscopeError
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope_service.config import config_from_args
-from curvscope_service.server import InProcessServer
+from curvscope_service.in_process import InProcessServer
 
 DIGITS_PARAMETERS = 64 * 32 + 32 + 32 * 10 + 10  # the demo MLP
 

@@ -16,7 +16,7 @@ import grpc
 from curvscope import Client
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
-from curvscope_service.server import ServerProcess
+from server_process import ServerProcess
 
 PROCESSES, THREADS_EACH, QUEUE = 5, 10, 4
 CALLS = PROCESSES * THREADS_EACH

@@ -14,8 +14,8 @@ from prometheus_client import REGISTRY, generate_latest, start_http_server
 
 from curvscope import Client, CurvscopeError
 from curvscope_service.config import ServerConfig
+from curvscope_service.in_process import InProcessServer
 from curvscope_service.logging_setup import configure_logging
-from curvscope_service.server import InProcessServer
 
 
 def _sample(name: str, **labels) -> float:

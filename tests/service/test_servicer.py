@@ -18,9 +18,9 @@ from curvscope import Client, CurvscopeError, json_schema
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
 from curvscope_service.analyses import ANALYSES
-from curvscope_service.curvature.dense import dense_hessian
 from curvscope_service.loading import load_data, load_model
 from curvscope_service.losses import get_loss
+from dense_reference import dense_hessian
 
 
 def _health(target: str, service: str = "") -> int:
@@ -241,7 +241,7 @@ def test_cancel_and_deadline_stop_the_device_work(client, digits_files, big_data
 
 def test_token_auth(tmp_path, digits_files):
     from curvscope_service.config import ServerConfig
-    from curvscope_service.server import InProcessServer
+    from curvscope_service.in_process import InProcessServer
 
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret\nother\n")
@@ -259,7 +259,7 @@ def test_token_auth(tmp_path, digits_files):
 
 def test_graceful_shutdown_lets_running_work_finish(tmp_path, digits_files, big_data):
     from curvscope_service.config import ServerConfig
-    from curvscope_service.server import InProcessServer
+    from curvscope_service.in_process import InProcessServer
 
     running = InProcessServer(ServerConfig(store=tmp_path / "store")).__enter__()
     started, outcome = threading.Event(), {}

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from curvscope import Client, CurvscopeError
 from curvscope.cli import main as cli_main
 from curvscope_service.config import ServerConfig
-from curvscope_service.server import InProcessServer
+from curvscope_service.in_process import InProcessServer
 
 
 def _certificate(name, key, issuer_name, issuer_key, *, ca=False, server=False):

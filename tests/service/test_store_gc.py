@@ -103,7 +103,7 @@ def test_blobs_of_a_running_analysis_are_kept_by_the_server(tmp_path, digits_fil
     from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
     from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
     from curvscope_service.config import ServerConfig
-    from curvscope_service.server import InProcessServer
+    from curvscope_service.in_process import InProcessServer
 
     data = load_file(str(digits_files[1]))
     big = tmp_path / "big.safetensors"

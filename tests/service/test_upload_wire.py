@@ -14,7 +14,7 @@ from curvscope import Client
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope_service import upload_wire
 from curvscope_service.config import ServerConfig
-from curvscope_service.server import InProcessServer
+from curvscope_service.in_process import InProcessServer
 from curvscope_service.upload_wire import DataChunk, parse_upload_chunk
 
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch.func import functional_call, hessian, jacrev
 
-from curvscope_service.curvature.dense import dense_hessian
 from curvscope_service.engine import EngineLimits, run_analysis, validate_job
 from curvscope_service.errors import InvalidInput
 from curvscope_service.loading import load_data, load_model
 from curvscope_service.losses import get_loss
 from curvscope_service.requests import report_message
+from dense_reference import dense_hessian
 
 from .conftest import job
 

@@ -16,7 +16,6 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from curvscope_service.curvature.distributed import main, shard_range
-from curvscope_service.curvature.dense import dense_hessian
 from curvscope_service.curvature.hessian import HessianOperator
 from curvscope_service.curvature.hessian_eigen import compute_hessian_eigen
 from curvscope_service.errors import InvalidInput
@@ -24,6 +23,7 @@ from curvscope_service.loading.checkpoint import load_model
 from curvscope_service.loading.data import load_data
 from curvscope_service.loading.sequential import save_sequential
 from curvscope_service.losses import get_loss
+from dense_reference import dense_hessian
 
 CONFIG = {"input_shape": [6], "layers": [
     {"type": "linear", "in_features": 6, "out_features": 5}, {"type": "tanh"},

@@ -187,7 +187,7 @@ class Residual(nn.Module):
 def reverse_over_reverse(model, inputs, targets, loss_fn) -> torch.Tensor:
     """The dense Hessian by torch.autograd.functional.hessian (double backward, no vmap).
 
-    Not ``curvature.dense`` here: on torch 2.13 torch.func's vmap'd second derivatives
+    Not ``dense_reference.dense_hessian`` here: on torch 2.13 torch.func's vmap'd second derivatives
     (jacfwd(jacrev), jacrev(jacrev)) through LayerNorm are off by ~4 % against central finite
     differences of the gradient, while this and the operator agree with them to 2e-10.
     """

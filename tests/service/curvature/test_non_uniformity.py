@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from curvscope_service.curvature.dense import dense_hessian
 from curvscope_service.curvature import non_uniformity
 from curvscope_service.curvature.hessian import HessianOperator
 from curvscope_service.curvature.non_uniformity import (
     PerSampleGaussNewton, PerSampleHessians, compute_non_uniformity, sgd_noise_factor,
 )
 from curvscope_service.errors import InvalidInput
+from dense_reference import dense_hessian
 
 
 
