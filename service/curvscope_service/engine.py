@@ -17,17 +17,18 @@ import torch
 from . import __version__, metrics
 from .analyses import ANALYSES, AnalysisContext, EngineLimits
 from .analyses.base import CheckFn, ProgressFn
-from .errors import CurvscopeError, InvalidInput, ResourceExhausted, Unimplemented
+from .errors import CurvscopeError, ResourceExhausted
 from .loading import LoadedData, LoadedModel, describe_model, load_data, load_model, validate_pair
+from .loading.checkpoint import FORMATS
 from .losses import LOSSES, get_loss
+from .requests import PRECISIONS, AnalysisJob, ValidatedJob, validate_job
 
 REPORT_SCHEMA = "curvscope.report/v1"
 IMPLEMENTED_ANALYSES = tuple(ANALYSES)
 IMPLEMENTED_CURVATURES = tuple(sorted({c for analysis in ANALYSES.values() for c in analysis.curvatures}))
-PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
-MODEL_FORMATS = ("torch_export", "safetensors", "plugin")
+MODEL_FORMATS = tuple(name for name in FORMATS if name != "auto")
 
-__all__ = ["AnalysisJob", "EngineLimits", "ServerLimits", "describe", "run_analysis", "validate_job"]
+__all__ = ["AnalysisJob", "EngineLimits", "ServerLimits", "ValidatedJob", "describe", "run_analysis", "validate_job"]
 
 
 @dataclass(frozen=True)
@@ -73,49 +74,6 @@ def _run_timed(name: str, run: Any) -> dict[str, Any]:
         metrics.ANALYSIS_SECONDS.labels(name, status).observe(time.perf_counter() - started)
 
 
-@dataclass
-class AnalysisJob:
-    """One request, with blob references already resolved to files."""
-
-    model_path: Path
-    model_sha256: str
-    loss: str
-    analyses: dict[str, dict[str, Any]]
-    data_path: Path | None = None
-    data_sha256: str = ""
-    model_format: str = "auto"
-    architecture: str | None = None
-    architecture_config: dict | None = None
-    curvature: str = "hessian"
-    precision: str = "float32"
-    seed: int = 0
-    micro_batch_size: int = 0
-    per_layer: bool = False
-    max_samples: int = 0
-
-
-def validate_job(job: AnalysisJob, limits: EngineLimits) -> dict[str, dict[str, Any]]:
-    """Refuse what cannot run before it is queued; returns each analysis' options with defaults."""
-    if not job.analyses:
-        raise InvalidInput("the request names no analysis; ask for at least one, e.g. hessian_eigen")
-    unbuilt = [name for name in job.analyses if name not in ANALYSES]
-    if unbuilt:
-        raise Unimplemented(
-            f"analysis '{unbuilt[0]}' is not built in this server; available: {', '.join(ANALYSES)}")
-    for name in job.analyses:
-        if job.curvature not in ANALYSES[name].curvatures:
-            raise Unimplemented(
-                f"curvature '{job.curvature}' is not built for {name}; available: "
-                f"{', '.join(ANALYSES[name].curvatures)}")
-    if job.precision not in PRECISIONS:
-        raise InvalidInput(f"unknown precision '{job.precision}'; choose float32 or float64")
-    if job.data_path is None and any(ANALYSES[name].needs_data for name in job.analyses):
-        raise InvalidInput("these analyses need a data batch; pass one with --data")
-    if job.data_path is not None:
-        get_loss(job.loss)
-    return {name: ANALYSES[name].normalize(spec, limits) for name, spec in job.analyses.items()}
-
-
 def describe(
     model_path: Path, *, model_format: str = "auto", architecture: str | None = None,
     architecture_config: dict | None = None, max_parameters: int | None = None,
@@ -146,12 +104,15 @@ def _micro_batch_size(job: AnalysisJob, model: LoadedModel, limits: EngineLimits
 
 
 def run_analysis(
-    job: AnalysisJob, *, device: str = "cpu", limits: EngineLimits = EngineLimits(),
+    job: ValidatedJob | AnalysisJob, *, device: str = "cpu", limits: EngineLimits = EngineLimits(),
     progress: ProgressFn | None = None, check: CheckFn | None = None,
 ) -> dict:
-    """Load, validate and analyse; returns the report as a JSON-ready dict."""
+    """Load and analyse; returns the report as a dict (``requests.report_message`` encodes it).
+    The servicer and ``--local`` pass the job they validated; a job not yet validated is validated
+    here, once."""
     started = time.perf_counter()
-    specs = validate_job(job, limits)
+    validated = job if isinstance(job, ValidatedJob) else validate_job(job, limits)
+    job, specs = validated.job, validated.specs
     dtype = PRECISIONS[job.precision]
     model = load_model(
         job.model_path, format=job.model_format, architecture=job.architecture,
@@ -185,7 +146,7 @@ def run_analysis(
     finally:
         # Products computed, cancelled or failed work included (it used the device too).
         metrics.HVPS.labels(device, job.curvature).inc(
-            sum(operator.products for c in contexts for operator in c._operators.values()))
+            sum(operator.hvps for c in contexts for operator in c._operators.values()))
 
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,

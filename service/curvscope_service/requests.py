@@ -1,46 +1,148 @@
-"""Translate API messages into engine jobs and engine reports into API messages.
+"""The API's side of the engine: a request decoded once into a job, the job validated once into
+typed per-analysis options, and the engine's report encoded as the API message.
 
-Shared by the servicer and the CLI's ``--local`` mode, so both build the same job from the
-same request.
+Shared by the servicer and the CLI's ``--local`` mode, so both build and validate the same job
+from the same request. Nothing past ``validate_job`` sees a proto spelling.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+import torch
 from google.protobuf import json_format
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
+from curvscope.report import json_ready
 
 from . import __version__
-from .engine import AnalysisJob, EngineLimits
-from .errors import InvalidInput
+from .analyses import ANALYSES, EngineLimits
+from .analyses.adaptive_sharpness import SharpnessNorm
+from .analyses.hessian_trace import TraceMethod
+from .analyses.lipschitz import LipschitzMethod, SdpSolver
+from .analyses.non_uniformity import NonUniformityMethod
+from .errors import InvalidInput, Unimplemented
 from .loading.json_text import parse_json
+from .losses import get_loss
 
 MAX_CONFIG_JSON_BYTES = 1 << 20
-
-MODEL_FORMAT_NAMES = {
-    pb.MODEL_FORMAT_UNSPECIFIED: "auto",
-    pb.MODEL_FORMAT_TORCH_EXPORT: "torch_export",
-    pb.MODEL_FORMAT_SAFETENSORS: "safetensors",
-    pb.MODEL_FORMAT_PLUGIN: "plugin",
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+# The analyses' option enums, each with the API enum it is decoded from and its name in messages.
+WIRE_ENUMS: dict[type[Enum], tuple[EnumTypeWrapper, str]] = {
+    TraceMethod: (pb.TraceMethod, "trace method"),
+    NonUniformityMethod: (pb.NonUniformityMethod, "non-uniformity method"),
+    LipschitzMethod: (pb.LipschitzMethod, "Lipschitz method"),
+    SdpSolver: (pb.SdpSolver, "SDP solver"),
+    SharpnessNorm: (pb.SharpnessNorm, "sharpness norm"),
 }
 
 
-def _enum_name(enum_type: Any, value: int, prefix: str, unspecified: str) -> str:
-    if value == 0:
-        return unspecified
+@dataclass
+class AnalysisJob:
+    """One request, with blob references already resolved to files; each analysis' options in
+    the API's JSON form (its spec message's field names and enum names)."""
+
+    model_path: Path
+    model_sha256: str
+    loss: str
+    analyses: dict[str, Mapping[str, Any]]
+    data_path: Path | None = None
+    data_sha256: str = ""
+    model_format: str = "auto"
+    architecture: str | None = None
+    architecture_config: dict | None = None
+    curvature: str = "hessian"
+    precision: str = "float32"
+    seed: int = 0
+    micro_batch_size: int = 0
+    per_layer: bool = False
+    max_samples: int = 0
+
+
+@dataclass(frozen=True)
+class ValidatedJob:
+    """A job that ``validate_job`` accepted: each analysis' typed options (its ``Analysis.spec``)
+    with the defaults filled in, in request order."""
+
+    job: AnalysisJob
+    specs: dict[str, Any]
+
+
+def wire_name(enum: EnumTypeWrapper, value: int | str, what: str) -> str | None:
+    """An API enum value (a number, or a name as the JSON form writes it) as its name without the
+    enum's prefix, lowercased; None for the unspecified value."""
+    prefix = enum.Name(0).removesuffix("UNSPECIFIED")
     try:
-        return enum_type.Name(value).removeprefix(prefix).lower()
+        number = enum.Value(value) if isinstance(value, str) else int(value)
+        name = enum.Name(number)
     except ValueError:
-        raise InvalidInput(f"unknown {prefix.rstrip('_').lower()} value {value}; update the client or the server") from None
+        if isinstance(value, str):
+            choices = ", ".join(name.removeprefix(prefix).lower() for name in enum.keys()[1:])
+            raise InvalidInput(f"unknown {what} {value!r}; choose one of {choices}") from None
+        raise InvalidInput(f"unknown {what} value {value}; update the client or the server") from None
+    return name.removeprefix(prefix).lower() if number else None
+
+
+def _decode_value(hint: Any, value: Any) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:  # a repeated field
+        items = [_decode_value(args[0], item) for item in value]
+        if None in items:
+            raise InvalidInput(f"unknown {WIRE_ENUMS[args[0]][1]} 'unspecified' in a list")
+        return tuple(items)
+    kind = next((arg for arg in args if arg is not type(None)), hint)  # X | None: X
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        enum, what = WIRE_ENUMS[kind]
+        name = wire_name(enum, value, what)
+        if name is None:
+            return None
+        if name.upper() not in kind.__members__:
+            raise Unimplemented(f"{what} '{name}' is not built in this server; available: "
+                                f"{', '.join(member.name.lower() for member in kind)}")
+        return kind[name.upper()]
+    return kind(value)
+
+
+def decode_spec(name: str, options: Mapping[str, Any]) -> Any:
+    """An analysis' options in the API's JSON form as its typed spec (``Analysis.spec``)."""
+    spec_type = ANALYSES[name].spec
+    hints = typing.get_type_hints(spec_type)
+    return spec_type(**{field.name: _decode_value(hints[field.name], options[field.name])
+                        for field in dataclasses.fields(spec_type) if field.name in options})
+
+
+def validate_job(job: AnalysisJob, limits: EngineLimits) -> ValidatedJob:
+    """Refuse what cannot run before it is queued; the job with each analysis' typed options."""
+    if not job.analyses:
+        raise InvalidInput("the request names no analysis; ask for at least one, e.g. hessian_eigen")
+    unbuilt = [name for name in job.analyses if name not in ANALYSES]
+    if unbuilt:
+        raise Unimplemented(
+            f"analysis '{unbuilt[0]}' is not built in this server; available: {', '.join(ANALYSES)}")
+    for name in job.analyses:
+        if job.curvature not in ANALYSES[name].curvatures:
+            raise Unimplemented(
+                f"curvature '{job.curvature}' is not built for {name}; available: "
+                f"{', '.join(ANALYSES[name].curvatures)}")
+    if job.precision not in PRECISIONS:
+        raise InvalidInput(f"unknown precision '{job.precision}'; choose float32 or float64")
+    if job.data_path is None and any(ANALYSES[name].needs_data for name in job.analyses):
+        raise InvalidInput("these analyses need a data batch; pass one with --data")
+    if job.data_path is not None:
+        get_loss(job.loss)
+    return ValidatedJob(job, {name: ANALYSES[name].normalize(decode_spec(name, options), limits)
+                              for name, options in job.analyses.items()})
 
 
 def model_options(model: pb.ModelRef) -> dict[str, Any]:
     """Format, architecture and config overrides of a model reference, for the loader."""
-    if model.format not in MODEL_FORMAT_NAMES:
-        raise InvalidInput(f"unknown model format value {model.format}")
+    model_format = wire_name(pb.ModelFormat, model.format, "model format") or "auto"
     config = None
     if model.architecture_config_json:
         # Text from the client: bounded in size and depth, so deep nesting is INVALID_ARGUMENT.
@@ -48,11 +150,7 @@ def model_options(model: pb.ModelRef) -> dict[str, Any]:
                             max_bytes=MAX_CONFIG_JSON_BYTES)
         if not isinstance(config, dict):
             raise InvalidInput("architecture_config_json must be a JSON object")
-    return {
-        "model_format": MODEL_FORMAT_NAMES[model.format],
-        "architecture": model.architecture or None,
-        "architecture_config": config,
-    }
+    return {"model_format": model_format, "architecture": model.architecture or None, "architecture_config": config}
 
 
 def job_from_request(
@@ -60,7 +158,7 @@ def job_from_request(
 ) -> AnalysisJob:
     """An engine job from a request whose model and data were resolved to (path, sha256)."""
     options = request.options
-    analyses: dict[str, dict[str, Any]] = {}
+    analyses: dict[str, Mapping[str, Any]] = {}
     for spec in request.analyses:
         name = spec.WhichOneof("analysis")
         if name is None:
@@ -75,18 +173,19 @@ def job_from_request(
         data_path=data[0] if data else None, data_sha256=data[1] if data else "",
         loss=request.loss or "cross_entropy",
         analyses=analyses,
-        curvature=_enum_name(pb.Curvature, options.curvature, "CURVATURE_", "hessian"),
-        precision=_enum_name(pb.Precision, options.precision, "PRECISION_", "float32"),
+        curvature=wire_name(pb.Curvature, options.curvature, "curvature") or "hessian",
+        precision=wire_name(pb.Precision, options.precision, "precision") or "float32",
         seed=options.seed, micro_batch_size=options.micro_batch_size, per_layer=options.per_layer,
         max_samples=options.max_samples,
         **model_options(request.model),
     )
 
 
-def canonical_request(job: AnalysisJob, specs: dict[str, dict[str, Any]], limits: EngineLimits) -> dict[str, Any]:
+def canonical_request(validated: ValidatedJob, limits: EngineLimits) -> dict[str, Any]:
     """What determines a report: the inputs' digests and every option with its default filled
-    in (``specs`` from ``engine.validate_job``), so that requests that differ only in how they
-    were written share one cache entry. The server version is part of it: an upgrade recomputes."""
+    in, so that requests that differ only in how they were written share one cache entry. The
+    server version is part of it: an upgrade recomputes."""
+    job = validated.job
     return {
         "server_version": __version__,
         "model": {"sha256": job.model_sha256, "format": job.model_format, "architecture": job.architecture,
@@ -94,7 +193,7 @@ def canonical_request(job: AnalysisJob, specs: dict[str, dict[str, Any]], limits
         "data": job.data_sha256,
         "loss": job.loss if job.data_path is not None else "",
         # In request order: a later analysis may reuse an earlier one's result.
-        "analyses": [[name, spec] for name, spec in specs.items()],
+        "analyses": [[name, dataclasses.asdict(spec)] for name, spec in validated.specs.items()],
         "curvature": job.curvature, "precision": job.precision, "seed": job.seed,
         "micro_batch_size": job.micro_batch_size or limits.micro_batch_size,
         "per_layer": job.per_layer, "max_samples": job.max_samples,
@@ -102,8 +201,9 @@ def canonical_request(job: AnalysisJob, specs: dict[str, dict[str, Any]], limits
 
 
 def report_message(report: dict) -> pb.Report:
-    """The engine's report dict as the API message (same field names)."""
-    return json_format.ParseDict(report, pb.Report())
+    """The engine's report dict as the API message (same field names; a non-finite number in
+    the spelling of protobuf's JSON mapping and the report's JSON Schema, e.g. "Infinity")."""
+    return json_format.ParseDict(json_ready(report), pb.Report())
 
 
 def description_message(sha256: str, description: dict) -> pb.ModelDescription:

@@ -27,7 +27,8 @@ from .errors import DeadlineExceeded, InvalidInput
 from .loading import known_architectures
 from .loading.vetting import Vetter
 from .logging_setup import REQUEST_ID
-from .requests import canonical_request, description_message, job_from_request, model_options, report_message
+from .requests import (canonical_request, description_message, job_from_request, model_options, report_message,
+                       validate_job)
 from .scheduler import Scheduler
 from .store import BlobStore, result_key, sha256_of_file
 
@@ -136,9 +137,8 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
         try:
             model = await asyncio.to_thread(self._resolve, request.model, "model")
             data = await asyncio.to_thread(self._resolve, request.data, "data") if request.HasField("data") else None
-            job_spec = job_from_request(request, model, data)
-            specs = engine.validate_job(job_spec, self.config.limits)
-            key = result_key(canonical_request(job_spec, specs, self.config.limits))
+            job = validate_job(job_from_request(request, model, data), self.config.limits)
+            key = result_key(canonical_request(job, self.config.limits))
             cached = await asyncio.to_thread(self.store.get_result, key)
             if cached is not None:
                 metrics.CACHE_REQUESTS.labels("hit").inc()
@@ -149,7 +149,7 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
 
             def work(device: str, progress, check) -> pb.Report:
                 try:
-                    report = engine.run_analysis(job_spec, device=device, limits=self.config.limits,
+                    report = engine.run_analysis(job, device=device, limits=self.config.limits,
                                                  progress=progress, check=check)
                 finally:
                     metrics.record_device_peak(device)

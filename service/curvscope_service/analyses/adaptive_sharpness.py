@@ -4,6 +4,8 @@ elementwise-adaptive (Kwon et al. 2021; Andriushchenko et al. 2023)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from ..curvature.adaptive_sharpness import NORMS, compute_adaptive_sharpness
@@ -18,36 +20,41 @@ DEFAULT_RHO = {"linf": 0.002, "l2": 0.1}
 MAX_STEPS = 10_000
 
 
-def _norm(value: Any) -> str:
-    name = str(value or "").upper().removeprefix("SHARPNESS_NORM_").lower()
-    if name in ("", "unspecified"):
-        return "linf"
-    if name not in NORMS:
-        raise InvalidInput(f"unknown sharpness norm {value!r}; choose one of {', '.join(NORMS)}")
-    return name
+SharpnessNorm = StrEnum("SharpnessNorm", [(name.upper(), name) for name in NORMS])
 
 
-def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
-    norm = _norm(spec.get("norm"))
-    rho = float(spec.get("rho", 0.0)) or DEFAULT_RHO[norm]
-    steps = int(spec.get("steps", 0)) or DEFAULT_STEPS
+@dataclass(frozen=True)
+class AdaptiveSharpnessSpec:
+    """The request's options; zeros and None ask for the defaults."""
+
+    rho: float = 0.0
+    steps: int = 0
+    norm: SharpnessNorm | None = None
+    adaptive: bool = False
+    average_case: bool = False
+
+
+def normalize(spec: AdaptiveSharpnessSpec, limits: EngineLimits) -> AdaptiveSharpnessSpec:
+    norm = spec.norm or SharpnessNorm("linf")
+    rho = spec.rho or DEFAULT_RHO[norm]
+    steps = spec.steps or DEFAULT_STEPS
     if not (rho > 0 and math.isfinite(rho)):
         raise InvalidInput(f"rho {rho} must be a finite positive number")
     if not 1 <= steps <= MAX_STEPS:
         raise InvalidInput(f"steps {steps} must lie between 1 and {MAX_STEPS}")
-    return {"rho": rho, "steps": steps, "norm": norm, "adaptive": bool(spec.get("adaptive", False)),
-            "average_case": bool(spec.get("average_case", False))}
+    return AdaptiveSharpnessSpec(rho=rho, steps=steps, norm=norm, adaptive=spec.adaptive,
+                                 average_case=spec.average_case)
 
 
-def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
+def run(context: AnalysisContext, spec: AdaptiveSharpnessSpec) -> dict[str, Any]:
     objective = PerturbedLoss(context.model.module, context.data.inputs, context.data.targets, context.loss_fn,
                               param_names=context.param_names, micro_batch_size=context.micro_batch_size,
                               check=context.check)
     return compute_adaptive_sharpness(
-        objective, rho=spec["rho"], steps=spec["steps"], norm=spec["norm"], adaptive=spec["adaptive"],
-        average_case=spec["average_case"], seed=context.seed,
+        objective, rho=spec.rho, steps=spec.steps, norm=spec.norm, adaptive=spec.adaptive,
+        average_case=spec.average_case, seed=context.seed,
         progress=lambda step, total, estimate: context.progress("adaptive_sharpness", step, total, estimate),
     )
 
 
-ANALYSIS = Analysis(name="adaptive_sharpness", normalize=normalize, run=run)
+ANALYSIS = Analysis(name="adaptive_sharpness", spec=AdaptiveSharpnessSpec, normalize=normalize, run=run)

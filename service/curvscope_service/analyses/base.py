@@ -94,10 +94,13 @@ class Analysis:
     """One entry of the report's ``results``."""
 
     name: str
-    # spec (the request's options, proto defaults as zeros) -> the options with defaults filled
-    # in; raises InvalidInput for values out of range. Runs before the job is queued.
-    normalize: Callable[[dict[str, Any], EngineLimits], dict[str, Any]]
-    run: Callable[[AnalysisContext, dict[str, Any]], dict[str, Any]]
+    # The options' dataclass (fields named as the API's spec message; zeros and None ask for the
+    # defaults), which ``requests`` decodes the wire into.
+    spec: type
+    # spec -> the options with defaults filled in; raises InvalidInput for values out of range.
+    # Runs once, before the job is queued.
+    normalize: Callable[[Any, EngineLimits], Any]
+    run: Callable[[AnalysisContext, Any], dict[str, Any]]
     needs_data: bool = True
     # Whether --per-layer also runs it on each parameter block.
     per_layer: bool = True

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from ..curvature.curvatures import CURVATURES
 from ..curvature.density import SIGMA, broadened_density
 from ..curvature.slq import slq
 from ..curvature.trace_probes import BlockProducts
@@ -19,11 +21,21 @@ DEFAULT_GRID_POINTS = 1000
 MAX_GRID_POINTS = 100_000
 
 
-def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
-    steps = int(spec.get("lanczos_steps", 0)) or DEFAULT_STEPS
-    probes = int(spec.get("num_probes", 0)) or DEFAULT_PROBES
-    grid_points = int(spec.get("grid_points", 0)) or DEFAULT_GRID_POINTS
-    sigma = float(spec.get("sigma", 0.0)) or SIGMA
+@dataclass(frozen=True)
+class HessianDensitySpec:
+    """The request's options; zeros ask for the defaults."""
+
+    lanczos_steps: int = 0
+    num_probes: int = 0
+    grid_points: int = 0
+    sigma: float = 0.0
+
+
+def normalize(spec: HessianDensitySpec, limits: EngineLimits) -> HessianDensitySpec:
+    steps = spec.lanczos_steps or DEFAULT_STEPS
+    probes = spec.num_probes or DEFAULT_PROBES
+    grid_points = spec.grid_points or DEFAULT_GRID_POINTS
+    sigma = spec.sigma or SIGMA
     if steps < 1 or probes < 1:
         raise InvalidInput(f"lanczos_steps and num_probes must be positive, got {steps} and {probes}")
     if steps * probes > limits.max_hvps:
@@ -33,25 +45,25 @@ def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
         raise InvalidInput(f"grid_points {grid_points} must lie in [2, {MAX_GRID_POINTS}]")
     if not (0.0 < sigma < 1.0) or math.isnan(sigma):
         raise InvalidInput(f"sigma {sigma} (the broadening width relative to the spectral range) must lie in (0, 1)")
-    return {"lanczos_steps": steps, "num_probes": probes, "grid_points": grid_points, "sigma": sigma}
+    return HessianDensitySpec(lanczos_steps=steps, num_probes=probes, grid_points=grid_points, sigma=sigma)
 
 
-def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
+def run(context: AnalysisContext, spec: HessianDensitySpec) -> dict[str, Any]:
     start = time.perf_counter()
     operator = context.operator()
-    apply = BlockProducts(operator, block_size=spec["num_probes"])
+    apply = BlockProducts(operator, block_size=spec.num_probes)
     quadrature = slq(
-        apply, operator.dim, steps=spec["lanczos_steps"], probes=spec["num_probes"], seed=context.seed,
+        apply, operator.dim, steps=spec.lanczos_steps, probes=spec.num_probes, seed=context.seed,
         device=operator.device,
         progress=lambda step, total, estimate: context.progress("hessian_density", step, total, estimate),
     )
-    curve = broadened_density(quadrature.nodes, quadrature.weights, grid_points=spec["grid_points"],
-                              sigma=spec["sigma"])
+    curve = broadened_density(quadrature.nodes, quadrature.weights, grid_points=spec.grid_points,
+                              sigma=spec.sigma)
     return {**curve, "nodes": quadrature.nodes.reshape(-1).tolist(),
             "weights": quadrature.weights.reshape(-1).tolist(), "hvps": apply.products,
             "seconds": time.perf_counter() - start}
 
 
 # Not per layer by default: a density costs probes x steps products per block.
-ANALYSIS = Analysis(name="hessian_density", normalize=normalize, run=run, per_layer=False,
-                    curvatures=("hessian", "ggn", "fisher", "empirical_fisher"))
+ANALYSIS = Analysis(name="hessian_density", spec=HessianDensitySpec, normalize=normalize, run=run, per_layer=False,
+                    curvatures=tuple(CURVATURES))

@@ -8,9 +8,12 @@ operator (``curvature/trace.py``); ``seeded_eigenpairs`` in the result says how 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Any
 
-from ..curvature.trace import METHODS, estimate_trace
+from ..curvature.curvatures import CURVATURES
+from ..curvature.trace import estimate_trace
 from ..errors import InvalidInput
 from .base import Analysis, AnalysisContext, EngineLimits
 
@@ -18,32 +21,44 @@ from .base import Analysis, AnalysisContext, EngineLimits
 DEFAULT_METHOD = "xtrace"
 # Products of a fixed-budget run; an adaptive run may use up to the server's max_hvps.
 DEFAULT_PRODUCTS = 100
-# The API's enum names (TRACE_METHOD_*), lowercased, for the estimators' names.
-METHOD_NAMES = {"": DEFAULT_METHOD, "unspecified": DEFAULT_METHOD, "hutch_plus_plus": "hutchpp"}
 
 
-def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
-    name = str(spec.get("method", "") or "").lower().removeprefix("trace_method_")
-    method = METHOD_NAMES.get(name, name)
-    if method not in METHODS:
-        raise InvalidInput(f"unknown trace method '{spec.get('method')}'; choose one of {', '.join(METHODS)}")
-    tolerance = float(spec.get("relative_tolerance", 0.0))
+class TraceMethod(StrEnum):
+    """The API's TraceMethod (member names) as the estimators' names (values)."""
+
+    HUTCHINSON = "hutchinson"
+    HUTCH_PLUS_PLUS = "hutchpp"
+    XTRACE = "xtrace"
+
+
+@dataclass(frozen=True)
+class HessianTraceSpec:
+    """The request's options; zeros and None ask for the defaults."""
+
+    method: TraceMethod | None = None
+    max_hvps: int = 0
+    relative_tolerance: float = 0.0
+    frobenius: bool = False
+
+
+def normalize(spec: HessianTraceSpec, limits: EngineLimits) -> HessianTraceSpec:
+    method = spec.method or TraceMethod(DEFAULT_METHOD)
+    tolerance = spec.relative_tolerance
     if not (0.0 <= tolerance < 1.0) or math.isnan(tolerance):
         raise InvalidInput(f"relative_tolerance {tolerance} must lie in [0, 1) (0 = use the whole budget)")
-    max_hvps = int(spec.get("max_hvps", 0)) or (limits.max_hvps if tolerance else min(DEFAULT_PRODUCTS, limits.max_hvps))
+    max_hvps = spec.max_hvps or (limits.max_hvps if tolerance else min(DEFAULT_PRODUCTS, limits.max_hvps))
     if max_hvps > limits.max_hvps:
         raise InvalidInput(f"max_hvps {max_hvps} is over this server's limit of {limits.max_hvps}")
     minimum = {"hutchinson": 1, "xtrace": 2, "hutchpp": 3}[method]
     if max_hvps < minimum:
         raise InvalidInput(f"{method} needs max_hvps of at least {minimum}, got {max_hvps}")
-    return {"method": method, "max_hvps": max_hvps, "relative_tolerance": tolerance,
-            "frobenius": bool(spec.get("frobenius", False))}
+    return replace(spec, method=method, max_hvps=max_hvps)
 
 
-def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
+def run(context: AnalysisContext, spec: HessianTraceSpec) -> dict[str, Any]:
     result = estimate_trace(
-        context.operator(), method=spec["method"], max_products=spec["max_hvps"],
-        relative_tolerance=spec["relative_tolerance"], frobenius=spec["frobenius"], seed=context.seed,
+        context.operator(), method=spec.method, max_products=spec.max_hvps,
+        relative_tolerance=spec.relative_tolerance, frobenius=spec.frobenius, seed=context.seed,
         progress=lambda step, total, estimate: context.progress("hessian_trace", step, total, estimate),
         ritz=context.ritz,
     )
@@ -55,5 +70,5 @@ def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-ANALYSIS = Analysis(name="hessian_trace", normalize=normalize, run=run,
-                    curvatures=("hessian", "ggn", "fisher", "empirical_fisher"))
+ANALYSIS = Analysis(name="hessian_trace", spec=HessianTraceSpec, normalize=normalize, run=run,
+                    curvatures=tuple(CURVATURES))

@@ -8,6 +8,8 @@ for. The lower bound needs data; nothing else does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from ..errors import InvalidInput
@@ -23,42 +25,53 @@ MAX_ASCENT_STEPS = 10_000
 DEFAULT_ASCENT_STEPS = 60
 
 
-def _name(value: Any, prefix: str) -> str:
-    return str(value).removeprefix(prefix).lower()
+LipschitzMethod = StrEnum("LipschitzMethod", [(name.upper(), name) for name in METHODS])
 
 
-def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
-    methods = [_name(m, "LIPSCHITZ_METHOD_") for m in spec.get("methods", [])]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise InvalidInput(f"unknown Lipschitz method '{unknown[0]}'; choose from {', '.join(METHODS)}")
-    solver = _name(spec.get("solver", "SDP_SOLVER_UNSPECIFIED"), "SDP_SOLVER_")
-    if solver not in ("unspecified", "0", "cvxopt", "scs"):
-        raise InvalidInput(f"unknown SDP solver '{solver}'; choose cvxopt or scs")
-    split_size = int(spec.get("split_size", 0))
+class SdpSolver(StrEnum):
+    """The solver cvxpy is asked for (its name as cvxpy spells it)."""
+
+    CVXOPT = "CVXOPT"
+    SCS = "SCS"
+
+
+@dataclass(frozen=True)
+class LipschitzSpec:
+    """The request's options; empty, zeros and None ask for the defaults (every method, the
+    solver chosen per problem)."""
+
+    methods: tuple[LipschitzMethod, ...] = ()
+    solver: SdpSolver | None = None
+    split_size: int = 0
+    time_limit_seconds: float = 0.0
+    ascent_steps: int = 0
+    memory_limit_mib: int = 0
+
+
+def normalize(spec: LipschitzSpec, limits: EngineLimits) -> LipschitzSpec:
+    split_size = spec.split_size
     if split_size == 1:
         raise InvalidInput("split_size 1 would solve no SDP at all; use 0 (automatic) or at least 2 layers per sub-network")
-    time_limit = float(spec.get("time_limit_seconds", 0.0)) or DEFAULT_TIME_LIMIT_S
+    time_limit = spec.time_limit_seconds or DEFAULT_TIME_LIMIT_S
     if not (0.0 < time_limit <= MAX_TIME_LIMIT_S):
         raise InvalidInput(f"time_limit_seconds {time_limit:g} must lie in (0, {MAX_TIME_LIMIT_S:g}]")
-    steps = int(spec.get("ascent_steps", 0)) or DEFAULT_ASCENT_STEPS
+    steps = spec.ascent_steps or DEFAULT_ASCENT_STEPS
     if steps > MAX_ASCENT_STEPS:
         raise InvalidInput(f"ascent_steps {steps} is over the limit of {MAX_ASCENT_STEPS}")
-    memory = int(spec.get("memory_limit_mib", 0)) or DEFAULT_MEMORY_LIMIT_MIB
+    memory = spec.memory_limit_mib or DEFAULT_MEMORY_LIMIT_MIB
     if not (MIN_MEMORY_LIMIT_MIB <= memory <= MAX_MEMORY_LIMIT_MIB):
         raise InvalidInput(f"memory_limit_mib {memory} must lie in [{MIN_MEMORY_LIMIT_MIB}, {MAX_MEMORY_LIMIT_MIB}]")
-    return {
-        "methods": list(dict.fromkeys(methods)) or list(METHODS),
-        "solver": solver.upper() if solver in ("cvxopt", "scs") else None,
-        "split_size": split_size, "time_limit_seconds": time_limit, "ascent_steps": steps, "memory_limit_mib": memory,
-    }
+    return LipschitzSpec(
+        methods=tuple(dict.fromkeys(spec.methods)) or tuple(LipschitzMethod), solver=spec.solver,
+        split_size=split_size, time_limit_seconds=time_limit, ascent_steps=steps, memory_limit_mib=memory,
+    )
 
 
-def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
-    solves = Solves(spec["solver"], spec["split_size"], spec["time_limit_seconds"], spec["memory_limit_mib"], check=context.check)
-    return bound_interval(context.model, context.data.inputs if context.data is not None else None, spec["methods"], solves,
-                          ascent_steps=spec["ascent_steps"], seed=context.seed, check=context.check,
+def run(context: AnalysisContext, spec: LipschitzSpec) -> dict[str, Any]:
+    solves = Solves(spec.solver, spec.split_size, spec.time_limit_seconds, spec.memory_limit_mib, check=context.check)
+    return bound_interval(context.model, context.data.inputs if context.data is not None else None, spec.methods, solves,
+                          ascent_steps=spec.ascent_steps, seed=context.seed, check=context.check,
                           progress=lambda step, total, estimate: context.progress("lipschitz", step, total, estimate))
 
 
-ANALYSIS = Analysis(name="lipschitz", normalize=normalize, run=run, needs_data=False, per_layer=False)
+ANALYSIS = Analysis(name="lipschitz", spec=LipschitzSpec, normalize=normalize, run=run, needs_data=False, per_layer=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -18,20 +20,23 @@ DEFAULT_TOLERANCE = 1e-3
 MAX_PRODUCTS = 300
 
 
-def _method(value: Any) -> str:
-    name = str(value or "").upper().removeprefix("NON_UNIFORMITY_METHOD_").lower()
-    if name in ("", "unspecified"):
-        return "exact"
-    if name not in METHODS:
-        raise InvalidInput(f"unknown non-uniformity method {value!r}; choose one of {', '.join(METHODS)}")
-    return name
+NonUniformityMethod = StrEnum("NonUniformityMethod", [(name.upper(), name) for name in METHODS])
 
 
-def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
-    learning_rate = float(spec.get("learning_rate", 0.0))
-    batch_size = int(spec.get("batch_size", 0))
-    max_samples = int(spec.get("max_samples", 0))
-    tolerance = float(spec.get("tolerance", 0.0)) or DEFAULT_TOLERANCE
+@dataclass(frozen=True)
+class NonUniformitySpec:
+    """The request's options; zeros and None ask for the defaults."""
+
+    learning_rate: float = 0.0
+    batch_size: int = 0
+    max_samples: int = 0
+    tolerance: float = 0.0
+    method: NonUniformityMethod | None = None
+
+
+def normalize(spec: NonUniformitySpec, limits: EngineLimits) -> NonUniformitySpec:
+    learning_rate, batch_size, max_samples = spec.learning_rate, spec.batch_size, spec.max_samples
+    tolerance = spec.tolerance or DEFAULT_TOLERANCE
     if learning_rate < 0 or not math.isfinite(learning_rate):
         raise InvalidInput(f"learning_rate {learning_rate} must be a finite number >= 0 (0 = no verdict)")
     if batch_size < 0 or max_samples < 0:
@@ -40,39 +45,38 @@ def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
         raise InvalidInput(f"tolerance {tolerance} must lie in (0, 1)")
     if max_samples == 1:
         raise InvalidInput("max_samples must be 0 (all) or at least 2: Sigma is a variance over samples")
-    return {"learning_rate": learning_rate, "batch_size": batch_size, "max_samples": max_samples,
-            "tolerance": tolerance, "method": _method(spec.get("method"))}
+    return replace(spec, tolerance=tolerance, method=spec.method or NonUniformityMethod("exact"))
 
 
-def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
+def run(context: AnalysisContext, spec: NonUniformitySpec) -> dict[str, Any]:
     model, data = context.model, context.data
     if model.fixed_batch_size:
         raise Unimplemented(
             f"non_uniformity needs per-sample products, but this model was exported with a fixed batch size "
             f"of {model.fixed_batch_size}; export it with a dynamic batch dimension")
     n = data.num_samples
-    if spec["batch_size"] > n:
-        raise InvalidInput(f"batch_size {spec['batch_size']} is larger than the {n} samples of the data")
+    if spec.batch_size > n:
+        raise InvalidInput(f"batch_size {spec.batch_size} is larger than the {n} samples of the data")
     inputs, targets = data.inputs, data.targets
-    subsampled = 0 < spec["max_samples"] < n
+    subsampled = 0 < spec.max_samples < n
     if subsampled:
-        keep = torch.randperm(n, generator=torch.Generator().manual_seed(context.seed))[:spec["max_samples"]]
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(context.seed))[:spec.max_samples]
         keep = keep.sort().values.to(inputs.device)
         inputs, targets = inputs[keep], targets[keep]
     common = dict(param_names=context.param_names, micro_batch_size=context.micro_batch_size, check=context.check)
     sharpness = None
-    if spec["method"] == "exact":
+    if spec.method == "exact":
         hessian = context.operator() if not subsampled else HessianOperator(
             model.module, inputs, targets, context.loss_fn, retain_max_samples=context.limits.retain_max_samples,
             **common)
         operator = PerSampleHessians(model.module, inputs, targets, context.loss_fn, hessian=hessian, **common)
         if not subsampled:
-            sharpness = _earlier_sharpness(context.earlier, spec["tolerance"])
+            sharpness = _earlier_sharpness(context.earlier, spec.tolerance)
     else:
         operator = PerSampleGaussNewton(model.module, inputs, targets, context.loss_fn, **common)
     return compute_non_uniformity(
-        operator, learning_rate=spec["learning_rate"], batch_size=spec["batch_size"], num_samples=n,
-        tol=spec["tolerance"], max_products=min(MAX_PRODUCTS, context.limits.max_hvps), seed=context.seed,
+        operator, learning_rate=spec.learning_rate, batch_size=spec.batch_size, num_samples=n,
+        tol=spec.tolerance, max_products=min(MAX_PRODUCTS, context.limits.max_hvps), seed=context.seed,
         sharpness=sharpness,
         progress=lambda step, total, estimate: context.progress("non_uniformity", step, total, estimate),
     )
@@ -89,4 +93,4 @@ def _earlier_sharpness(earlier: dict[str, Any], tol: float) -> tuple[float, bool
     return None
 
 
-ANALYSIS = Analysis(name="non_uniformity", normalize=normalize, run=run)
+ANALYSIS = Analysis(name="non_uniformity", spec=NonUniformitySpec, normalize=normalize, run=run)

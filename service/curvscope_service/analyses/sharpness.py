@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from ..curvature.sharpness import compute_sharpness
@@ -12,20 +13,26 @@ from .base import Analysis, AnalysisContext, EngineLimits
 TOLERANCE = 1e-3
 
 
-def normalize(spec: dict[str, Any], limits: EngineLimits) -> dict[str, Any]:
-    learning_rate = float(spec.get("learning_rate", 0.0))
-    if learning_rate < 0 or not math.isfinite(learning_rate):
-        raise InvalidInput(f"learning_rate {learning_rate} must be a finite number >= 0 (0 = no verdict)")
-    return {"learning_rate": learning_rate}
+@dataclass(frozen=True)
+class SharpnessSpec:
+    """The request's options (learning rate 0: no verdict)."""
+
+    learning_rate: float = 0.0
 
 
-def run(context: AnalysisContext, spec: dict[str, Any]) -> dict[str, Any]:
+def normalize(spec: SharpnessSpec, limits: EngineLimits) -> SharpnessSpec:
+    if spec.learning_rate < 0 or not math.isfinite(spec.learning_rate):
+        raise InvalidInput(f"learning_rate {spec.learning_rate} must be a finite number >= 0 (0 = no verdict)")
+    return spec
+
+
+def run(context: AnalysisContext, spec: SharpnessSpec) -> dict[str, Any]:
     # hessian_eigen of the same request (whole model only: per-layer contexts have no earlier).
     return compute_sharpness(
-        context.operator(), learning_rate=spec["learning_rate"], tol=TOLERANCE, max_hvps=context.limits.max_hvps,
+        context.operator(), learning_rate=spec.learning_rate, tol=TOLERANCE, max_hvps=context.limits.max_hvps,
         seed=context.seed, earlier_eigen=context.earlier.get("hessian_eigen"),
         progress=lambda step, total, estimate: context.progress("sharpness", step, total, estimate),
     )
 
 
-ANALYSIS = Analysis(name="sharpness", normalize=normalize, run=run)
+ANALYSIS = Analysis(name="sharpness", spec=SharpnessSpec, normalize=normalize, run=run)

@@ -112,8 +112,8 @@ def _interval(subject: Subject, details: list[dict[str, Any]]) -> dict[str, Any]
         why = graph.reason if graph is not None and not subject.bounded and graph.reason else reason
         raise InvalidInput(f"no Lipschitz bound applies to this network ({why}); pass data for a lower bound")
     return {
-        # no sound upper bound: infinite, in the proto JSON spelling (a 0 could pass a gate)
-        "lower": lower, "upper": upper if uppers else "Infinity", "method": method, "bounds": bounds,
+        # no sound upper bound: infinite (a 0 could pass a gate)
+        "lower": lower, "upper": upper, "method": method, "bounds": bounds,
         # a constant map (upper 0) has a closed interval; no upper bound at all, an open one
         "relative_gap": ((upper - lower) / upper if upper > 0 else 0.0) if uppers else 1.0,
         "note": note, "details": details,

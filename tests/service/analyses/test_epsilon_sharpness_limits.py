@@ -19,7 +19,7 @@ def test_subspace_dim_cap_before_queueing(files):
     with pytest.raises(InvalidInput, match=f"subspace_dim {MAX_SUBSPACE_DIM + 1} must lie between 0 .* and {MAX_SUBSPACE_DIM}"):
         validate_job(job(files, {"epsilon_sharpness": {"subspace_dim": MAX_SUBSPACE_DIM + 1}}), EngineLimits())
     spec = validate_job(job(files, {"epsilon_sharpness": {"subspace_dim": MAX_SUBSPACE_DIM}}), EngineLimits())
-    assert spec["epsilon_sharpness"]["subspace_dim"] == MAX_SUBSPACE_DIM
+    assert spec.specs["epsilon_sharpness"].subspace_dim == MAX_SUBSPACE_DIM
 
 
 def test_memory_cap_names_what_fits(files, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -155,6 +157,6 @@ def test_bad_options_refused_before_queueing(files, analyses, words):
 
 def test_defaults(files):
     specs = validate_job(job(files, {"hessian_trace": {"method": "TRACE_METHOD_UNSPECIFIED", "max_hvps": 0},
-                                     "hessian_density": {}}), EngineLimits())
-    assert specs["hessian_trace"] == {"method": "xtrace", "max_hvps": 100, "relative_tolerance": 0.0, "frobenius": False}
-    assert specs["hessian_density"]["lanczos_steps"] == 90 and specs["hessian_density"]["num_probes"] == 10
+                                     "hessian_density": {}}), EngineLimits()).specs
+    assert asdict(specs["hessian_trace"]) == {"method": "xtrace", "max_hvps": 100, "relative_tolerance": 0.0, "frobenius": False}
+    assert specs["hessian_density"].lanczos_steps == 90 and specs["hessian_density"].num_probes == 10

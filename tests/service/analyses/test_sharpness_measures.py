@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 
 from curvscope_service.engine import EngineLimits, run_analysis, validate_job
@@ -11,12 +13,12 @@ from .conftest import job
 
 
 def test_defaults_of_the_papers(files):
-    specs = validate_job(job(files, {"epsilon_sharpness": {}, "adaptive_sharpness": {}}), EngineLimits())
-    assert specs["epsilon_sharpness"] == {"epsilon": 1e-3, "max_iterations": 10, "subspace_dim": 0}
-    assert specs["adaptive_sharpness"] == {"rho": 0.002, "steps": 20, "norm": "linf", "adaptive": False,
+    specs = validate_job(job(files, {"epsilon_sharpness": {}, "adaptive_sharpness": {}}), EngineLimits()).specs
+    assert asdict(specs["epsilon_sharpness"]) == {"epsilon": 1e-3, "max_iterations": 10, "subspace_dim": 0}
+    assert asdict(specs["adaptive_sharpness"]) == {"rho": 0.002, "steps": 20, "norm": "linf", "adaptive": False,
                                            "average_case": False}
-    l2 = validate_job(job(files, {"adaptive_sharpness": {"norm": "SHARPNESS_NORM_L2"}}), EngineLimits())
-    assert l2["adaptive_sharpness"]["rho"] == 0.1 and l2["adaptive_sharpness"]["norm"] == "l2"
+    l2 = validate_job(job(files, {"adaptive_sharpness": {"norm": "SHARPNESS_NORM_L2"}}), EngineLimits()).specs
+    assert l2["adaptive_sharpness"].rho == 0.1 and l2["adaptive_sharpness"].norm == "l2"
 
 
 def test_reports_whole_model_and_per_layer(files):

@@ -444,14 +444,14 @@ def test_rounding_is_not_taken_for_an_affine_map(tmp_path):
 def test_a_module_of_unknown_data_flow_gets_the_data_lower_bound(tmp_path):
     """Not an nn.Sequential and not a graph: no upper bound and no ascent, the data's Jacobians only."""
     from curvscope_service.analyses.base import AnalysisContext, EngineLimits
-    from curvscope_service.analyses.lipschitz import normalize, run
+    from curvscope_service.analyses.lipschitz import LipschitzSpec, normalize, run
     from curvscope_service.loading.data import LoadedData
 
     model = LinearResidual().eval()
     inputs = torch.randn(6, 5)
     context = AnalysisContext(model=loaded(model, (5,)), data=LoadedData(inputs, torch.zeros(6, 3), {}, 6), loss="mse",
                               loss_fn=None, curvature="hessian", seed=0, device="cpu", limits=EngineLimits(), micro_batch_size=64)
-    result = run(context, normalize({}, EngineLimits()))
+    result = run(context, normalize(LipschitzSpec(), EngineLimits()))
     exact = norm(model.b.weight.double() @ (torch.eye(5, dtype=torch.float64) + model.a.weight.double()))
     assert math.isinf(float(result["upper"])) and result["lower"] == pytest.approx(exact, rel=1e-9)
     assert "data flow is unknown" in result["chain"]["reason"]
