@@ -146,7 +146,7 @@ def run_analysis(
     finally:
         # Products computed, cancelled or failed work included (it used the device too).
         metrics.HVPS.labels(device, job.curvature).inc(
-            sum(operator.hvps for c in contexts for operator in c._operators.values()))
+            sum(operator.products for c in contexts for operator in c._operators.values()))
 
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
