@@ -10,9 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..curvature.fisher import EmpiricalFisherOperator, FisherOperator
-from ..curvature.ggn import GGNOperator
-from ..curvature.hessian import HessianOperator
+from ..curvature.curvatures import CURVATURES, OperatorRequest
 from ..curvature.lanczos import RitzPairs
 from ..curvature.operator import CurvatureOperator
 from ..loading import LoadedData, LoadedModel
@@ -56,23 +54,16 @@ class AnalysisContext:
     _operators: dict[tuple[str, ...] | None, CurvatureOperator] = field(default_factory=dict)
 
     def operator(self) -> CurvatureOperator:
-        """The operator of this context's curvature (``hessian``, ``ggn``, ``fisher``,
-        ``empirical_fisher``) over its parameters, built once and shared."""
+        """The operator of this context's curvature (a name of ``CURVATURES``) over its
+        parameters, built once and shared."""
         key = tuple(self.param_names) if self.param_names is not None else None
         if key not in self._operators:
             if self.data is None or self.loss_fn is None:
                 raise AssertionError("an analysis that needs data was run without it")
-            common = dict(param_names=self.param_names, micro_batch_size=self.micro_batch_size, check=self.check)
-            args = (self.model.module, self.data.inputs, self.data.targets, self.loss_fn)
-            if self.curvature == "ggn":
-                operator: CurvatureOperator = GGNOperator(*args, **common)
-            elif self.curvature == "fisher":
-                operator = FisherOperator(*args, loss=self.loss, seed=self.seed, **common)
-            elif self.curvature == "empirical_fisher":
-                operator = EmpiricalFisherOperator(*args, **common)
-            else:
-                operator = HessianOperator(*args, retain_max_samples=self.limits.retain_max_samples, **common)
-            self._operators[key] = operator
+            self._operators[key] = CURVATURES[self.curvature](OperatorRequest(
+                module=self.model.module, inputs=self.data.inputs, targets=self.data.targets, loss_fn=self.loss_fn,
+                loss=self.loss, seed=self.seed, param_names=self.param_names, micro_batch_size=self.micro_batch_size,
+                retain_max_samples=self.limits.retain_max_samples, check=self.check))
         return self._operators[key]
 
     def for_block(self, block: str, param_names: list[str]) -> "AnalysisContext":
