@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..curvature.curvatures import CURVATURES
 from ..curvature.density import SIGMA, broadened_density
 from ..curvature.slq import slq
 from ..curvature.trace_probes import BlockProducts
@@ -65,4 +66,4 @@ def run(context: AnalysisContext, spec: HessianDensitySpec) -> dict[str, Any]:
 
 # Not per layer by default: a density costs probes x steps products per block.
 ANALYSIS = Analysis(name="hessian_density", spec=HessianDensitySpec, normalize=normalize, run=run, per_layer=False,
-                    curvatures=("hessian", "ggn", "fisher", "empirical_fisher"))
+                    curvatures=tuple(CURVATURES))

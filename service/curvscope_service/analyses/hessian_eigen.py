@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..curvature.curvatures import CURVATURES
 from ..curvature.hessian_eigen import compute_hessian_eigen
 from ..curvature.lanczos import BASIS_BUDGET_BYTES, RitzPairs
 from ..errors import InvalidInput
@@ -57,4 +58,4 @@ def run(context: AnalysisContext, spec: HessianEigenSpec) -> dict[str, Any]:
 
 
 ANALYSIS = Analysis(name="hessian_eigen", spec=HessianEigenSpec, normalize=normalize, run=run,
-                    curvatures=("hessian", "ggn", "fisher", "empirical_fisher"))
+                    curvatures=tuple(CURVATURES))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
+from ..curvature.curvatures import CURVATURES
 from ..curvature.trace import estimate_trace
 from ..errors import InvalidInput
 from .base import Analysis, AnalysisContext, EngineLimits
@@ -70,4 +71,4 @@ def run(context: AnalysisContext, spec: HessianTraceSpec) -> dict[str, Any]:
 
 
 ANALYSIS = Analysis(name="hessian_trace", spec=HessianTraceSpec, normalize=normalize, run=run,
-                    curvatures=("hessian", "ggn", "fisher", "empirical_fisher"))
+                    curvatures=tuple(CURVATURES))
