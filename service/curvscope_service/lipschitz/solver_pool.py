@@ -126,8 +126,12 @@ class SolverPool:
             outcome[0] = "ok"
             return result
         finally:
-            metrics.SOLVES.labels(outcome[0]).inc()
-            self._release(worker, healthy)
+            # released (its process gauge updated) before the solve is counted, so a reader who
+            # sees the count also sees the worker gone
+            try:
+                self._release(worker, healthy)
+            finally:
+                metrics.SOLVES.labels(outcome[0]).inc()
 
     @staticmethod
     def _wait(worker: _Worker, started: float, time_limit_s: float, check: Callable[[], None] | None,
