@@ -107,9 +107,9 @@ def run_analysis(
     job: ValidatedJob | AnalysisJob, *, device: str = "cpu", limits: EngineLimits = EngineLimits(),
     progress: ProgressFn | None = None, check: CheckFn | None = None,
 ) -> dict:
-    """Load and analyse; returns the report as a dict (``requests.report_message`` encodes it).
-    The servicer and ``--local`` pass the job they validated; a job not yet validated is validated
-    here, once."""
+    """Load and analyse; returns the report as a dict (``requests.report_document`` encodes it
+    for the store and the wire). The servicer and ``--local`` pass the job they validated; a job
+    not yet validated is validated here, once."""
     started = time.perf_counter()
     validated = job if isinstance(job, ValidatedJob) else validate_job(job, limits)
     job, specs = validated.job, validated.specs

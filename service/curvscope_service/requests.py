@@ -200,10 +200,18 @@ def canonical_request(validated: ValidatedJob, limits: EngineLimits) -> dict[str
     }
 
 
-def report_message(report: dict) -> pb.Report:
-    """The engine's report dict as the API message (same field names; a non-finite number in
-    the spelling of protobuf's JSON mapping and the report's JSON Schema, e.g. "Infinity")."""
-    return json_format.ParseDict(json_ready(report), pb.Report())
+def report_document(report: dict) -> dict:
+    """The engine's report in the shape of the report's JSON Schema (same field names; a
+    non-finite number spelled as protobuf's JSON mapping spells it, e.g. "Infinity"): what the
+    store keeps as is and what ``report_message`` builds the API message from."""
+    return json_ready(report)
+
+
+def report_message(document: dict) -> pb.Report:
+    """The API message of a report document, fresh from ``report_document`` or read back from
+    the store, so that a cached report goes out as the same message a fresh run sends. The
+    engine's report dict itself is accepted too (it is encoded first)."""
+    return json_format.ParseDict(report_document(document), pb.Report())
 
 
 def description_message(sha256: str, description: dict) -> pb.ModelDescription:

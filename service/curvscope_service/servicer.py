@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import torch
-from google.protobuf import json_format
 from grpc import aio
 
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
@@ -27,8 +26,8 @@ from .errors import DeadlineExceeded, InvalidInput
 from .loading import known_architectures
 from .loading.vetting import Vetter
 from .logging_setup import REQUEST_ID
-from .requests import (canonical_request, description_message, job_from_request, model_options, report_message,
-                       validate_job)
+from .requests import (canonical_request, description_message, job_from_request, model_options, report_document,
+                       report_message, validate_job)
 from .scheduler import Scheduler
 from .store import BlobStore, result_key, sha256_of_file
 
@@ -143,7 +142,7 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
             if cached is not None:
                 metrics.CACHE_REQUESTS.labels("hit").inc()
                 release()
-                yield pb.AnalyzeEvent(report=json_format.ParseDict(cached, pb.Report()))
+                yield pb.AnalyzeEvent(report=report_message(cached))
                 return
             await self._vet(model, model_options(request.model), data)
 
@@ -153,12 +152,12 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
                                                  progress=progress, check=check)
                 finally:
                     metrics.record_device_peak(device)
-                message = report_message(report)
+                document = report_document(report)
                 try:
-                    self.store.put_result(key, json_format.MessageToDict(message, preserving_proto_field_name=True))
+                    self.store.put_result(key, document)
                 except OSError as error:  # a full disk costs the cache entry, not the answer
                     log.warning("could not cache the report: %s", error)
-                return message
+                return report_message(document)
 
             ticket = self.scheduler.submit(work, timeout=context.time_remaining(), key=key,
                                            request_id=REQUEST_ID.get(), on_finish=release)

@@ -7,7 +7,10 @@ is present is always complete. The same digest uploaded twice is stored once.
 
 Reports live at ``<root>/results/<first two hex digits>/<key>.json``, keyed by the sha256 of
 the canonical request (model and data digests included), written the same way (temporary
-file, then rename), so both survive a restart or a SIGKILL intact.
+file, then rename), so both survive a restart or a SIGKILL intact. A report is kept as the
+document ``requests.report_document`` makes (the report's JSON Schema shape), the one the API
+message is built from, so a cache hit sends what a fresh run sent. A report written by an older
+version (protobuf's JSON mapping of the message) still reads back as the same message.
 
 Nothing here follows a symbolic link (or opens a FIFO or a device) planted inside the store:
 blobs and reports are opened with ``O_NOFOLLOW`` component by component below the store's own

@@ -3,6 +3,7 @@ one computation, a caller that leaves does not stop the others, and reports surv
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -19,6 +20,8 @@ from curvscope_service.config import ServerConfig
 from curvscope_service.in_process import InProcessServer
 from curvscope_service.loading import load_data, load_model
 from curvscope_service.losses import get_loss
+from curvscope_service.requests import report_document, report_message
+from curvscope_service.store import BlobStore
 from dense_reference import dense_hessian
 
 
@@ -101,7 +104,23 @@ def test_reports_survive_a_restart(tmp_path, digits_files):
         events = []
         again = client.analyze(model_path, data_path, eigen=1, seed=5, progress=events.append)
     assert again.message == first.message and events == []
+    assert again.message.SerializeToString(deterministic=True) == first.message.SerializeToString(deterministic=True)
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+def test_a_cached_report_is_the_message_a_fresh_run_sends(tmp_path):
+    """The store keeps the report document that the fresh message is built from, so a cache hit
+    sends the same bytes, an infinite bound, a zero and an unset flag included."""
+    report = {"schema": engine.REPORT_SCHEMA, "device": "cpu", "seconds": 0.5, "results": {
+        "lipschitz": {"lower": 0.0, "upper": math.inf, "method": "interval"},
+        "hessian_eigen": {"largest": [-math.inf, 1.0], "smallest": [], "converged": False, "hvps": 7}}}
+    key = "ab" * 32
+    BlobStore(tmp_path / "store").put_result(key, report_document(report))
+    stored = BlobStore(tmp_path / "store").get_result(key)
+    assert stored == report_document(report) and stored["results"]["lipschitz"]["upper"] == "Infinity"
+    fresh, cached = report_message(report_document(report)), report_message(stored)
+    assert cached == fresh and cached.results.lipschitz.upper == math.inf
+    assert cached.SerializeToString(deterministic=True) == fresh.SerializeToString(deterministic=True)
 
 
 def _start(server, request, events: list, done: threading.Event, outcome: dict, name: str) -> grpc.Future:
