@@ -149,7 +149,7 @@ def versus_authors(name: str, n: int, micro_batch: int) -> None:
         return PerSampleHessians(module, x, t, mse, hessian=hessian, micro_batch_size=micro_batch)
 
     exact64 = sigma_operator(copy.deepcopy(net).double(), inputs.double(), targets.double())
-    truth = lanczos(lambda v: exact64.sigma_parts(v)[1], exact64.dim, top_k=1, tol=1e-10, max_matvecs=400,
+    truth = lanczos(lambda v: exact64.sigma_parts(v)[1], exact64.dim, top_k=1, tol=1e-10, max_products=400,
                     dtype=torch.float64).largest[0] ** 0.5
 
     start = time.perf_counter()

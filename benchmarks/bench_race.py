@@ -47,8 +47,8 @@ def ours(model: nn.Module, inputs, targets, k: int, tol: float) -> tuple[list[fl
     op = HessianOperator(model, inputs, targets, nn.functional.cross_entropy)
     op.loss()  # builds the retained graph
     start = time.perf_counter()
-    result = lanczos(op.matvec, op.dim, top_k=k, tol=tol, max_matvecs=2000, dtype=op.dtype)
-    return result.largest, result.matvecs, time.perf_counter() - start
+    result = lanczos(op.matvec, op.dim, top_k=k, tol=tol, max_products=2000, dtype=op.dtype)
+    return result.largest, result.products, time.perf_counter() - start
 
 
 def curvlinops_eigen(model: nn.Module, inputs, targets, k: int, tol: float) -> tuple[list[float], int, float]:
@@ -87,12 +87,12 @@ def main() -> None:
                             inputs.double(), targets, nn.functional.cross_entropy)
     exact.loss()
     reference = lanczos(exact.matvec, exact.dim, top_k=max(args.ks), bottom_k=max(args.ks), tol=1e-10,
-                        max_matvecs=3000)
+                        max_products=3000)
     truth = reference.largest
     # Power iteration finds the eigenvalues largest in magnitude, whatever their sign.
     by_magnitude = sorted(reference.largest + reference.smallest, key=abs, reverse=True)
     print(f"resnet: {dim} parameters, {args.samples} samples, loss {exact.loss():.4f}")
-    print(f"truth (float64 Lanczos, {reference.matvecs} products, converged {reference.converged}): "
+    print(f"truth (float64 Lanczos, {reference.products} products, converged {reference.converged}): "
           f"{[f'{t:.6g}' for t in truth]}, worst relative residual "
           f"{max(r / abs(t) for r, t in zip(reference.largest_residuals, truth)):.1e}; smallest "
           f"{[f'{t:.6g}' for t in reference.smallest]}")

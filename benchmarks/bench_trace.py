@@ -89,7 +89,7 @@ def ours(name: str, truth: float, args: argparse.Namespace) -> None:
         print(f"| {budget} | " + " | ".join(cells) + " |")
     if args.seeded:
         kept = []
-        eigen = compute_hessian_eigen(op, top_k=args.seeded, tol=1e-3, max_hvps=2000, on_ritz=kept.append)
+        eigen = compute_hessian_eigen(op, top_k=args.seeded, tol=1e-3, max_products=2000, on_ritz=kept.append)
         print(f"seeded with the top {args.seeded} Ritz pairs (Lanczos: {eigen['hvps']} HVPs, "
               f"sum {sum(kept[0].values):.6g})")
         print("| HVPs | " + " | ".join(f"{m} seeded rms err (stderr)" for m in METHODS) + " |")

@@ -169,6 +169,6 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
         gc_interval_seconds=args.gc_interval, log_format=args.log_format,
         threads=args.threads, shutdown_grace_seconds=args.shutdown_grace, token_file=args.token_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-        limits=ServerLimits(micro_batch_size=args.micro_batch_size, max_hvps=args.max_hvps,
+        limits=ServerLimits(micro_batch_size=args.micro_batch_size, max_products=args.max_hvps,
                             max_parameters=args.max_parameters, max_samples=args.max_samples),
     )

@@ -41,6 +41,8 @@ WIRE_ENUMS: dict[type[Enum], tuple[EnumTypeWrapper, str]] = {
     SdpSolver: (pb.SdpSolver, "SDP solver"),
     SharpnessNorm: (pb.SharpnessNorm, "sharpness norm"),
 }
+# The specs' fields whose API name differs: the engine's product budget is ``max_hvps`` on the wire.
+WIRE_FIELDS = {"max_products": "max_hvps"}
 
 
 @dataclass
@@ -113,8 +115,9 @@ def decode_spec(name: str, options: Mapping[str, Any]) -> Any:
     """An analysis' options in the API's JSON form as its typed spec (``Analysis.spec``)."""
     spec_type = ANALYSES[name].spec
     hints = typing.get_type_hints(spec_type)
-    return spec_type(**{field.name: _decode_value(hints[field.name], options[field.name])
-                        for field in dataclasses.fields(spec_type) if field.name in options})
+    wire = {field.name: WIRE_FIELDS.get(field.name, field.name) for field in dataclasses.fields(spec_type)}
+    return spec_type(**{name: _decode_value(hints[name], options[wire[name]])
+                        for name in wire if wire[name] in options})
 
 
 def validate_job(job: AnalysisJob, limits: EngineLimits) -> ValidatedJob:
@@ -193,7 +196,8 @@ def canonical_request(validated: ValidatedJob, limits: EngineLimits) -> dict[str
         "data": job.data_sha256,
         "loss": job.loss if job.data_path is not None else "",
         # In request order: a later analysis may reuse an earlier one's result.
-        "analyses": [[name, dataclasses.asdict(spec)] for name, spec in validated.specs.items()],
+        "analyses": [[name, {WIRE_FIELDS.get(field, field): value for field, value in dataclasses.asdict(spec).items()}]
+                     for name, spec in validated.specs.items()],
         "curvature": job.curvature, "precision": job.precision, "seed": job.seed,
         "micro_batch_size": job.micro_batch_size or limits.micro_batch_size,
         "per_layer": job.per_layer, "max_samples": job.max_samples,

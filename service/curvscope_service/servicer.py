@@ -192,7 +192,7 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
             architectures=known_architectures(),
             limits=pb.Limits(
                 max_upload_bytes=self.config.max_upload_bytes, max_queue_depth=self.config.max_queue_depth,
-                upload_chunk_bytes=UPLOAD_CHUNK_BYTES, max_hvps=self.config.limits.max_hvps,
+                upload_chunk_bytes=UPLOAD_CHUNK_BYTES, max_hvps=self.config.limits.max_products,
                 max_parameters=self.config.limits.max_parameters, max_samples=self.config.limits.max_samples,
                 max_analysis_seconds=self.config.max_analysis_seconds, concurrency_per_device=self.config.concurrency,
             ),

@@ -24,7 +24,7 @@ class EngineLimits:
     """Server-side defaults and caps applied to every request."""
 
     micro_batch_size: int = 256
-    max_hvps: int = 2000
+    max_products: int = 2000
     retain_max_samples: int = 4096
 
 

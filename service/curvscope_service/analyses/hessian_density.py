@@ -38,9 +38,9 @@ def normalize(spec: HessianDensitySpec, limits: EngineLimits) -> HessianDensityS
     sigma = spec.sigma or SIGMA
     if steps < 1 or probes < 1:
         raise InvalidInput(f"lanczos_steps and num_probes must be positive, got {steps} and {probes}")
-    if steps * probes > limits.max_hvps:
+    if steps * probes > limits.max_products:
         raise InvalidInput(f"lanczos_steps x num_probes = {steps * probes} products is over this server's "
-                           f"limit of {limits.max_hvps}")
+                           f"limit of {limits.max_products}")
     if not (2 <= grid_points <= MAX_GRID_POINTS):
         raise InvalidInput(f"grid_points {grid_points} must lie in [2, {MAX_GRID_POINTS}]")
     if not (0.0 < sigma < 1.0) or math.isnan(sigma):

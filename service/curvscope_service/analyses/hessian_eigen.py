@@ -22,7 +22,7 @@ class HessianEigenSpec:
     top_k: int = 0
     bottom_k: int = 0
     tolerance: float = 0.0
-    max_hvps: int = 0
+    max_products: int = 0
 
 
 def normalize(spec: HessianEigenSpec, limits: EngineLimits) -> HessianEigenSpec:
@@ -30,14 +30,14 @@ def normalize(spec: HessianEigenSpec, limits: EngineLimits) -> HessianEigenSpec:
     if top_k == 0 and bottom_k == 0:
         top_k = 1
     tolerance = spec.tolerance or 1e-3
-    max_hvps = spec.max_hvps or limits.max_hvps
+    max_products = spec.max_products or limits.max_products
     if top_k + bottom_k > MAX_EIGENVALUES:
         raise InvalidInput(f"asked for {top_k + bottom_k} eigenvalues; at most {MAX_EIGENVALUES} per request")
     if not (0.0 < tolerance < 1.0) or math.isnan(tolerance):
         raise InvalidInput(f"tolerance {tolerance} must lie in (0, 1)")
-    if max_hvps > limits.max_hvps:
-        raise InvalidInput(f"max_hvps {max_hvps} is over this server's limit of {limits.max_hvps}")
-    return replace(spec, top_k=top_k, tolerance=tolerance, max_hvps=max_hvps)
+    if max_products > limits.max_products:
+        raise InvalidInput(f"max_hvps {max_products} is over this server's limit of {limits.max_products}")
+    return replace(spec, top_k=top_k, tolerance=tolerance, max_products=max_products)
 
 
 def run(context: AnalysisContext, spec: HessianEigenSpec) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def run(context: AnalysisContext, spec: HessianEigenSpec) -> dict[str, Any]:
     fits = 8 * operator.dim * (spec.top_k + spec.bottom_k) <= BASIS_BUDGET_BYTES
     return compute_hessian_eigen(
         operator, top_k=spec.top_k, bottom_k=spec.bottom_k, tol=spec.tolerance,
-        max_hvps=spec.max_hvps, seed=context.seed,
+        max_products=spec.max_products, seed=context.seed,
         progress=lambda step, total, estimate: context.progress("hessian_eigen", step, total, estimate),
         on_ritz=keep if fits else None,
     )

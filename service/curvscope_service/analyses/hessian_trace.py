@@ -36,7 +36,7 @@ class HessianTraceSpec:
     """The request's options; zeros and None ask for the defaults."""
 
     method: TraceMethod | None = None
-    max_hvps: int = 0
+    max_products: int = 0
     relative_tolerance: float = 0.0
     frobenius: bool = False
 
@@ -46,18 +46,19 @@ def normalize(spec: HessianTraceSpec, limits: EngineLimits) -> HessianTraceSpec:
     tolerance = spec.relative_tolerance
     if not (0.0 <= tolerance < 1.0) or math.isnan(tolerance):
         raise InvalidInput(f"relative_tolerance {tolerance} must lie in [0, 1) (0 = use the whole budget)")
-    max_hvps = spec.max_hvps or (limits.max_hvps if tolerance else min(DEFAULT_PRODUCTS, limits.max_hvps))
-    if max_hvps > limits.max_hvps:
-        raise InvalidInput(f"max_hvps {max_hvps} is over this server's limit of {limits.max_hvps}")
+    max_products = spec.max_products or (
+        limits.max_products if tolerance else min(DEFAULT_PRODUCTS, limits.max_products))
+    if max_products > limits.max_products:
+        raise InvalidInput(f"max_hvps {max_products} is over this server's limit of {limits.max_products}")
     minimum = {"hutchinson": 1, "xtrace": 2, "hutchpp": 3}[method]
-    if max_hvps < minimum:
-        raise InvalidInput(f"{method} needs max_hvps of at least {minimum}, got {max_hvps}")
-    return replace(spec, method=method, max_hvps=max_hvps)
+    if max_products < minimum:
+        raise InvalidInput(f"{method} needs max_hvps of at least {minimum}, got {max_products}")
+    return replace(spec, method=method, max_products=max_products)
 
 
 def run(context: AnalysisContext, spec: HessianTraceSpec) -> dict[str, Any]:
     result = estimate_trace(
-        context.operator(), method=spec.method, max_products=spec.max_hvps,
+        context.operator(), method=spec.method, max_products=spec.max_products,
         relative_tolerance=spec.relative_tolerance, frobenius=spec.frobenius, seed=context.seed,
         progress=lambda step, total, estimate: context.progress("hessian_trace", step, total, estimate),
         ritz=context.ritz,

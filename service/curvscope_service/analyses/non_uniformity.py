@@ -76,7 +76,7 @@ def run(context: AnalysisContext, spec: NonUniformitySpec) -> dict[str, Any]:
         operator = PerSampleGaussNewton(model.module, inputs, targets, context.loss_fn, **common)
     return compute_non_uniformity(
         operator, learning_rate=spec.learning_rate, batch_size=spec.batch_size, num_samples=n,
-        tol=spec.tolerance, max_products=min(MAX_PRODUCTS, context.limits.max_hvps), seed=context.seed,
+        tol=spec.tolerance, max_products=min(MAX_PRODUCTS, context.limits.max_products), seed=context.seed,
         sharpness=sharpness,
         progress=lambda step, total, estimate: context.progress("non_uniformity", step, total, estimate),
     )

@@ -29,8 +29,9 @@ def normalize(spec: SharpnessSpec, limits: EngineLimits) -> SharpnessSpec:
 def run(context: AnalysisContext, spec: SharpnessSpec) -> dict[str, Any]:
     # hessian_eigen of the same request (whole model only: per-layer contexts have no earlier).
     return compute_sharpness(
-        context.operator(), learning_rate=spec.learning_rate, tol=TOLERANCE, max_hvps=context.limits.max_hvps,
-        seed=context.seed, earlier_eigen=context.earlier.get("hessian_eigen"),
+        context.operator(), learning_rate=spec.learning_rate, tol=TOLERANCE,
+        max_products=context.limits.max_products, seed=context.seed,
+        earlier_eigen=context.earlier.get("hessian_eigen"),
         progress=lambda step, total, estimate: context.progress("sharpness", step, total, estimate),
     )
 

@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 get_loss(args.loss), micro_batch_size=args.micro_batch_size)
         operator = DataParallelOperator(local, module=model.module)
         result = compute_hessian_eigen(operator, top_k=args.eigen, bottom_k=args.smallest, tol=args.tolerance,
-                                       max_hvps=args.max_hvps, seed=args.seed)
+                                       max_products=args.max_hvps, seed=args.seed)
         report = {"hessian_eigen": result, "loss": operator.loss(), "num_samples": operator.num_samples,
                   "world_size": world_size, "backend": dist.get_backend(), "device": str(device)}
     except CurvscopeError as error:

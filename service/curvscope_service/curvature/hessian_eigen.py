@@ -17,7 +17,7 @@ def compute_hessian_eigen(
     top_k: int = 1,
     bottom_k: int = 0,
     tol: float = 1e-3,
-    max_hvps: int = 500,
+    max_products: int = 500,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
     on_ritz: Callable[[RitzPairs], None] | None = None,
@@ -25,7 +25,7 @@ def compute_hessian_eigen(
     """The report block: the ``top_k`` largest and ``bottom_k`` smallest Hessian eigenvalues.
 
     ``progress(step, total, current_estimate)`` is called after every product with the
-    products so far, the budget ``max_hvps`` and the current largest Ritz value. ``on_ritz``,
+    products so far, the budget ``max_products`` and the current largest Ritz value. ``on_ritz``,
     when given, receives the Ritz pairs behind the values (largest then smallest, float64
     vectors), e.g. to deflate a trace estimate of the same operator.
     """
@@ -37,13 +37,13 @@ def compute_hessian_eigen(
         )
     if not tol > 0:
         raise InvalidInput(f"the tolerance must be positive, got {tol}")
-    if max_hvps < max(top_k, bottom_k):
-        raise InvalidInput(f"max_hvps={max_hvps} is below the number of eigenvalues asked for")
+    if max_products < max(top_k, bottom_k):
+        raise InvalidInput(f"max_products={max_products} is below the number of eigenvalues asked for")
 
     on_step = None
     if progress is not None:
-        def on_step(matvecs: int, estimate: float) -> None:
-            progress(matvecs, max_hvps, estimate)
+        def on_step(products: int, estimate: float) -> None:
+            progress(products, max_products, estimate)
 
     result = lanczos(
         operator.matvec,
@@ -51,7 +51,7 @@ def compute_hessian_eigen(
         top_k=top_k,
         bottom_k=bottom_k,
         tol=tol,
-        max_matvecs=max_hvps,
+        max_products=max_products,
         seed=seed,
         dtype=operator.dtype,
         device=operator.device,
@@ -71,7 +71,7 @@ def compute_hessian_eigen(
         "smallest": result.smallest,
         "residuals": {"largest": result.largest_residuals, "smallest": result.smallest_residuals},
         "converged": result.converged,
-        "hvps": result.matvecs,
+        "hvps": result.products,
         "seconds": result.seconds,
         "tolerance": float(tol),
     }

@@ -40,7 +40,7 @@ class EigenResult:
     largest_residuals: list[float]
     smallest_residuals: list[float]
     converged: bool
-    matvecs: int
+    products: int
     restarts: int
     seconds: float
     eigenvectors: tuple[list[Tensor], list[Tensor]] | None = None
@@ -83,7 +83,7 @@ def lanczos(
     top_k: int = 1,
     bottom_k: int = 0,
     tol: float = 1e-3,
-    max_matvecs: int = 500,
+    max_products: int = 500,
     max_basis: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
@@ -96,8 +96,8 @@ def lanczos(
 
     ``matvec`` takes and returns flat vectors of length ``dim`` in ``dtype`` on ``device``.
     ``max_basis`` bounds the basis, hence the memory: (max_basis + 1) float64 vectors. By
-    default it is ``default_basis_size(dim, top_k + bottom_k)``. ``on_step(matvecs, largest Ritz value)`` runs after every
-    product. With a budget of ``max_matvecs`` products, ``converged`` is True only if every
+    default it is ``default_basis_size(dim, top_k + bottom_k)``. ``on_step(products, largest Ritz value)`` runs after every
+    product. With a budget of ``max_products`` products, ``converged`` is True only if every
     wanted value met the residual test (or the whole space was spanned: then the values are
     exact). ``eigenvector_dtype`` is that of the returned eigenvectors (default ``dtype``; they
     are computed in float64). Like any single-vector Krylov method it can miss copies of a repeated eigenvalue
@@ -108,8 +108,8 @@ def lanczos(
         raise ValueError(f"ask for at least one eigenvalue, got top_k={top_k}, bottom_k={bottom_k}")
     if max(top_k, bottom_k) > dim:
         raise ValueError(f"cannot compute {max(top_k, bottom_k)} eigenvalues of a {dim}-dimensional operator")
-    if max_matvecs < max(top_k, bottom_k):
-        raise ValueError(f"max_matvecs={max_matvecs} is below the number of eigenvalues asked for")
+    if max_products < max(top_k, bottom_k):
+        raise ValueError(f"max_products={max_products} is below the number of eigenvalues asked for")
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
     basis_size = min(dim, max_basis or default_basis_size(dim, wanted))
@@ -130,10 +130,10 @@ def lanczos(
     # product on small models.
     T = np.zeros((basis_size, basis_size))
     V[0] = _random_orthonormal(generator, V[:0])
-    m = matvecs = restarts = 0
+    m = products = restarts = 0
     while True:
         w = matvec(V[m].to(dtype)).to(torch.float64)
-        matvecs += 1
+        products += 1
         basis = V[: m + 1]
         h = basis @ w
         w = torch.addmv(w, basis.T, h, alpha=-1)
@@ -163,8 +163,8 @@ def lanczos(
         broke = beta <= max(breakdown * scale, thresholds.min() if thresholds.size else 0.0)
         converged = m == dim or (enough and met and not broke)
         if on_step is not None:
-            on_step(matvecs, float(theta[-1]))
-        if converged or matvecs >= max_matvecs:
+            on_step(products, float(theta[-1]))
+        if converged or products >= max_products:
             vectors = None
             if return_eigenvectors:
                 ritz = (_to_torch(S[:, chosen], device).T @ V[:m]).to(eigenvector_dtype or dtype)
@@ -175,7 +175,7 @@ def lanczos(
                 largest_residuals=residuals[high].tolist(),
                 smallest_residuals=residuals[low].tolist(),
                 converged=converged,
-                matvecs=matvecs,
+                products=products,
                 restarts=restarts,
                 seconds=time.perf_counter() - start,
                 eigenvectors=vectors,

@@ -371,13 +371,13 @@ def compute_non_uniformity(
     def solve(matvec: Callable[[Tensor], Tensor]) -> tuple[float, bool]:
         nonlocal done
 
-        def on_step(matvecs: int, estimate: float) -> None:
+        def on_step(products: int, estimate: float) -> None:
             if progress is not None:
-                progress(done + matvecs, total, estimate)
+                progress(done + products, total, estimate)
 
-        result = lanczos(matvec, operator.dim, top_k=1, tol=tol, max_matvecs=max_products, seed=seed,
+        result = lanczos(matvec, operator.dim, top_k=1, tol=tol, max_products=max_products, seed=seed,
                          dtype=operator.dtype, device=operator.device, on_step=on_step)
-        done += result.matvecs
+        done += result.products
         return result.largest[0], result.converged
 
     sigma_max, converged = solve(lambda v: operator.sigma_parts(v)[1])

@@ -22,7 +22,7 @@ from torch import Tensor
 class PowerIterationResult:
     eigenvalues: list[float]
     eigenvectors: list[Tensor]
-    matvecs: int
+    products: int
     seconds: float
 
 
@@ -42,7 +42,7 @@ def power_iteration(
     generator = torch.Generator().manual_seed(seed)
     eigenvalues: list[float] = []
     eigenvectors: list[Tensor] = []
-    matvecs = 0
+    products = 0
     for _ in range(top_n):
         v = torch.randn(dim, generator=generator, dtype=dtype).to(device)
         eigenvalue = None
@@ -52,7 +52,7 @@ def power_iteration(
                 v = v - (v @ u) * u
             v = v / v.norm()
             Hv = matvec(v)
-            matvecs += 1
+            products += 1
             estimate = (Hv @ v).item()
             v = Hv / Hv.norm()
             if eigenvalue is not None and abs(eigenvalue - estimate) / (abs(eigenvalue) + 1e-6) < tol:
@@ -60,4 +60,4 @@ def power_iteration(
             eigenvalue = estimate
         eigenvalues.append(eigenvalue)
         eigenvectors.append(v)
-    return PowerIterationResult(eigenvalues, eigenvectors, matvecs, time.perf_counter() - start)
+    return PowerIterationResult(eigenvalues, eigenvectors, products, time.perf_counter() - start)

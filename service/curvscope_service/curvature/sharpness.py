@@ -30,7 +30,7 @@ def compute_sharpness(
     *,
     learning_rate: float = 0.0,
     tol: float = 1e-3,
-    max_hvps: int = 500,
+    max_products: int = 500,
     seed: int = 0,
     earlier_eigen: dict | None = None,
     progress: Callable[[int, int, float], None] | None = None,
@@ -43,9 +43,10 @@ def compute_sharpness(
     """
     if (earlier_eigen and earlier_eigen.get("converged") and earlier_eigen.get("largest")
             and earlier_eigen.get("tolerance", math.inf) <= tol):
-        value, converged, hvps, source = float(earlier_eigen["largest"][0]), True, 0, "hessian_eigen"
+        value, converged, products, source = float(earlier_eigen["largest"][0]), True, 0, "hessian_eigen"
     else:
-        eigen = compute_hessian_eigen(operator, top_k=1, tol=tol, max_hvps=max_hvps, seed=seed, progress=progress)
-        value, converged, hvps, source = eigen["largest"][0], eigen["converged"], eigen["hvps"], "lanczos"
-    return {"value": value, "learning_rate": learning_rate, "converged": converged, "hvps": hvps,
+        eigen = compute_hessian_eigen(operator, top_k=1, tol=tol, max_products=max_products, seed=seed,
+                                      progress=progress)
+        value, converged, products, source = eigen["largest"][0], eigen["converged"], eigen["hvps"], "lanczos"
+    return {"value": value, "learning_rate": learning_rate, "converged": converged, "hvps": products,
             "source": source, **gd_verdict(value, learning_rate)}

@@ -120,7 +120,7 @@ def test_trace_seeded_by_the_eigenpairs_of_the_same_request(files):
 
 def test_adaptive_trace_stops_early(files):
     result = run_analysis(job(files, {"hessian_trace": {"relative_tolerance": 0.02}}))["results"]["hessian_trace"]
-    assert result["hvps"] < EngineLimits().max_hvps
+    assert result["hvps"] < EngineLimits().max_products
     assert result["stderr"] <= 0.02 * abs(result["estimate"])
 
 
@@ -158,5 +158,5 @@ def test_bad_options_refused_before_queueing(files, analyses, words):
 def test_defaults(files):
     specs = validate_job(job(files, {"hessian_trace": {"method": "TRACE_METHOD_UNSPECIFIED", "max_hvps": 0},
                                      "hessian_density": {}}), EngineLimits()).specs
-    assert asdict(specs["hessian_trace"]) == {"method": "xtrace", "max_hvps": 100, "relative_tolerance": 0.0, "frobenius": False}
+    assert asdict(specs["hessian_trace"]) == {"method": "xtrace", "max_products": 100, "relative_tolerance": 0.0, "frobenius": False}
     assert specs["hessian_density"].lanczos_steps == 90 and specs["hessian_density"].num_probes == 10

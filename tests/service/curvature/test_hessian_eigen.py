@@ -36,7 +36,7 @@ def test_report_block(case):
 
 
 def test_small_budget_is_reported_as_not_converged(cnn_case):
-    report = compute_hessian_eigen(operator(cnn_case), top_k=3, bottom_k=3, tol=1e-12, max_hvps=6)
+    report = compute_hessian_eigen(operator(cnn_case), top_k=3, bottom_k=3, tol=1e-12, max_products=6)
     assert report["converged"] is False and report["hvps"] == 6
 
 
@@ -60,7 +60,7 @@ def test_check_stops_the_solve(cnn_case):
 
 
 @pytest.mark.parametrize(
-    "options", [{"top_k": 0}, {"top_k": -1}, {"top_k": 10_000}, {"tol": 0.0}, {"top_k": 5, "max_hvps": 2}]
+    "options", [{"top_k": 0}, {"top_k": -1}, {"top_k": 10_000}, {"tol": 0.0}, {"top_k": 5, "max_products": 2}]
 )
 def test_invalid_requests(cnn_case, options):
     with pytest.raises(InvalidInput):

@@ -53,16 +53,16 @@ def test_reported_residuals_are_the_true_ones(indefinite):
 
 def test_budget_too_small_is_not_converged(indefinite):
     A, _ = indefinite
-    result = lanczos(lambda v: A @ v, 200, top_k=3, bottom_k=3, tol=1e-10, max_matvecs=8)
+    result = lanczos(lambda v: A @ v, 200, top_k=3, bottom_k=3, tol=1e-10, max_products=8)
     assert not result.converged
-    assert result.matvecs == 8
+    assert result.products == 8
     assert len(result.largest) == len(result.smallest) == 3
 
 
 def test_same_seed_same_result(indefinite):
     A, _ = indefinite
     runs = [lanczos(lambda v: A @ v, 200, top_k=2, bottom_k=1, seed=seed, tol=1e-6) for seed in (3, 3, 4)]
-    assert runs[0].largest == runs[1].largest and runs[0].matvecs == runs[1].matvecs
+    assert runs[0].largest == runs[1].largest and runs[0].products == runs[1].products
     assert runs[0].largest == pytest.approx(runs[2].largest, rel=1e-5)
 
 
@@ -86,7 +86,7 @@ def test_on_step_and_stopping_through_the_operator(indefinite):
 def test_exhausted_space_is_exact():
     A = with_spectrum(torch.tensor([-1.0, 0.5, 2.0, 3.0], dtype=torch.float64))
     result = lanczos(lambda v: A @ v, 4, top_k=3, bottom_k=3, tol=1e-14)
-    assert result.converged and result.matvecs == 4
+    assert result.converged and result.products == 4
     assert result.largest == pytest.approx([3.0, 2.0, 0.5], abs=1e-12)
     assert result.smallest == pytest.approx([-1.0, 0.5, 2.0], abs=1e-12)
 
@@ -125,7 +125,7 @@ def test_linear_regression_closed_form():
     model = torch.nn.Linear(150, 1, bias=False).double()
     op = HessianOperator(model, X, y, lambda out, t: 0.5 * ((out - t) ** 2).sum(1).mean(), micro_batch_size=128)
     truth = torch.linalg.eigvalsh(X.T @ X / 400)
-    result = lanczos(op.matvec, op.dim, top_k=3, bottom_k=3, tol=1e-9, max_basis=20, max_matvecs=2000)
+    result = lanczos(op.matvec, op.dim, top_k=3, bottom_k=3, tol=1e-9, max_basis=20, max_products=2000)
     assert result.converged and result.restarts > 0
     assert_extremes(result, truth, 3, 3, 1e-6)
 
@@ -135,7 +135,7 @@ def test_hessian_extremes(case, dtype, tol, rtol):
     truth = torch.linalg.eigvalsh(case.hessian)
     c = case.to(dtype)
     op = HessianOperator(c.model, c.inputs, c.targets, c.loss_fn)
-    result = lanczos(op.matvec, op.dim, top_k=3, bottom_k=3, tol=tol, dtype=dtype, max_basis=20, max_matvecs=1000)
+    result = lanczos(op.matvec, op.dim, top_k=3, bottom_k=3, tol=tol, dtype=dtype, max_basis=20, max_products=1000)
     assert result.converged
     scale = truth.abs().max().item()
     # Relative to each eigenvalue, with the operator's rounding as the floor for those near 0.
@@ -149,7 +149,7 @@ def test_power_iteration_reference(indefinite):
     result = power_iteration(lambda v: A @ v, 200, top_n=3, tol=1e-6, dtype=torch.float64)
     # Largest in magnitude, found one after another: 6, 4.5, then -4.
     assert result.eigenvalues == pytest.approx([6.0, 4.5, -4.0], rel=1e-4)
-    assert result.matvecs <= 300
+    assert result.products <= 300
 
 
 def test_a_tolerance_below_float32_rounding_is_never_called_converged(indefinite):
@@ -157,6 +157,6 @@ def test_a_tolerance_below_float32_rounding_is_never_called_converged(indefinite
     # residuals stay at the products' rounding level, so 1e-10 cannot be met in float32.
     A, _ = indefinite
     A32 = A.float()
-    result = lanczos(lambda v: A32 @ v, 200, top_k=2, tol=1e-10, max_matvecs=150, dtype=torch.float32)
+    result = lanczos(lambda v: A32 @ v, 200, top_k=2, tol=1e-10, max_products=150, dtype=torch.float32)
     assert not result.converged
     assert min(result.largest_residuals) >= torch.finfo(torch.float32).eps * 6.0 * 0.99

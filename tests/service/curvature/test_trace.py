@@ -166,7 +166,7 @@ def test_sketch_of_the_whole_space_is_exact():
 def ritz_pairs(operator, top_k: int, tol: float = 1e-6):
     """The Ritz pairs of a Lanczos run on operator, as hessian_eigen hands them on."""
     kept = []
-    compute_hessian_eigen(operator, top_k=top_k, tol=tol, max_hvps=operator.dim, on_ritz=kept.append)
+    compute_hessian_eigen(operator, top_k=top_k, tol=tol, max_products=operator.dim, on_ritz=kept.append)
     assert len(kept) == 1
     return kept[0]
 
