@@ -20,9 +20,9 @@ import scipy.stats
 import torch
 from torch import nn
 
-from curvscope_service.curvature.density import broadened_density
-from curvscope_service.curvature.slq import slq
-from curvscope_service.curvature.trace_probes import BlockProducts
+from curvscope_service.curvature.estimators.probes import BlockProducts
+from curvscope_service.curvature.estimators.slq import slq
+from curvscope_service.curvature.estimators.spectral_density import broadened_density
 from models import batch, dense_hessian, operator, trained
 
 RUNS = ((10, 5), (20, 10), (40, 10), (90, 10))

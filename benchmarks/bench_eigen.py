@@ -9,7 +9,7 @@ relative error it reached, its seconds, and for Lanczos the solver overhead = so
 engine does when it reads the loss for the report.
 
 Rows "power re-impl." are our re-implementation of PyHessian's rule
-(``curvature/power_iteration.py``) on our operator; rows "PyHessian 0.1" run PyHessian itself on
+(``curvature/solvers/power_iteration.py``) on our operator; rows "PyHessian 0.1" run PyHessian itself on
 the same model and batch (its own products, full batch) when the ``pyhessian`` package is
 installed (``pip install '.[bench]'``), and are left out, with a note, when it is not.
 """
@@ -21,8 +21,8 @@ import importlib.util
 
 import torch
 
-from curvscope_service.curvature.lanczos import lanczos
-from curvscope_service.curvature.power_iteration import power_iteration
+from curvscope_service.curvature.solvers.lanczos import lanczos
+from curvscope_service.curvature.solvers.power_iteration import power_iteration
 from models import batch, dense_hessian, median_seconds, operator, pyhessian_eigen, trained
 
 

@@ -53,8 +53,8 @@ def model(name: str) -> nn.Module:
 
 
 def operators(name: str, n: int, micro_batch: int):
-    from curvscope_service.curvature.hessian import HessianOperator
-    from curvscope_service.curvature.non_uniformity import PerSampleGaussNewton, PerSampleHessians
+    from curvscope_service.curvature.operators.hessian import HessianOperator
+    from curvscope_service.curvature.operators.per_sample import PerSampleGaussNewton, PerSampleHessians
 
     net = model(name)
     inputs, targets = batch(n)
@@ -135,9 +135,10 @@ def authors_power_method(net: nn.Module, inputs, targets, loss, steps: int = 10,
 
 
 def versus_authors(name: str, n: int, micro_batch: int) -> None:
-    from curvscope_service.curvature.hessian import HessianOperator
-    from curvscope_service.curvature.lanczos import lanczos
-    from curvscope_service.curvature.non_uniformity import PerSampleHessians, compute_non_uniformity
+    from curvscope_service.curvature.measures.non_uniformity import compute_non_uniformity
+    from curvscope_service.curvature.operators.hessian import HessianOperator
+    from curvscope_service.curvature.operators.per_sample import PerSampleHessians
+    from curvscope_service.curvature.solvers.lanczos import lanczos
     from curvscope_service.losses import mse
 
     inputs, labels = batch(n)

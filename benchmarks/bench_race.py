@@ -32,8 +32,8 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 
-from curvscope_service.curvature.hessian import HessianOperator
-from curvscope_service.curvature.lanczos import lanczos
+from curvscope_service.curvature.operators.hessian import HessianOperator
+from curvscope_service.curvature.solvers.lanczos import lanczos
 from models import median_seconds, pyhessian_eigen, random_images, trained_resnet
 
 STEPS = 10

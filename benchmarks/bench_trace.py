@@ -26,8 +26,8 @@ import time
 import torch
 from torch import nn
 
-from curvscope_service.curvature.hessian_eigen import compute_hessian_eigen
-from curvscope_service.curvature.trace import METHODS, estimate_trace
+from curvscope_service.curvature.estimators.trace import METHODS, estimate_trace
+from curvscope_service.curvature.solvers.extreme_eigenvalues import compute_hessian_eigen
 from models import batch, dense_hessian, operator, trained
 
 

@@ -17,7 +17,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
-from curvscope_service.curvature.hessian import HessianOperator
+from curvscope_service.curvature.operators.hessian import HessianOperator
 
 BATCH = 512
 

@@ -63,7 +63,7 @@ def test_targets_that_do_not_fit(name, outputs, targets, fragment):
 
 def test_mse_works_under_torch_func_batched_products():
     # torch.func's jvp of F.mse_loss's gradient fails in torch 2.13; ours must not.
-    from curvscope_service.curvature.hessian import HessianOperator
+    from curvscope_service.curvature.operators.hessian import HessianOperator
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2).double()

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from ..curvature.adaptive_sharpness import NORMS, compute_adaptive_sharpness
-from ..curvature.epsilon_sharpness import PerturbedLoss
+from ..curvature.measures.adaptive_sharpness import NORMS, compute_adaptive_sharpness
+from ..curvature.measures.epsilon_sharpness import PerturbedLoss
 from ..errors import InvalidInput
 from .base import Analysis, AnalysisContext, EngineLimits
 

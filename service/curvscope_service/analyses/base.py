@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..curvature.curvatures import CURVATURES, OperatorRequest
-from ..curvature.lanczos import RitzPairs
-from ..curvature.operator import CurvatureOperator
+from ..curvature.operators.base import CurvatureOperator
+from ..curvature.operators.curvatures import CURVATURES, OperatorRequest
+from ..curvature.solvers.lanczos import RitzPairs
 from ..loading import LoadedData, LoadedModel
 
 ProgressFn = Callable[[dict], None]

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..curvature.epsilon_sharpness import MAX_SUBSPACE_DIM, PerturbedLoss, compute_epsilon_sharpness
+from ..curvature.measures.epsilon_sharpness import MAX_SUBSPACE_DIM, PerturbedLoss, compute_epsilon_sharpness
 from ..errors import InvalidInput
 from .base import Analysis, AnalysisContext, EngineLimits
 

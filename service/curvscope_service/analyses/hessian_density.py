@@ -7,10 +7,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..curvature.curvatures import CURVATURES
-from ..curvature.density import SIGMA, broadened_density
-from ..curvature.slq import slq
-from ..curvature.trace_probes import BlockProducts
+from ..curvature.estimators.probes import BlockProducts
+from ..curvature.estimators.slq import slq
+from ..curvature.estimators.spectral_density import SIGMA, broadened_density
+from ..curvature.operators.curvatures import CURVATURES
 from ..errors import InvalidInput
 from .base import Analysis, AnalysisContext, EngineLimits
 

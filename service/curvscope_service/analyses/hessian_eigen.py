@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..curvature.curvatures import CURVATURES
-from ..curvature.hessian_eigen import compute_hessian_eigen
-from ..curvature.lanczos import BASIS_BUDGET_BYTES, RitzPairs
+from ..curvature.operators.curvatures import CURVATURES
+from ..curvature.solvers.extreme_eigenvalues import compute_hessian_eigen
+from ..curvature.solvers.lanczos import BASIS_BUDGET_BYTES, RitzPairs
 from ..errors import InvalidInput
 from .base import Analysis, AnalysisContext, EngineLimits
 

@@ -2,7 +2,7 @@
 
 When ``hessian_eigen`` ran earlier in the same request on the same operator, its Ritz pairs
 seed the estimate: their values are taken exactly and the estimator runs on the deflated
-operator (``curvature/trace.py``); ``seeded_eigenpairs`` in the result says how many.
+operator (``curvature/estimators/trace.py``); ``seeded_eigenpairs`` in the result says how many.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from ..curvature.curvatures import CURVATURES
-from ..curvature.trace import estimate_trace
+from ..curvature.estimators.trace import estimate_trace
+from ..curvature.operators.curvatures import CURVATURES
 from ..errors import InvalidInput
 from .base import Analysis, AnalysisContext, EngineLimits
 

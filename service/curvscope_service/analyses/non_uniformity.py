@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from ..curvature.hessian import HessianOperator
-from ..curvature.non_uniformity import METHODS, PerSampleGaussNewton, PerSampleHessians, compute_non_uniformity
+from ..curvature.measures.non_uniformity import METHODS, compute_non_uniformity
+from ..curvature.operators.hessian import HessianOperator
+from ..curvature.operators.per_sample import PerSampleGaussNewton, PerSampleHessians
 from ..errors import InvalidInput, Unimplemented
 from .base import Analysis, AnalysisContext, EngineLimits
 from .sharpness import TOLERANCE as SHARPNESS_TOLERANCE

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..curvature.sharpness import compute_sharpness
+from ..curvature.measures.sharpness import compute_sharpness
 from ..errors import InvalidInput
 from .base import Analysis, AnalysisContext, EngineLimits
 

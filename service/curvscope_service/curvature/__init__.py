@@ -1,15 +1,7 @@
-"""Curvature of the loss: matrix-free Hessian products and the analyses built on them."""
+"""Curvature of the loss: matrix-free curvature products and what is computed from them.
 
-from .hessian import HessianOperator
-from .hessian_eigen import compute_hessian_eigen
-from .lanczos import EigenResult, lanczos
-from .power_iteration import PowerIterationResult, power_iteration
-
-__all__ = [
-    "EigenResult",
-    "HessianOperator",
-    "PowerIterationResult",
-    "compute_hessian_eigen",
-    "lanczos",
-    "power_iteration",
-]
+``operators/`` the curvature matrices as products (base, Hessian, GGN and Fisher, per-sample,
+data-parallel) and the registry of curvature names; ``solvers/`` eigenvalues (Lanczos, power
+iteration); ``estimators/`` stochastic trace and spectral-density estimates; ``measures/`` the
+sharpness measures built on them (sharpness, non-uniformity, epsilon- and adaptive sharpness).
+"""

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from curvscope_service.curvature import epsilon_sharpness
-from curvscope_service.curvature.epsilon_sharpness import MAX_SUBSPACE_DIM, PerturbedLoss, compute_epsilon_sharpness
+from curvscope_service.curvature.measures import epsilon_sharpness
+from curvscope_service.curvature.measures.epsilon_sharpness import MAX_SUBSPACE_DIM, PerturbedLoss, compute_epsilon_sharpness
 from curvscope_service.engine import EngineLimits, run_analysis, validate_job
 from curvscope_service.errors import Cancelled, InvalidInput, ResourceExhausted
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from curvscope_service.curvature.adaptive_sharpness import checkpoints, compute_adaptive_sharpness
-from curvscope_service.curvature.epsilon_sharpness import PerturbedLoss
+from curvscope_service.curvature.measures.adaptive_sharpness import checkpoints, compute_adaptive_sharpness
+from curvscope_service.curvature.measures.epsilon_sharpness import PerturbedLoss
 from curvscope_service.errors import InvalidInput
 
 

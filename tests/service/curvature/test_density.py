@@ -9,10 +9,10 @@ import pytest
 import scipy.stats
 import torch
 
-from curvscope_service.curvature.density import broadened_density
-from curvscope_service.curvature.hessian import HessianOperator
-from curvscope_service.curvature.slq import slq
-from curvscope_service.curvature.trace_probes import BlockProducts, rademacher
+from curvscope_service.curvature.estimators.probes import BlockProducts, rademacher
+from curvscope_service.curvature.estimators.slq import slq
+from curvscope_service.curvature.estimators.spectral_density import broadened_density
+from curvscope_service.curvature.operators.hessian import HessianOperator
 
 
 def spectrum_matrix(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from curvscope_service.curvature.distributed import main, shard_range
-from curvscope_service.curvature.hessian import HessianOperator
-from curvscope_service.curvature.hessian_eigen import compute_hessian_eigen
+from curvscope_service.curvature.operators.distributed import main, shard_range
+from curvscope_service.curvature.operators.hessian import HessianOperator
+from curvscope_service.curvature.solvers.extreme_eigenvalues import compute_hessian_eigen
 from curvscope_service.errors import InvalidInput
 from curvscope_service.loading.checkpoint import load_model
 from curvscope_service.loading.data import load_data
@@ -77,9 +77,9 @@ WORKER = textwrap.dedent("""
     import json, sys
     import torch
     import torch.distributed as dist
-    from curvscope_service.curvature.distributed import DataParallelOperator, init_from_environment, shard_range
-    from curvscope_service.curvature.hessian import HessianOperator
-    from curvscope_service.curvature.hessian_eigen import compute_hessian_eigen
+    from curvscope_service.curvature.operators.distributed import DataParallelOperator, init_from_environment, shard_range
+    from curvscope_service.curvature.operators.hessian import HessianOperator
+    from curvscope_service.curvature.solvers.extreme_eigenvalues import compute_hessian_eigen
     from curvscope_service.errors import InvalidInput
     from curvscope_service.loading.checkpoint import load_model
     from curvscope_service.loading.data import load_data
@@ -149,7 +149,7 @@ def test_products_loss_and_gradient_over_two_ranks_match_the_dense_hessian(tmp_p
 
 def test_torchrun_eigenvalues_match_one_process(tmp_path, files):
     out = tmp_path / "eigen.json"
-    run = torchrun(tmp_path, "-m", "curvscope_service.curvature.distributed", str(files[0]), "--data", str(files[1]),
+    run = torchrun(tmp_path, "-m", "curvscope_service.curvature.operators.distributed", str(files[0]), "--data", str(files[1]),
                    "--eigen", "3", "--smallest", "2", "--precision", "float64", "--micro-batch-size", "8",
                    "--seed", "5", "--json", str(out))
     assert run.returncode == 0, run.stderr[-3000:]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvscope_service.curvature.epsilon_sharpness import PerturbedLoss, compute_epsilon_sharpness
+from curvscope_service.curvature.measures.epsilon_sharpness import PerturbedLoss, compute_epsilon_sharpness
 from curvscope_service.errors import InvalidInput
 
 

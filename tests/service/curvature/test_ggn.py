@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-from curvscope_service.curvature.fisher import EmpiricalFisherOperator, FisherOperator
-from curvscope_service.curvature.ggn import GGNOperator
+from curvscope_service.curvature.operators.fisher import EmpiricalFisherOperator, FisherOperator
+from curvscope_service.curvature.operators.ggn import GGNOperator
 from curvscope_service.errors import InvalidInput
 
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from curvscope_service.curvature.hessian import HessianOperator
-from curvscope_service.curvature.hessian_eigen import compute_hessian_eigen
+from curvscope_service.curvature.operators.hessian import HessianOperator
+from curvscope_service.curvature.solvers.extreme_eigenvalues import compute_hessian_eigen
 from curvscope_service.errors import DeadlineExceeded, InvalidInput
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvscope_service.curvature.hessian import HessianOperator
+from curvscope_service.curvature.operators.hessian import HessianOperator
 from curvscope_service.errors import Cancelled, InvalidInput
 
 METHODS = ["retained", "double_backward", "jvp_grad"]

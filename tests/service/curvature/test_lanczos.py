@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from curvscope_service.curvature.hessian import HessianOperator
-from curvscope_service.curvature.lanczos import lanczos
-from curvscope_service.curvature.power_iteration import power_iteration
+from curvscope_service.curvature.operators.hessian import HessianOperator
+from curvscope_service.curvature.solvers.lanczos import lanczos
+from curvscope_service.curvature.solvers.power_iteration import power_iteration
 from curvscope_service.errors import Cancelled
 
 

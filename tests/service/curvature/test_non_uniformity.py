@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from curvscope_service.curvature import non_uniformity
-from curvscope_service.curvature.hessian import HessianOperator
-from curvscope_service.curvature.non_uniformity import (
-    PerSampleGaussNewton, PerSampleHessians, compute_non_uniformity, sgd_noise_factor,
-)
+from curvscope_service.curvature.measures.non_uniformity import compute_non_uniformity, sgd_noise_factor
+from curvscope_service.curvature.operators import per_sample
+from curvscope_service.curvature.operators.hessian import HessianOperator
+from curvscope_service.curvature.operators.per_sample import PerSampleGaussNewton, PerSampleHessians
 from curvscope_service.errors import InvalidInput
 from dense_reference import dense_hessian
 
@@ -98,7 +97,7 @@ def path_operator(case, path, monkeypatch):
     if path == "gn-untraced":
         def refuse(*args, **kwargs):
             raise RuntimeError("cannot trace")
-        monkeypatch.setattr(non_uniformity, "linearize", refuse)
+        monkeypatch.setattr(per_sample, "linearize", refuse)
     options = {"retain_max_samples": 0} if path == "gn-rebuilt" else {}
     operator = PerSampleGaussNewton(case.model, case.inputs, case.targets, case.loss_fn, micro_batch_size=4,
                                     **options)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from curvscope_service.curvature.hessian import HessianOperator
-from curvscope_service.curvature.sharpness import compute_sharpness, gd_verdict
+from curvscope_service.curvature.measures.sharpness import compute_sharpness, gd_verdict
+from curvscope_service.curvature.operators.hessian import HessianOperator
 from curvscope_service.errors import InvalidInput
 
 

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from curvscope_service.curvature.hessian import HessianOperator
-from curvscope_service.curvature.hessian_eigen import compute_hessian_eigen
-from curvscope_service.curvature.hutchinson import hutchinson
-from curvscope_service.curvature.hutchpp import hutchpp
-from curvscope_service.curvature.trace import METHODS, estimate_trace
-from curvscope_service.curvature.xtrace import xtrace
+from curvscope_service.curvature.estimators.hutchinson import hutchinson
+from curvscope_service.curvature.estimators.hutchpp import hutchpp
+from curvscope_service.curvature.estimators.trace import METHODS, estimate_trace
+from curvscope_service.curvature.estimators.xtrace import xtrace
+from curvscope_service.curvature.operators.hessian import HessianOperator
+from curvscope_service.curvature.solvers.extreme_eigenvalues import compute_hessian_eigen
 from curvscope_service.errors import InvalidInput
 
 ESTIMATORS = {"hutchinson": hutchinson, "hutchpp": hutchpp, "xtrace": xtrace}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .trace_probes import Apply, Progress, TraceEstimate, mean_and_stderr, rademacher, reached
+from .probes import Apply, Progress, TraceEstimate, mean_and_stderr, rademacher, reached
 
 
 def hutchinson(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import InvalidInput
+from ...errors import InvalidInput
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
-from .operator import MeanLossOperator
+from .base import MeanLossOperator
 
 
 class OutputCurvatureOperator(MeanLossOperator):

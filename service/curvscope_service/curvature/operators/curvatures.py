@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .fisher import EmpiricalFisherOperator, FisherOperator
 from .ggn import GGNOperator
 from .hessian import HessianOperator
-from .operator import CurvatureOperator, LossFn
+from .base import CurvatureOperator, LossFn
 
 
 @dataclass(frozen=True)

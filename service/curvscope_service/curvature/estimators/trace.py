@@ -27,12 +27,12 @@ import time
 import torch
 from torch import Tensor
 
-from ..errors import InvalidInput
+from ...errors import InvalidInput
 from .hutchinson import hutchinson
-from .lanczos import RitzPairs
+from ..solvers.lanczos import RitzPairs
 from .hutchpp import hutchpp
-from .operator import CurvatureOperator
-from .trace_probes import Apply, BlockProducts, Progress, TraceEstimate
+from ..operators.base import CurvatureOperator
+from .probes import Apply, BlockProducts, Progress, TraceEstimate
 from .xtrace import xtrace
 
 ESTIMATORS = {"hutchinson": hutchinson, "hutchpp": hutchpp, "xtrace": xtrace}

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from ..errors import InvalidInput
-from .hessian import HessianOperator
-from .hessian_eigen import compute_hessian_eigen
+from ...errors import InvalidInput
+from ..operators.hessian import HessianOperator
+from ..solvers.extreme_eigenvalues import compute_hessian_eigen
 
 
 def gd_verdict(sharpness: float, learning_rate: float) -> dict:

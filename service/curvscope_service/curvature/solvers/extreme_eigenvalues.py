@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import InvalidInput
-from .hessian import HessianOperator
+from ...errors import InvalidInput
+from ..operators.hessian import HessianOperator
 from .lanczos import RitzPairs, lanczos
 
 

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from ..errors import InvalidInput
-from .operator import LossFn, MeanLossOperator
+from ...errors import InvalidInput
+from .base import LossFn, MeanLossOperator
 
 METHODS = ("auto", "retained", "double_backward", "jvp_grad")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .operator import CurvatureOperator
+from ..operators.base import CurvatureOperator
 
 Apply = Callable[[Tensor], Tensor]
 Progress = Callable[[int, int, float], None]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .trace_probes import Apply, rademacher
+from .probes import Apply, rademacher
 
 # Float64 bytes of Krylov bases held at once; probes run in groups that fit.
 BASIS_BUDGET_BYTES = 512 << 20

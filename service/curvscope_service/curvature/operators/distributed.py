@@ -7,7 +7,7 @@ every rank the same global product. The solver (Lanczos, trace, density) then ru
 identically on every rank: same seed, same products, same decisions, no further communication.
 NCCL between GPUs, gloo between CPUs.
 
-    torchrun --nproc-per-node 4 -m curvscope_service.curvature.distributed \\
+    torchrun --nproc-per-node 4 -m curvscope_service.curvature.operators.distributed \\
         model.safetensors --data batch.safetensors --eigen 5 --json report.json
 """
 
@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import CurvscopeError, InvalidInput
-from .operator import CurvatureOperator
+from ...errors import CurvscopeError, InvalidInput
+from .base import CurvatureOperator
 
 
 def shard_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -119,7 +119,7 @@ def init_from_environment() -> torch.device:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="torchrun ... -m curvscope_service.curvature.distributed",
+        prog="torchrun ... -m curvscope_service.curvature.operators.distributed",
         description="Extreme Hessian eigenvalues with the batch split across the ranks torchrun starts.")
     parser.add_argument("model", type=Path, help="a .pt2 or .safetensors checkpoint (every rank reads it)")
     parser.add_argument("--data", type=Path, required=True, help="a .safetensors batch with inputs and targets")
@@ -136,11 +136,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..loading.checkpoint import load_model
-    from ..loading.data import load_data
-    from ..losses import get_loss
+    from ...loading.checkpoint import load_model
+    from ...loading.data import load_data
+    from ...losses import get_loss
     from .hessian import HessianOperator
-    from .hessian_eigen import compute_hessian_eigen
+    from ..solvers.extreme_eigenvalues import compute_hessian_eigen
 
     args = _parser().parse_args(argv)
     device = init_from_environment()

@@ -22,8 +22,8 @@ from scipy.optimize import Bounds, minimize
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import InvalidInput, ResourceExhausted
-from .operator import LossFn
+from ...errors import InvalidInput, ResourceExhausted
+from ..operators.base import LossFn
 
 # Keskar et al. use a 100-dimensional subspace; 10x that is as far as the method is meant to go.
 MAX_SUBSPACE_DIM = 1000

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from ..errors import InvalidInput
+from ...errors import InvalidInput
 from .ggn import OutputCurvatureOperator
-from .operator import LossFn
+from .base import LossFn
 
 
 class _OuterProductOperator(OutputCurvatureOperator):

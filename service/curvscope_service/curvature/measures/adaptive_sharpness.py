@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import InvalidInput
+from ...errors import InvalidInput
 from .epsilon_sharpness import PerturbedLoss
 
 NORMS = ("linf", "l2")

@@ -1,0 +1,1 @@
+"""Sharpness measures of a minimum: sharpness, non-uniformity, epsilon- and adaptive sharpness."""

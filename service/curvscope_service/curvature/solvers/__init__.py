@@ -1,0 +1,1 @@
+"""Eigenvalues of a symmetric operator known only through its products."""
