@@ -9,46 +9,34 @@ from __future__ import annotations
 
 import torch
 
-from .probes import Apply, Progress, TraceEstimate, mean_and_stderr, rademacher, reached
+from .probes import Apply, TraceEstimate, TraceSettings, mean_and_stderr, rademacher, reached
 
 
-def hutchinson(
-    apply: Apply,
-    dim: int,
-    *,
-    max_products: int,
-    relative_tolerance: float = 0.0,
-    frobenius: bool = False,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    block_size: int = 8,
-    progress: Progress | None = None,
-    offset: float = 0.0,
-) -> TraceEstimate:
+def hutchinson(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
     """tr(A) from at most ``max_products`` probes, drawn ``block_size`` at a time.
 
     With ``relative_tolerance`` > 0 it stops after the first block whose standard error is at
     most that fraction of the estimate (from ``MIN_ADAPTIVE_SAMPLES`` probes on).
     """
-    generator = torch.Generator().manual_seed(seed)
-    device = torch.device(device)
+    generator = torch.Generator().manual_seed(settings.seed)
+    device = torch.device(settings.device)
     quadratic: list[torch.Tensor] = []
     squares: list[torch.Tensor] = []
     done = 0
-    while done < max_products:
-        k = min(block_size, max_products - done)
+    while done < settings.max_products:
+        k = min(settings.block_size, settings.max_products - done)
         Z = rademacher(generator, dim, k, device)
         AZ = apply(Z)
         quadratic.append((Z * AZ).sum(0))
         squares.append((AZ * AZ).sum(0))
         done += k
         estimate, stderr = mean_and_stderr(torch.cat(quadratic))
-        estimate += offset
-        if progress is not None:
-            progress(done, max_products, estimate)
-        if reached(estimate, stderr, done, relative_tolerance):
+        estimate += settings.offset
+        if settings.progress is not None:
+            settings.progress(done, settings.max_products, estimate)
+        if reached(estimate, stderr, done, settings.relative_tolerance):
             break
     result = TraceEstimate(estimate, stderr, "hutchinson", done)
-    if frobenius:
+    if settings.frobenius:
         result.frobenius_squared, result.frobenius_squared_stderr = mean_and_stderr(torch.cat(squares))
     return result

@@ -11,48 +11,36 @@ from __future__ import annotations
 
 import torch
 
-from .probes import Apply, Progress, TraceEstimate, mean_and_stderr, rademacher, reached
+from .probes import Apply, TraceEstimate, TraceSettings, mean_and_stderr, rademacher, reached
 
 
-def hutchpp(
-    apply: Apply,
-    dim: int,
-    *,
-    max_products: int,
-    relative_tolerance: float = 0.0,
-    frobenius: bool = False,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    block_size: int = 8,
-    progress: Progress | None = None,
-    offset: float = 0.0,
-) -> TraceEstimate:
+def hutchpp(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
     """tr(A) from at most ``max_products`` products: sketch, its trace, residual probes.
 
     The sketch takes ``max_products // 3`` vectors (at most ``dim``: then the trace is exact).
     With ``relative_tolerance`` > 0 the residual probes stop once the standard error is at most
     that fraction of the estimate; the sketch is always taken whole.
     """
-    generator = torch.Generator().manual_seed(seed)
-    device = torch.device(device)
-    k = min(max_products // 3, dim)
+    generator = torch.Generator().manual_seed(settings.seed)
+    device = torch.device(settings.device)
+    k = min(settings.max_products // 3, dim)
     Q, _ = torch.linalg.qr(apply(rademacher(generator, dim, k, device)))
     AQ = apply(Q)
-    sketched = offset + (Q * AQ).sum().item()
+    sketched = settings.offset + (Q * AQ).sum().item()
     sketched_squares = (AQ * AQ).sum().item()
     done = 2 * k
-    if progress is not None:
-        progress(done, max_products, sketched)
+    if settings.progress is not None:
+        settings.progress(done, settings.max_products, sketched)
     if k == dim:
         # Q is a basis of the whole space: tr(Q^T A Q) is the trace itself.
-        return TraceEstimate(sketched, 0.0, "hutchpp", done, sketched_squares if frobenius else None,
-                             0.0 if frobenius else None)
+        return TraceEstimate(sketched, 0.0, "hutchpp", done, sketched_squares if settings.frobenius else None,
+                             0.0 if settings.frobenius else None)
 
     quadratic: list[torch.Tensor] = []
     squares: list[torch.Tensor] = []
     estimate, stderr = sketched, 0.0
-    while done < max_products:
-        b = min(block_size, max_products - done)
+    while done < settings.max_products:
+        b = min(settings.block_size, settings.max_products - done)
         G = rademacher(generator, dim, b, device)
         PG = G - Q @ (Q.T @ G)
         APG = apply(PG)
@@ -62,12 +50,12 @@ def hutchpp(
         done += b
         residual, stderr = mean_and_stderr(torch.cat(quadratic))
         estimate = sketched + residual
-        if progress is not None:
-            progress(done, max_products, estimate)
-        if reached(estimate, stderr, sum(q.numel() for q in quadratic), relative_tolerance):
+        if settings.progress is not None:
+            settings.progress(done, settings.max_products, estimate)
+        if reached(estimate, stderr, sum(q.numel() for q in quadratic), settings.relative_tolerance):
             break
     result = TraceEstimate(estimate, stderr, "hutchpp", done)
-    if frobenius:
+    if settings.frobenius:
         residual_squares, result.frobenius_squared_stderr = mean_and_stderr(torch.cat(squares))
         result.frobenius_squared = sketched_squares + residual_squares
     return result

@@ -42,6 +42,23 @@ class TraceEstimate:
     seeded: int = 0
 
 
+@dataclass(frozen=True)
+class TraceSettings:
+    """What every estimator takes besides ``apply`` and ``dim``: the budget of products, the
+    adaptive stop (0: use the whole budget), whether to estimate tr(A^2) too, the probes' seed and
+    device, the probes per block, the progress callback and a constant added to the estimate (the
+    deflated part's trace, see trace.estimate_trace)."""
+
+    max_products: int
+    relative_tolerance: float = 0.0
+    frobenius: bool = False
+    seed: int = 0
+    device: torch.device | str = "cpu"
+    block_size: int = 8
+    progress: Progress | None = None
+    offset: float = 0.0
+
+
 class BlockProducts:
     """``apply`` for the estimators: float64 blocks through ``operator.matmat`` in its dtype."""
 

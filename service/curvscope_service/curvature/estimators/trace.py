@@ -32,7 +32,7 @@ from .hutchinson import hutchinson
 from ..solvers.lanczos import RitzPairs
 from .hutchpp import hutchpp
 from ..operators.base import CurvatureOperator
-from .probes import Apply, BlockProducts, Progress, TraceEstimate
+from .probes import Apply, BlockProducts, Progress, TraceEstimate, TraceSettings
 from .xtrace import xtrace
 
 ESTIMATORS = {"hutchinson": hutchinson, "hutchpp": hutchpp, "xtrace": xtrace}
@@ -78,11 +78,10 @@ def estimate_trace(
         Y = Y.to(operator.device)
         apply = _deflated(apply, Y)
         offset = math.fsum(ritz.values)
-    result = ESTIMATORS[method](
-        apply, operator.dim, max_products=max_products, relative_tolerance=relative_tolerance,
-        frobenius=frobenius, seed=seed, device=operator.device, block_size=block_size, progress=progress,
-        offset=offset,
-    )
+    result = ESTIMATORS[method](apply, operator.dim, TraceSettings(
+        max_products=max_products, relative_tolerance=relative_tolerance, frobenius=frobenius, seed=seed,
+        device=operator.device, block_size=block_size, progress=progress, offset=offset,
+    ))
     if ritz is not None:
         result.seeded = len(ritz.values)
         if result.frobenius_squared is not None:

@@ -18,31 +18,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .probes import Apply, Progress, TraceEstimate, mean_and_stderr, rademacher, reached
+from .probes import Apply, TraceEstimate, TraceSettings, mean_and_stderr, rademacher, reached
 
 
-def xtrace(
-    apply: Apply,
-    dim: int,
-    *,
-    max_products: int,
-    relative_tolerance: float = 0.0,
-    frobenius: bool = False,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    block_size: int = 8,
-    progress: Progress | None = None,
-    offset: float = 0.0,
-) -> TraceEstimate:
+def xtrace(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
     """tr(A) from ``max_products // 2`` probes (at most ``dim``), two products each.
 
     With ``relative_tolerance`` > 0 the probes come ``block_size`` at a time and the run stops
     once the standard error is at most that fraction of the estimate.
     """
-    generator = torch.Generator().manual_seed(seed)
-    device = torch.device(device)
-    wanted = min(max_products // 2, dim)
-    step = block_size if relative_tolerance > 0 else wanted
+    generator = torch.Generator().manual_seed(settings.seed)
+    device = torch.device(settings.device)
+    wanted = min(settings.max_products // 2, dim)
+    step = settings.block_size if settings.relative_tolerance > 0 else wanted
     W = Y = Q = Z = torch.zeros(dim, 0, dtype=torch.float64, device=device)
     R = torch.zeros(0, 0, dtype=torch.float64, device=device)
     while Q.shape[1] < wanted:
@@ -61,11 +49,11 @@ def xtrace(
         ])
         W, Y, Q = torch.cat([W, W_new], 1), torch.cat([Y, Y_new], 1), torch.cat([Q, Q_new], 1)
         Z = torch.cat([Z, apply(Q_new)], 1)
-        result = _estimates(W, Y, Q, R, Z, frobenius)
-        result.estimate += offset
-        if progress is not None:
-            progress(2 * Q.shape[1], max_products, result.estimate)
-        if reached(result.estimate, result.stderr, Q.shape[1], relative_tolerance):
+        result = _estimates(W, Y, Q, R, Z, settings.frobenius)
+        result.estimate += settings.offset
+        if settings.progress is not None:
+            settings.progress(2 * Q.shape[1], settings.max_products, result.estimate)
+        if reached(result.estimate, result.stderr, Q.shape[1], settings.relative_tolerance):
             break
     return result
 
