@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from scipy.optimize import Bounds, minimize
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ...errors import InvalidInput, ResourceExhausted
-from ..operators.base import LossFn
+from ..operators.base import LossFn, MeanLossOperator
 
 # Keskar et al. use a 100-dimensional subspace; 10x that is as far as the method is meant to go.
 MAX_SUBSPACE_DIM = 1000
@@ -39,47 +38,29 @@ _LBFGSB_VALUES_PER_VARIABLE = 32
 _BLOCK_VALUES = 1 << 23
 
 
-class PerturbedLoss:
+class PerturbedLoss(MeanLossOperator):
     """The mean loss and its gradient at the selected parameters plus a flat perturbation,
-    micro-batched over the data; the model itself is never modified."""
+    micro-batched over the data (the operator base's parameter selection, checks and
+    micro-batches); the model itself is never modified. ``check`` is the caller's check."""
 
     def __init__(self, module: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *,
                  param_names: Sequence[str] | None = None, micro_batch_size: int = 256,
                  check: Callable[[], None] | None = None) -> None:
-        named = dict(module.named_parameters())
-        names = list(named) if param_names is None else list(param_names)
-        if not names or any(name not in named for name in names):
-            raise InvalidInput(f"unknown or no parameter names {names}; the model has {list(named)}")
-        selected = [named[name] for name in names]
-        self.param_names = names
-        self.dtype, self.device = selected[0].dtype, selected[0].device
-        self.weights = torch.cat([p.detach().reshape(-1) for p in selected])
-        self.dim = self.weights.numel()
+        super().__init__(module, inputs, targets, loss_fn, param_names=param_names,
+                         micro_batch_size=micro_batch_size, check=check)
+        self.weights = self._flat(self._values)
         self.evaluations = 0
-        self._shapes = [p.shape for p in selected]
-        self._sizes = [p.numel() for p in selected]
-        self._constants = {k: p.detach() for k, p in named.items() if k not in set(names)}
-        self._module, self._loss_fn, self._check = module, loss_fn, check
-        n = inputs.shape[0]
-        inputs = inputs.to(self.device, self.dtype) if inputs.is_floating_point() else inputs.to(self.device)
-        targets = targets.to(self.device, self.dtype) if targets.is_floating_point() else targets.to(self.device)
-        self._batches = [(x, t, x.shape[0] / n) for x, t in
-                         zip(inputs.split(micro_batch_size), targets.split(micro_batch_size))]
 
-    def _values(self, flat: Tensor) -> dict[str, Tensor]:
-        values = dict(self._constants)
-        values.update({k: part.reshape(shape) for k, part, shape in
-                       zip(self.param_names, flat.split(self._sizes), self._shapes)})
-        return values
+    check = MeanLossOperator._step
 
     def loss(self, delta: Tensor | None = None) -> float:
         """f(x + delta)."""
-        flat = self.weights if delta is None else self.weights + delta
+        params = self._split(self.weights if delta is None else self.weights + delta)
         total = 0.0
         with torch.no_grad():
             for x, t, w in self._batches:
                 self.check()
-                total += self._loss_fn(functional_call(self._module, self._values(flat), (x,)), t).item() * w
+                total += self._loss_fn(self._forward(params, x), t).item() * w
         self.evaluations += 1
         return total
 
@@ -90,17 +71,12 @@ class PerturbedLoss:
         for x, t, w in self._batches:
             self.check()
             with torch.enable_grad():
-                value = self._loss_fn(functional_call(self._module, self._values(flat), (x,)), t) * w
+                value = self._loss(self._split(flat), x, t, w)
                 (part,) = torch.autograd.grad(value, flat)
             total += value.item()
             gradient += part
         self.evaluations += 1
         return total, gradient
-
-    def check(self) -> None:
-        """Raise if the request was cancelled or ran out of time (the caller's ``check``)."""
-        if self._check is not None:
-            self._check()
 
 
 def compute_epsilon_sharpness(
