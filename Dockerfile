@@ -3,7 +3,8 @@
 #   CPU:  docker build -t curvscope:cpu .
 #   CUDA: docker build --build-arg TORCH_VARIANT=cu128 -t curvscope:cu128 .
 #
-# TORCH_VARIANT names a wheel index of download.pytorch.org/whl (cpu, cu126, cu128, ...). CUDA
+# TORCH_VARIANT names a wheel index of download.pytorch.org/whl (cpu, cu126, cu128, ...);
+# TORCH_INDEX_URL replaces that index (a mirror, or a local one: scripts/image_smoke.sh). CUDA
 # wheels carry their own CUDA runtime, so one slim base serves both; the node needs only the
 # NVIDIA driver and container toolkit. The image runs as UID 10001 on a read-only root
 # filesystem: the blob store is a volume at /var/lib/curvscope and /tmp an emptyDir.
@@ -13,19 +14,22 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cpu
+# Where torch and its dependencies come from: a PEP 503 index holding torch==TORCH_VERSION.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/curvscope
 ENV PATH=/opt/curvscope/bin:$PATH
 # torch first and from its own index, so the CPU image does not pull CUDA wheels from PyPI.
-RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
-        "torch==${TORCH_VERSION}"
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY client/ client/
 COPY pyproject.toml README.md ./
 COPY service/ service/
+# compileall skips torch's test helpers written for newer Pythons (py312_intrinsics.py: a
+# SyntaxError on 3.11 that would fail the build).
 RUN pip install --no-cache-dir ./client . \
-    && python -m compileall -q /opt/curvscope/lib \
+    && python -m compileall -q -x '/torch/testing/_internal/py3[0-9]+_' /opt/curvscope/lib \
     && python -c "import torch, curvscope_service, curvscope; print('torch', torch.__version__)"
 
 FROM ${PYTHON_IMAGE} AS runtime
