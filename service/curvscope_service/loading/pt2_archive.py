@@ -55,6 +55,8 @@ _ENCRYPTED_FLAG = 0x1
 _MAX_INDEX = 1 << 62  # sizes, strides, offsets: what as_strided takes without overflowing
 _PAYLOAD_FILE = re.compile(r"[A-Za-z0-9_.\-]+")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_]+")
+# weight and constant names become module attribute paths
+_FQN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,999}")
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_.\-/]+")
 _ROOT = re.compile(r"[^\x00-\x1f\x7f/\\:]+")
 # Members torch writes that curvscope never reads.
@@ -211,6 +213,8 @@ class _Reader:
         if info.file_size == 0:
             return torch.empty(0, dtype=spec.dtype)
         raw = self._read(name, limit=info.file_size)
+        if spec.dtype == torch.bool and raw.translate(None, b"\x00\x01"):
+            raise InvalidInput(f"torch.export archive member '{name}' holds booleans other than 0 and 1")
         return torch.frombuffer(raw, dtype=spec.dtype)  # shares the bytearray: no second copy
 
 
@@ -245,6 +249,8 @@ class _TensorSpec:
         def refuse(why: str) -> InvalidInput:
             return InvalidInput(f"torch.export archive: {kind} '{fqn[:80]}' {why}; {REEXPORT}")
 
+        if not _FQN.fullmatch(fqn):
+            raise InvalidInput(f"torch.export archive: a {kind} is named {fqn[:80]!r}, not a dotted name; {REEXPORT}")
         if not isinstance(entry, dict) or not isinstance(entry.get("path_name"), str):
             raise refuse("has a malformed entry")
         path_name = entry["path_name"]

@@ -356,3 +356,32 @@ def test_the_parameter_cap_is_checked_on_the_config_before_any_weight_is_read(ex
     total = sum(p.numel() for p in exported_dynamic[1].parameters())
     with refuses(ResourceExhausted, f"declares {total} parameters", "over the limit of 10"):
         load_model(exported_dynamic[0], max_parameters=10)
+
+
+@pytest.mark.parametrize(("fqn", "fragment"), [("0.weight\nimport os", "not a dotted name"), ("__import__('os')", "not a dotted name")])
+def test_weight_names_that_are_not_attribute_paths_are_refused(exported_dynamic, tmp_path, refuses, fqn, fragment):
+    config = read_json_member(exported_dynamic[0], WEIGHTS_CONFIG)
+    config["config"][fqn] = config["config"].pop("0.weight")
+    path = rewrite_archive(exported_dynamic[0], tmp_path / "odd.pt2", replace={WEIGHTS_CONFIG: json.dumps(config).encode()})
+    with refuses(InvalidInput, fragment):
+        load_model(path)
+
+
+def test_booleans_other_than_0_and_1_are_refused(tmp_path, refuses):
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+            self.register_buffer("mask", torch.tensor([True, False, True, True]))
+
+        def forward(self, x):
+            return self.linear(x * self.mask)
+
+    path = tmp_path / "masked.pt2"
+    torch.export.save(torch.export.export(Masked().eval(), (torch.randn(3, 4),)), path)
+    config = read_json_member(path, WEIGHTS_CONFIG)
+    mask_file = next(e["path_name"] for name, e in config["config"].items() if name == "mask")
+    assert load_model(path).num_parameters == 10
+    bad = rewrite_archive(path, tmp_path / "bad.pt2", replace={f"data/weights/{mask_file}": bytes([1, 0, 7, 1])})
+    with refuses(InvalidInput, "booleans other than 0 and 1"):
+        load_model(bad)
