@@ -66,6 +66,11 @@ class AnalysisJob:
     per_layer: bool = False
     max_samples: int = 0
 
+    def model_options(self) -> dict[str, Any]:
+        """The loader's options for the model, as ``model_options`` decoded them from the request."""
+        return {"model_format": self.model_format, "architecture": self.architecture,
+                "architecture_config": self.architecture_config}
+
 
 @dataclass(frozen=True)
 class ValidatedJob:

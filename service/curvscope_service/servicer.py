@@ -124,9 +124,10 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
 
     async def DescribeModel(self, request: pb.ModelRef, context: aio.ServicerContext) -> pb.ModelDescription:
         path, digest = await asyncio.to_thread(self._resolve, request, "model")
-        await self._vet((path, digest), model_options(request), None)
+        options = model_options(request)
+        await self._vet((path, digest), options, None)
         description = await asyncio.to_thread(functools.partial(
-            engine.describe, path, **model_options(request), max_parameters=engine.parameter_cap(self.config.limits)))
+            engine.describe, path, **options, max_parameters=engine.parameter_cap(self.config.limits)))
         return description_message(digest, description)
 
     async def Analyze(self, request: pb.AnalyzeRequest, context: aio.ServicerContext) -> AsyncIterator[pb.AnalyzeEvent]:
@@ -144,7 +145,7 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
                 release()
                 yield pb.AnalyzeEvent(report=report_message(cached))
                 return
-            await self._vet(model, model_options(request.model), data)
+            await self._vet(model, job.job.model_options(), data)
 
             def work(device: str, progress, check) -> pb.Report:
                 try:
