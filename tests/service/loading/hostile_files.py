@@ -1,5 +1,6 @@
-"""Helpers of the hostile-input tests: safetensors files written byte by byte, and a child process
-that loads one and reports how far its peak memory grew."""
+"""Helpers of the hostile-input tests: safetensors files written byte by byte, a child process
+that loads one and reports how far its peak memory grew, and architecture plugins installed
+through a real entry point."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
 
 _CHILD = """
 import json, resource, sys
@@ -53,3 +58,27 @@ def peak_growth(body: str, *, headroom_mb: int = 1536, pythonpath: list[Path] = 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def install_plugin(root: Path, module: str, source: str, entry_points: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Install ``source`` as module ``module`` under ``root`` with ``entry_points`` (name -> target)
+    in the ``curvscope.architectures`` group, and put ``root`` on sys.path; returns ``root``."""
+    root.mkdir(exist_ok=True)
+    (root / f"{module}.py").write_text(source)
+    dist = root / f"{module}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (dist / "entry_points.txt").write_text("[curvscope.architectures]\n" + lines)
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
+def plugin_checkpoint(tmp_path: Path, module: str, cls: str, architecture: str, width: int = 3) -> tuple[Path, torch.nn.Module]:
+    """A safetensors checkpoint of ``module.cls(width)`` naming ``architecture`` and ``{"width": width}``."""
+    import importlib
+
+    model = getattr(importlib.import_module(module), cls)(width)
+    path = tmp_path / f"{architecture}.safetensors"
+    save_file(model.state_dict(), str(path), metadata={"architecture": architecture, "config": json.dumps({"width": width})})
+    return path, model

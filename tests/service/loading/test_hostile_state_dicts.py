@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from curvscope_service.errors import InvalidInput, ResourceExhausted
 from curvscope_service.loading import load_data, load_model, save_sequential, validate_pair
 from curvscope_service.loading import sequential
 from curvscope_service.loading.checkpoint import DEFAULT_MAX_PARAMETERS, MAX_CONFIG_BYTES
-from hostile_files import peak_growth
+from hostile_files import install_plugin, peak_growth, plugin_checkpoint
 
 SMALL = {"layers": [{"type": "linear", "in_features": 4, "out_features": 3}]}
 HUGE_LINEAR = {"layers": [{"type": "linear", "in_features": 16000, "out_features": 16000}]}
@@ -203,29 +202,13 @@ def reads_values(config):
 
 @pytest.fixture
 def plugin_path(tmp_path, monkeypatch):
-    root = tmp_path / "plugin"
-    root.mkdir()
-    (root / "scaledplug.py").write_text(PLUGIN)
-    dist = root / "scaledplug-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: scaledplug\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(textwrap.dedent("""
-        [curvscope.architectures]
-        scaled = scaledplug:build
-        reads_values = scaledplug:reads_values
-    """))
-    monkeypatch.syspath_prepend(str(root))
-    yield root
+    entry_points = {"scaled": "scaledplug:build", "reads_values": "scaledplug:reads_values"}
+    yield install_plugin(tmp_path / "plugin", "scaledplug", PLUGIN, entry_points, monkeypatch)
     sys.modules.pop("scaledplug", None)
 
 
 def _plugin_checkpoint(tmp_path, architecture: str, width: int = 3):
-    import importlib
-
-    module = importlib.import_module("scaledplug").Scaled(width)
-    path = tmp_path / f"{architecture}.safetensors"
-    save_file(module.state_dict(), str(path), metadata={"architecture": architecture, "config": json.dumps({"width": width})})
-    return path, module
+    return plugin_checkpoint(tmp_path, "scaledplug", "Scaled", architecture, width)
 
 
 def test_plugin_with_state_outside_the_file(plugin_path, tmp_path):

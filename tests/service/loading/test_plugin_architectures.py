@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sys
-import textwrap
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from curvscope_service.errors import InvalidInput
 from curvscope_service.loading import describe_model, load_model
+from hostile_files import install_plugin, plugin_checkpoint
 
 PLUGIN = '''
 import torch
@@ -38,28 +37,14 @@ def broken(config):
 
 @pytest.fixture
 def plugin_installed(tmp_path, monkeypatch):
-    (tmp_path / "tinyplug.py").write_text(PLUGIN)
-    dist = tmp_path / "tinyplug-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tinyplug\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(textwrap.dedent("""
-        [curvscope.architectures]
-        tiny_residual = tinyplug:build
-        broken = tinyplug:broken
-        missing = tinyplug_gone:build
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
+    entry_points = {"tiny_residual": "tinyplug:build", "broken": "tinyplug:broken", "missing": "tinyplug_gone:build"}
+    install_plugin(tmp_path, "tinyplug", PLUGIN, entry_points, monkeypatch)
     yield
     sys.modules.pop("tinyplug", None)
 
 
 def _checkpoint(tmp_path, architecture: str, width: int = 3):
-    import importlib
-
-    module = importlib.import_module("tinyplug").TinyResidual(width)
-    path = tmp_path / f"{architecture}.safetensors"
-    save_file(module.state_dict(), str(path), metadata={"architecture": architecture, "config": f'{{"width": {width}}}'})
-    return path, module
+    return plugin_checkpoint(tmp_path, "tinyplug", "TinyResidual", architecture, width)
 
 
 def test_loads_through_the_entry_point(plugin_installed, tmp_path):
