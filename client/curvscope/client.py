@@ -286,8 +286,8 @@ class Client:
         if self._connected:
             return
         started, reason = time.monotonic(), ""
-        wait = self.connect_timeout if deadline is None else min(self.connect_timeout,
-                                                                 max(deadline - time.monotonic(), 0.0))
+        left = _remaining(deadline)
+        wait = self.connect_timeout if left is None else min(self.connect_timeout, left)
         for timeout, wait_for_ready in ((wait, True), (_PROBE_SECONDS, False)):
             try:
                 self._health_check(b"", timeout=timeout, wait_for_ready=wait_for_ready)
@@ -398,8 +398,8 @@ class Client:
                 return self._analyze_once(request, progress, deadline)
             except grpc.RpcError as error:
                 delay = ABORTED_BACKOFF_SECONDS * 2 ** retries
-                left = float("inf") if deadline is None else deadline - time.monotonic()
-                if not (_retry_safe(error) and retries < self.aborted_retries and delay < left):
+                left = _remaining(deadline)
+                if not (_retry_safe(error) and retries < self.aborted_retries and (left is None or delay < left)):
                     raise self._error(error) from None
                 retries += 1
                 log.warning("%s: %s; sending the request again in %g s (retry %d of %d)", error.code().name,
