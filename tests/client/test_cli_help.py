@@ -23,6 +23,12 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
+def flag_groups(command: str) -> dict[str, set[str]]:
+    """The flags of each of a command's argument groups, by the group's title."""
+    return {group.title: {flag for action in group._group_actions for flag in action.option_strings}
+            for group in subparsers()[command]._action_groups}
+
+
 def examples(text: str) -> list[list[str]]:
     """The example command lines of a help text (continuation lines joined, comments dropped)."""
     block = text.split("examples:\n", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
@@ -64,8 +70,7 @@ def test_the_main_helps_examples_parse(capsys):
 
 
 def test_analyze_flags_are_grouped():
-    groups = {group.title: {flag for action in group._group_actions for flag in action.option_strings}
-              for group in subparsers()["analyze"]._action_groups}
+    groups = flag_groups("analyze")
     assert {"--data", "--loss"} <= groups["input"]
     analyses = next(flags for title, flags in groups.items() if title.startswith("analyses"))
     assert {"--eigen", "--trace", "--density", "--lipschitz", "--weight-spectra", "--set"} <= analyses
@@ -77,8 +82,7 @@ def test_analyze_flags_are_grouped():
 
 
 def test_gate_flags_are_grouped():
-    groups = {group.title: {flag for action in group._group_actions for flag in action.option_strings}
-              for group in subparsers()["gate"]._action_groups}
+    groups = flag_groups("gate")
     assert {"--policy", "--data", "--baseline"} <= groups["policy and input"]
     assert groups["timeouts"] == {"--timeout", "--connect-timeout"}
     output = next(flags for title, flags in groups.items() if title.startswith("output"))
