@@ -107,6 +107,13 @@ def analyze(client: Client, events: list | None = None, **options) -> pb.Report:
     return client.analyze_request(request, progress=None if events is None else events.append, **options).message
 
 
+def analyze_error(fake: FakeCurvscope, **options) -> CurvscopeError:
+    """The error an Analyze through a new client of ``fake`` ends with."""
+    with Client(fake.target) as client, pytest.raises(CurvscopeError) as caught:
+        analyze(client, **options)
+    return caught.value
+
+
 # -- grpc's retry policy --------------------------------------------------------------------------
 @pytest.mark.parametrize("method, call", [
     ("GetCapabilities", lambda client: client.capabilities()["api_version"] == "curvscope.v1"),
@@ -154,9 +161,8 @@ def test_upload_is_not_retried(fake, tmp_path):
 
 def test_analyze_is_not_retried_by_grpc_after_its_first_event(fake):
     fake.failures["Analyze"] = Failures(1, grpc.StatusCode.UNAVAILABLE)
-    with Client(fake.target) as client, pytest.raises(CurvscopeError) as caught:
-        analyze(client)
-    assert caught.value.code == "UNAVAILABLE" and fake.calls["Analyze"] == 1
+    error = analyze_error(fake)
+    assert error.code == "UNAVAILABLE" and fake.calls["Analyze"] == 1
 
 
 # -- ABORTED, where the server says a retry is safe ---------------------------------------------
@@ -181,17 +187,15 @@ def test_aborted_retries_are_bounded(fake):
 
 def test_an_aborted_analysis_without_the_mark_is_not_sent_again(fake):
     fake.failures["Analyze"] = Failures(1, grpc.StatusCode.ABORTED)
-    with Client(fake.target) as client, pytest.raises(CurvscopeError) as caught:
-        analyze(client)
-    assert caught.value.code == "ABORTED" and fake.calls["Analyze"] == 1
+    error = analyze_error(fake)
+    assert error.code == "ABORTED" and fake.calls["Analyze"] == 1
 
 
 def test_a_retry_never_waits_past_the_deadline(fake):
     """The backoff before the retry (1 s) does not fit in what is left of a 0.5 s deadline."""
     fake.failures["Analyze"] = Failures(1, grpc.StatusCode.ABORTED, retry_safe=True)
-    with Client(fake.target) as client, pytest.raises(CurvscopeError) as caught:
-        analyze(client, timeout=0.5)
-    assert caught.value.code == "ABORTED" and fake.calls["Analyze"] == 1
+    error = analyze_error(fake, timeout=0.5)
+    assert error.code == "ABORTED" and fake.calls["Analyze"] == 1
 
 
 def test_the_server_marks_a_killed_solve_retry_safe_and_nothing_else(tmp_path, monkeypatch):
