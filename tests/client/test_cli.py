@@ -39,10 +39,7 @@ def test_exit_codes(digits_files, tmp_path, capsys):
     missing = main(["analyze", str(tmp_path / "nope.pt2"), "--data", str(data_path), "--local"])
     assert missing == 2
     assert "is not a file" in capsys.readouterr().err
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        free_port = sock.getsockname()[1]
-    unreachable = main(["analyze", str(model_path), "--data", str(data_path), "--server", f"127.0.0.1:{free_port}",
+    unreachable = main(["analyze", str(model_path), "--data", str(data_path), "--server", f"127.0.0.1:{_free_port()}",
                         "--timeout", "5", "--connect-timeout", "1"])
     assert unreachable == 3
     assert "UNAVAILABLE: could not reach the server" in capsys.readouterr().err
