@@ -6,7 +6,6 @@ built-in ``sequential`` architecture, or a safetensors state dict of a plugin ar
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,11 @@ from curvscope_service.errors import InvalidInput, NotFound, ResourceExhausted
 from curvscope_service.loading import plugins, sequential
 from curvscope_service.loading.json_text import parse_json
 from curvscope_service.lipschitz.chain import graph_chain, module_chain
-from curvscope_service.loading.messages import one_line
+from curvscope_service.loading.messages import NEVER_UNPICKLE, one_line
 from curvscope_service.loading.safetensors_file import SafetensorsHeader, SafetensorsReader
 from curvscope_service.loading.torch_export import load_exported
 
 FORMATS = ("auto", "torch_export", "safetensors", "plugin")
-NEVER_UNPICKLE = (
-    "this is a torch.save pickle; curvscope never unpickles; "
-    "export with torch.export.save or save a safetensors state dict (see docs/formats.md)"
-)
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _PICKLE_MAGIC = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))  # PROTO opcode
 # Parameters a model may declare when the caller sets no cap: a 2B-parameter model already needs
@@ -124,14 +119,7 @@ def detect_format(path: Path) -> str:
     if head[:2] in _PICKLE_MAGIC:
         raise InvalidInput(NEVER_UNPICKLE)
     if head[:4] in _ZIP_MAGIC:
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError) as e:
-            raise InvalidInput(f"model is a corrupt or truncated zip archive ({one_line(e)})") from None
-        if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
-            raise InvalidInput(NEVER_UNPICKLE)
-        return "torch_export"
+        return "torch_export"  # pt2_archive reads it, and tells a torch.save zip by its data.pkl
     return "safetensors"  # not recognised: the safetensors header check says what is wrong
 
 

@@ -1,4 +1,4 @@
-"""Turn library exceptions into the one-line text our error messages embed."""
+"""Text our error messages share: library exceptions as one line, and the refusal of pickles."""
 
 from __future__ import annotations
 
@@ -10,3 +10,10 @@ def one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     first = next((line.strip() for line in text.splitlines() if line.strip()), text)
     return first if len(first) <= _MAX_CHARS else first[: _MAX_CHARS - 3] + "..."
+
+
+# a torch.save file (a raw pickle, or a zip around one) in place of a model
+NEVER_UNPICKLE = (
+    "this is a torch.save pickle; curvscope never unpickles; "
+    "export with torch.export.save or save a safetensors state dict (see docs/formats.md)"
+)

@@ -33,7 +33,7 @@ from torch.export.pt2_archive import constants as pt2
 
 from curvscope_service.errors import InvalidInput, ResourceExhausted
 from curvscope_service.loading.json_text import parse_json
-from curvscope_service.loading.messages import one_line
+from curvscope_service.loading.messages import NEVER_UNPICKLE, one_line
 from curvscope_service.loading.pt2_program import REEXPORT, check_program
 
 MODEL = "model"  # the program torch.export.save writes; other programs in an archive are ignored
@@ -62,6 +62,7 @@ _ROOT = re.compile(r"[^\x00-\x1f\x7f/\\:]+")
 # Members torch writes that curvscope never reads.
 _IGNORED_FIXED = {pt2.ARCHIVE_VERSION_PATH, "byteorder", ".data/version", ".data/serialization_id"}
 _IGNORED_DIRS = (pt2.SAMPLE_INPUTS_DIR, pt2.EXTRA_DIR)
+_MODEL_FILE = tuple(pt2.MODELS_FILENAME_FORMAT.split("{}"))  # "models/", ".json"
 
 # The dtypes a checkpoint may carry, from the schema's enum (a table, not torch's lookup, so an
 # unknown number is refused by name).
@@ -103,6 +104,8 @@ class _Reader:
 
     def contents(self) -> ArchiveContents:
         if pt2.ARCHIVE_FORMAT_PATH not in self._members:
+            if "data.pkl" in self._members:  # torch.save writes <folder>/data.pkl
+                raise InvalidInput(NEVER_UNPICKLE)
             raise InvalidInput(f"model is a zip file but not a torch.export archive (no '{pt2.ARCHIVE_FORMAT_PATH}' member); {REEXPORT}")
         for name in self._members:
             _check_allowed(name)
@@ -219,7 +222,7 @@ class _Reader:
 
 
 def _check_allowed(name: str) -> None:
-    prefix, suffix = pt2.MODELS_FILENAME_FORMAT.split("{}")
+    prefix, suffix = _MODEL_FILE
     if name == pt2.ARCHIVE_FORMAT_PATH or name in _IGNORED_FIXED or name.startswith(_IGNORED_DIRS):
         return
     if name.startswith(prefix) and name.endswith(suffix) and _MODEL_NAME.fullmatch(name[len(prefix) : -len(suffix)]):
