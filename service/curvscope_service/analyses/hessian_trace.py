@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from ..curvature.estimators.trace import estimate_trace
+from ..curvature.estimators.trace import MIN_PRODUCTS, estimate_trace
 from ..curvature.operators.curvatures import CURVATURES
 from ..errors import InvalidInput
 from .base import Analysis, AnalysisContext, EngineLimits
@@ -50,7 +50,7 @@ def normalize(spec: HessianTraceSpec, limits: EngineLimits) -> HessianTraceSpec:
         limits.max_products if tolerance else min(DEFAULT_PRODUCTS, limits.max_products))
     if max_products > limits.max_products:
         raise InvalidInput(f"max_hvps {max_products} is over this server's limit of {limits.max_products}")
-    minimum = {"hutchinson": 1, "xtrace": 2, "hutchpp": 3}[method]
+    minimum = MIN_PRODUCTS[method]
     if max_products < minimum:
         raise InvalidInput(f"{method} needs max_hvps of at least {minimum}, got {max_products}")
     return replace(spec, method=method, max_products=max_products)

@@ -37,6 +37,8 @@ from .xtrace import xtrace
 
 ESTIMATORS = {"hutchinson": hutchinson, "hutchpp": hutchpp, "xtrace": xtrace}
 METHODS = tuple(ESTIMATORS)
+# Fewest products each estimator runs on (Hutch++: sketch, its products, one residual probe).
+MIN_PRODUCTS = {"hutchinson": 1, "hutchpp": 3, "xtrace": 2}
 
 
 def estimate_trace(
@@ -61,7 +63,7 @@ def estimate_trace(
     """
     if method not in ESTIMATORS:
         raise InvalidInput(f"unknown trace method '{method}'; choose one of {', '.join(METHODS)}")
-    minimum = {"hutchinson": 1, "hutchpp": 3, "xtrace": 2}[method]
+    minimum = MIN_PRODUCTS[method]
     if max_products < minimum:
         raise InvalidInput(f"{method} needs at least {minimum} products, got a budget of {max_products}")
     if not (0.0 <= relative_tolerance < 1.0):
