@@ -34,30 +34,14 @@ class OperatorRequest:
     check: Callable[[], None] | None
 
 
-def _hessian(r: OperatorRequest) -> CurvatureOperator:
-    return HessianOperator(r.module, r.inputs, r.targets, r.loss_fn, param_names=r.param_names,
-                           micro_batch_size=r.micro_batch_size, retain_max_samples=r.retain_max_samples,
-                           check=r.check)
-
-
-def _ggn(r: OperatorRequest) -> CurvatureOperator:
-    return GGNOperator(r.module, r.inputs, r.targets, r.loss_fn, param_names=r.param_names,
-                       micro_batch_size=r.micro_batch_size, check=r.check)
-
-
-def _fisher(r: OperatorRequest) -> CurvatureOperator:
-    return FisherOperator(r.module, r.inputs, r.targets, r.loss_fn, loss=r.loss, seed=r.seed,
-                          param_names=r.param_names, micro_batch_size=r.micro_batch_size, check=r.check)
-
-
-def _empirical_fisher(r: OperatorRequest) -> CurvatureOperator:
-    return EmpiricalFisherOperator(r.module, r.inputs, r.targets, r.loss_fn, param_names=r.param_names,
-                                   micro_batch_size=r.micro_batch_size, check=r.check)
+def _build(operator: type, r: OperatorRequest, **options: object) -> CurvatureOperator:
+    return operator(r.module, r.inputs, r.targets, r.loss_fn, param_names=r.param_names,
+                    micro_batch_size=r.micro_batch_size, check=r.check, **options)
 
 
 CURVATURES: dict[str, Callable[[OperatorRequest], CurvatureOperator]] = {
-    "hessian": _hessian,
-    "ggn": _ggn,
-    "fisher": _fisher,
-    "empirical_fisher": _empirical_fisher,
+    "hessian": lambda r: _build(HessianOperator, r, retain_max_samples=r.retain_max_samples),
+    "ggn": lambda r: _build(GGNOperator, r),
+    "fisher": lambda r: _build(FisherOperator, r, loss=r.loss, seed=r.seed),
+    "empirical_fisher": lambda r: _build(EmpiricalFisherOperator, r),
 }
