@@ -79,8 +79,7 @@ def load_model(
         module, arch, cfg = exported.module, "torch_export", None
         input_shape, fixed_batch_size = exported.input_shape, exported.fixed_batch_size
     else:
-        module, arch, cfg = _load_state_dict_model(path, format, architecture, config, dtype, cap)
-        input_shape = sequential.input_shape(cfg) if arch == sequential.ARCHITECTURE else _plugin_input_shape(cfg)
+        module, arch, cfg, input_shape = _load_state_dict_model(path, format, architecture, config, dtype, cap)
         fixed_batch_size = None
         format = "safetensors" if arch == sequential.ARCHITECTURE else "plugin"
 
@@ -129,7 +128,8 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
 
 def _load_state_dict_model(
     path: Path, format: str, architecture: str | None, config: dict | None, dtype: torch.dtype, max_parameters: int
-) -> tuple[nn.Module, str, dict]:
+) -> tuple[nn.Module, str, dict, tuple[int, ...] | None]:
+    """The model, its architecture and config, and the input shape its config declares."""
     # Everything the file and the config declare is checked on the meta device (no memory) before
     # the model is materialised; the weights then come through our reader only, one at a time.
     with SafetensorsReader(path, what="model") as reader:
@@ -167,7 +167,9 @@ def _load_state_dict_model(
             # buffers, tied weights), so a plugin is built again for real, now that its sizes passed
             module = plugins.build(architecture, config).to(dtype)
         _copy_weights(module, reader)
-    return module, architecture, config
+    if architecture != sequential.ARCHITECTURE:
+        shape = _plugin_input_shape(config)
+    return module, architecture, config, shape
 
 
 def _metadata_config(metadata: dict[str, str]) -> dict:
