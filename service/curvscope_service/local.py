@@ -13,7 +13,7 @@ from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 
 from . import engine
 from .errors import CurvscopeError, InvalidInput
-from .requests import job_from_request, report_message, validate_job
+from .requests import job_from_request, report_document, report_message, validate_job
 from .store import path_of_file_uri, sha256_of_file
 
 
@@ -40,6 +40,7 @@ def analyze_local(
     try:
         data = _local_file(request.data) if request.HasField("data") else None
         job = validate_job(job_from_request(request, _local_file(request.model), data), limits)
-        return Report(report_message(engine.run_analysis(job, device=device, limits=limits, progress=on_progress)))
+        report = engine.run_analysis(job, device=device, limits=limits, progress=on_progress)
+        return Report(report_message(report_document(report)))
     except CurvscopeError as error:
         raise ClientError(error.code, str(error)) from None

@@ -218,9 +218,8 @@ def report_document(report: dict) -> dict:
 
 def report_message(document: dict) -> pb.Report:
     """The API message of a report document, fresh from ``report_document`` or read back from
-    the store, so that a cached report goes out as the same message a fresh run sends. The
-    engine's report dict itself is accepted too (it is encoded first)."""
-    return json_format.ParseDict(report_document(document), pb.Report())
+    the store, so that a cached report goes out as the same message a fresh run sends."""
+    return json_format.ParseDict(document, pb.Report())
 
 
 def description_message(sha256: str, description: dict) -> pb.ModelDescription:

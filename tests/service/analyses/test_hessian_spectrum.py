@@ -13,7 +13,7 @@ from curvscope_service.engine import EngineLimits, run_analysis, validate_job
 from curvscope_service.errors import InvalidInput
 from curvscope_service.loading import load_data, load_model
 from curvscope_service.losses import get_loss
-from curvscope_service.requests import report_message
+from curvscope_service.requests import report_document, report_message
 from dense_reference import dense_hessian
 
 from .conftest import job
@@ -69,7 +69,7 @@ def test_trace_whole_model_and_per_layer(files, method):
         block_result = report["per_layer"][block]["hessian_trace"]
         truth = dense_hessian(*stored(files), param_names=names).trace().item()
         assert abs(block_result["estimate"] - truth) <= 3 * block_result["stderr"] + 1e-9
-    report_message(report)  # every key is a field of the API's result messages
+    report_message(report_document(report))  # every key is a field of the API's result messages
 
 
 def test_trace_of_the_ggn_from_a_dynamic_export(files, dynamic_export):
@@ -112,7 +112,7 @@ def test_trace_seeded_by_the_eigenpairs_of_the_same_request(files):
         truth = dense_hessian(*stored(files), param_names=names).trace().item()
         assert block_result["seeded_eigenpairs"] == 4
         assert abs(block_result["estimate"] - truth) <= 3 * block_result["stderr"] + 1e-9
-    assert report_message(report).results.hessian_trace.seeded_eigenpairs == 4
+    assert report_message(report_document(report)).results.hessian_trace.seeded_eigenpairs == 4
     # Listed before hessian_eigen, the trace has nothing to seed it with.
     reordered = run_analysis(job(files, dict(reversed(list(analyses.items()))), seed=1))
     assert reordered["results"]["hessian_trace"]["seeded_eigenpairs"] == 0
@@ -138,7 +138,7 @@ def test_density(files):
     first = (nodes * weights).sum(1)
     assert abs(first.mean() - eigenvalues.mean().item()) <= 3 * first.std(ddof=1) / np.sqrt(6)
     assert 0.0 <= result["negative_mass"] <= 1.0
-    report_message(report)
+    report_message(report_document(report))
 
 
 @pytest.mark.parametrize("analyses, words", [

@@ -181,12 +181,12 @@ def test_the_server_process_never_imports_cvxpy():
 def test_report_goes_through_the_api_message_and_renders(tmp_path):
     from curvscope._table import render_report
     from curvscope.report import message_to_dict
-    from curvscope_service.requests import report_message
+    from curvscope_service.requests import report_document, report_message
 
     layers = [{"type": "conv2d", "in_channels": 1, "out_channels": 2, "kernel_size": 3}, {"type": "max_pool2d", "kernel_size": 2},
               {"type": "flatten"}, {"type": "linear", "in_features": 2, "out_features": 2}]
     pool = write_sequential(tmp_path, "pool", layers, [1, 4, 4])
-    report = message_to_dict(report_message(run_analysis(job(pool, write_data(tmp_path, (1, 4, 4), 2), weight_spectra={}))))
+    report = message_to_dict(report_message(report_document(run_analysis(job(pool, write_data(tmp_path, (1, 4, 4), 2), weight_spectra={})))))
     lip = report["results"]["lipschitz"]
     assert 0 < lip["lower"] <= lip["upper"] < math.inf and lip["chain"]["found"] is False
     assert report["results"]["weight_spectra"]["layers"][0]["name"] == "0"
@@ -194,7 +194,7 @@ def test_report_goes_through_the_api_message_and_renders(tmp_path):
     assert f"Lipschitz constant in [{lip['lower']:.6g}, {lip['upper']:.6g}]" in text and "max pooling" in text
     # no sound upper bound: infinite through the message and the table
     gated = export_gated(tmp_path)
-    report = message_to_dict(report_message(run_analysis(job(gated, write_data(tmp_path, (3,), 2)))))
+    report = message_to_dict(report_message(report_document(run_analysis(job(gated, write_data(tmp_path, (3,), 2))))))
     lip = report["results"]["lipschitz"]
     assert math.isinf(lip["upper"]) and lip["lower"] > 0
     assert f"Lipschitz constant in [{lip['lower']:.6g}, inf]" in render_report(report)
