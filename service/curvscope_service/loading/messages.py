@@ -12,6 +12,12 @@ def one_line(exc: BaseException) -> str:
     return first if len(first) <= _MAX_CHARS else first[: _MAX_CHARS - 3] + "..."
 
 
+def brief(value: object) -> str:
+    """``repr(value)`` clipped: a hostile file can put megabytes into one field of a header or config."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 # a torch.save file (a raw pickle, or a zip around one) in place of a model
 NEVER_UNPICKLE = (
     "this is a torch.save pickle; curvscope never unpickles; "

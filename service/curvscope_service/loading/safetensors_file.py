@@ -23,6 +23,7 @@ import torch
 
 from curvscope_service.errors import InvalidInput
 from curvscope_service.loading.json_text import parse_json
+from curvscope_service.loading.messages import brief
 
 # The library's own limit was 100 MiB. Parsing and depth-checking JSON costs up to ~40x its size
 # in Python objects (measured: 8 MiB of '[[],[],...]' grew the process by 333 MB), so 100 MiB
@@ -194,7 +195,7 @@ def _parse_header(f: BinaryIO, what: str) -> tuple[SafetensorsHeader, int]:
 def _check_entry(name: str, spec: object, data_size: int, what: str) -> TensorEntry:
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidInput(
-            f"{what}: tensor name {_brief_value(name)} is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}"
+            f"{what}: tensor name {brief(name)} is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}"
         )
     if not isinstance(spec, dict):
         raise InvalidInput(f"{what}: tensor '{name}' has a malformed header entry")
@@ -205,11 +206,11 @@ def _check_entry(name: str, spec: object, data_size: int, what: str) -> TensorEn
                 f"{what}: tensor '{name}' has dtype {dtype}, which torch cannot hold; store it as F32, F16 or BF16"
             )
         raise InvalidInput(
-            f"{what}: tensor '{name}' has unknown dtype {_brief_value(dtype)}; use one of {', '.join(sorted(_DTYPES))}"
+            f"{what}: tensor '{name}' has unknown dtype {brief(dtype)}; use one of {', '.join(sorted(_DTYPES))}"
         )
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidInput(
-            f"{what}: tensor '{name}' has shape {_brief_value(shape)}; dimensions must be non-negative integers"
+            f"{what}: tensor '{name}' has shape {brief(shape)}; dimensions must be non-negative integers"
         )
     if len(shape) > MAX_RANK:
         raise InvalidInput(f"{what}: tensor '{name}' has {len(shape)} dimensions; the limit is {MAX_RANK}")
@@ -221,7 +222,7 @@ def _check_entry(name: str, spec: object, data_size: int, what: str) -> TensorEn
         or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise InvalidInput(f"{what}: tensor '{name}' has malformed data_offsets {_brief_value(offsets)}")
+        raise InvalidInput(f"{what}: tensor '{name}' has malformed data_offsets {brief(offsets)}")
     begin, end = offsets
     nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
     if nbytes != end - begin:
@@ -256,9 +257,3 @@ def _check_tiling(entries: Iterable[TensorEntry], data_size: int, what: str) -> 
             f"{what}: the last {data_size - cursor} bytes of the data region belong to no tensor "
             "(a safetensors data region holds its tensors and nothing else)"
         )
-
-
-def _brief_value(value: object) -> str:
-    # a hostile header can put megabytes into one field; messages stay one short line
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from curvscope_service.errors import InvalidInput, ResourceExhausted
-from curvscope_service.loading.messages import one_line
+from curvscope_service.loading.messages import brief, one_line
 
 ARCHITECTURE = "sequential"
 
@@ -91,7 +91,7 @@ def input_shape(config: dict) -> tuple[int, ...] | None:
     if shape is None:
         return None
     if not isinstance(shape, list) or not shape or not all(type(d) is int and d > 0 for d in shape):
-        raise InvalidInput(f"sequential config: input_shape must be a list of positive integers, got {_brief(shape)}")
+        raise InvalidInput(f"sequential config: input_shape must be a list of positive integers, got {brief(shape)}")
     return check_input_shape(tuple(shape), what="sequential config: input_shape")
 
 
@@ -138,7 +138,7 @@ def _build_layer(index: int, spec: Any) -> nn.Module:
     kind = spec["type"]
     if kind not in _LAYERS:
         raise InvalidInput(
-            f"sequential config: layer {index} has unknown type {_brief(kind)}; choose one of: {', '.join(LAYER_TYPES)}"
+            f"sequential config: layer {index} has unknown type {brief(kind)}; choose one of: {', '.join(LAYER_TYPES)}"
         )
     cls, required, optional = _LAYERS[kind]
     kwargs = {k: v for k, v in spec.items() if k != "type"}
@@ -162,19 +162,14 @@ def _argument(index: int, kind: str, key: str, value: Any) -> Any:
     if cap is not None:
         sizes = value if isinstance(value, list) else [value]
         if any(type(v) is int and v > cap for v in sizes):
-            raise InvalidInput(f"sequential config: layer {index} ({kind}) {key} {_brief(value)} is over the limit of {cap}")
+            raise InvalidInput(f"sequential config: layer {index} ({kind}) {key} {brief(value)} is over the limit of {cap}")
     # JSON has lists, torch wants tuples for per-dimension arguments
     if isinstance(value, list) and 0 < len(value) <= MAX_INPUT_RANK and all(type(v) is int for v in value):
         return tuple(value)
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
-    raise InvalidInput(f"sequential config: layer {index} ({kind}) key '{key}' has unsupported value {_brief(value)}")
+    raise InvalidInput(f"sequential config: layer {index} ({kind}) key '{key}' has unsupported value {brief(value)}")
 
-
-def _brief(value: Any) -> str:
-    # configs come from users; a value in a message stays short
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def save_sequential(path: Path | str, config: dict, state_dict: dict[str, torch.Tensor]) -> None:
