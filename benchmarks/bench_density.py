@@ -22,7 +22,7 @@ from torch import nn
 
 from curvscope_service.curvature.estimators.probes import BlockProducts
 from curvscope_service.curvature.estimators.slq import slq
-from curvscope_service.curvature.estimators.spectral_density import broadened_density
+from curvscope_service.curvature.estimators.spectral_density import NEGATIVE_TOLERANCE, spectral_masses
 from models import batch, dense_hessian, operator, trained
 
 RUNS = ((10, 5), (20, 10), (40, 10), (90, 10))
@@ -63,7 +63,8 @@ def main() -> None:
         op.loss()
         print(f"\n{name}: {op.dim} parameters, spectrum [{eigenvalues.min():.4g}, {eigenvalues.max():.4g}], "
               f"mean {eigenvalues.mean():.4g}, mean square {np.mean(eigenvalues**2):.4g}, "
-              f"negative share {np.mean(eigenvalues < 0):.3f}")
+              f"negative share {np.mean(eigenvalues < 0):.3f}, below -{NEGATIVE_TOLERANCE:g} max|lambda| "
+              f"{np.mean(eigenvalues < -NEGATIVE_TOLERANCE * np.abs(eigenvalues).max()):.3f}")
         print("| steps x probes | HVPs | W1 / range | mean | mean square | negative mass | seconds |")
         print("|---|---|---|---|---|---|---|")
         for steps, probes in RUNS:
@@ -72,10 +73,10 @@ def main() -> None:
             q = slq(apply, op.dim, steps=steps, probes=probes, seed=0)
             seconds = time.perf_counter() - start
             nodes, weights = q.nodes.reshape(-1).numpy(), q.weights.reshape(-1).numpy() / probes
-            curve = broadened_density(q.nodes, q.weights)
+            masses = spectral_masses(q.nodes, q.weights)
             print(f"| {steps} x {probes} | {apply.products} | {w1_over_range(nodes, weights, eigenvalues):.2e} | "
                   f"{(weights * nodes).sum():.4g} | {(weights * nodes**2).sum():.4g} | "
-                  f"{curve['negative_mass']:.3f} | {seconds:.2f} |")
+                  f"{masses['negative_mass']:.3f} +- {masses['negative_mass_stderr']:.3f} | {seconds:.2f} |")
         print(f"PyHessian: {pyhessian_density(name, eigenvalues)}")
 
 

@@ -21,6 +21,20 @@ def _numbers(values: list[float] | None) -> str:
     return "  ".join(_fmt(value, " .6g") for value in values or []) or "-"
 
 
+def _residuals(values: list[float] | None, floor: Any) -> str:
+    """Ritz residuals; those at the solver's rounding floor (``residual_floor``) are a bound, not
+    a measurement, and read "<= floor, at rounding" (once, when every one is there)."""
+    if not values or not isinstance(floor, (int, float)) or not floor > 0:
+        return _numbers(values)
+    # The floor and the residuals it clipped are the same float; a hair above is rounding too.
+    at_floor = [isinstance(value, (int, float)) and value <= floor * (1 + 1e-9) for value in values]
+    bound = f"<= {floor:.1e}"
+    if all(at_floor):
+        return f"{bound}, at rounding"
+    shown = "  ".join(bound if low else _fmt(value, " .6g") for value, low in zip(values, at_floor))
+    return shown + (" (<= : at rounding)" if any(at_floor) else "")
+
+
 def render_report(report: dict[str, Any]) -> str:
     """The report as the terminal table. Any section or value may be missing (an older server,
     a hand-written or trimmed report): it is shown as "-" or left out, never a KeyError."""
@@ -56,10 +70,11 @@ def _results(results: dict[str, Any], indent: str) -> list[str]:
         lines.append(f"{indent}Hessian eigenvalues: {_fmt(eigen.get('hvps'), '')} HVPs, "
                      f"{_fmt(eigen.get('seconds'), '.2f')} s, tolerance {_fmt(eigen.get('tolerance', 0), '.0e')}, {state}")
         residuals = eigen.get("residuals") or {}
+        floors = eigen.get("residual_floor") or {}
         for end in ("largest", "smallest"):
             if eigen.get(end):
                 lines.append(f"{indent}  {end:<9} {_numbers(eigen[end])}")
-                lines.append(f"{indent}  residual  {_numbers(residuals.get(end))}")
+                lines.append(f"{indent}  residual  {_residuals(residuals.get(end), floors.get(end))}")
     lines += _spectrum(results, indent)
     lines += _stability(results, indent)
     lines += _lipschitz(results, indent)
@@ -106,11 +121,22 @@ def _spectrum(results: dict[str, Any], indent: str) -> list[str]:
     density = results.get("hessian_density")
     if density:
         nodes = [n for n in density.get("nodes") or [] if isinstance(n, (int, float))] or [0.0]
-        mass = density.get("negative_mass")
         lines.append(f"{indent}spectral density: {density.get('hvps', 0)} HVPs, {_fmt(density.get('seconds', 0.0), '.2f')} s, "
-                     f"nodes in [{min(nodes):.4g}, {max(nodes):.4g}], "
-                     f"negative mass {_fmt(100 * mass if isinstance(mass, (int, float)) else mass, '.2f')} %")
+                     f"nodes in [{min(nodes):.4g}, {max(nodes):.4g}]")
+        tolerance = density.get("negative_tolerance")
+        where = f" (|lambda| <= {_fmt(tolerance, '.0e')} max|lambda| is zero)" if tolerance is not None else ""
+        lines.append(f"{indent}  negative mass {_percent(density.get('negative_mass'), density.get('negative_mass_stderr'))}"
+                     + (f", near zero {_percent(density.get('near_zero_mass'), density.get('near_zero_mass_stderr'))}"
+                        if "near_zero_mass" in density else "") + where)
     return lines
+
+
+def _percent(share: Any, stderr: Any) -> str:
+    """A share as a percentage, with its standard error when there is one."""
+    if not isinstance(share, (int, float)):
+        return f"{_fmt(share)} %"
+    spread = f" +- {100 * stderr:.2f}" if isinstance(stderr, (int, float)) else ""
+    return f"{100 * share:.2f}{spread} %"
 
 
 def _verdict(stable: Any) -> str:

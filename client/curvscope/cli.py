@@ -162,6 +162,9 @@ def _add_analysis_flags(parser: argparse.ArgumentParser) -> None:
     density.add_argument("--density-grid", type=int, default=0, metavar="G", help="points of the output grid (default 1000)")
     density.add_argument("--density-sigma", type=float, default=0.0, metavar="S",
                          help="Gaussian broadening width, relative to the spectral range (default: the server's)")
+    density.add_argument("--density-negative-tolerance", type=float, default=None, metavar="TAU",
+                         help="eigenvalues within TAU * max|eigenvalue| of zero count as near zero, not negative "
+                              "(default 1e-3; 0 counts every negative one)")
     _add_connection_flags(parser, "the analysis's deadline: the server gives up past it (default: none)")
     output = parser.add_argument_group("output (the report's table goes to stdout)")
     output.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here ('-' for stdout)")
@@ -201,6 +204,7 @@ def _request_options(args: argparse.Namespace) -> dict:
         curvature=args.curvature, trace_method=args.trace_method, trace_max_hvps=args.trace_max_hvps,
         trace_tolerance=args.trace_tolerance, frobenius=args.frobenius, density_steps=args.density_steps,
         density_probes=args.density_probes, density_grid=args.density_grid, density_sigma=args.density_sigma,
+        density_negative_tolerance=args.density_negative_tolerance,
     )
     try:  # a bad setting is a usage error before anything is uploaded
         build_request(pb.ModelRef(), **options)

@@ -81,13 +81,15 @@ def build_request(
     max_samples: int = 0, curvature: str | None = None,
     trace_method: str | None = None, trace_max_hvps: int = 0, trace_tolerance: float = 0.0, frobenius: bool = False,
     density_steps: int = 0, density_probes: int = 0, density_grid: int = 0, density_sigma: float = 0.0,
+    density_negative_tolerance: float | None = None,
     epsilon_sharpness: bool = False, adaptive_sharpness: bool = False, weight_spectra: bool = False,
     spec_fields: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> pb.AnalyzeRequest:
     """The request the CLI and ``Client.analyze`` send; one analysis entry per flag.
 
     ``curvature`` is one of CURVATURES (None: the server's default, the Hessian); ``trace_method``
-    one of TRACE_METHODS (None: the server's choice). Zeros leave a setting to the server.
+    one of TRACE_METHODS (None: the server's choice). Zeros leave a setting to the server, and so
+    does ``density_negative_tolerance`` None (0 there counts every negative eigenvalue).
     ``spec_fields`` sets any field of any analysis's spec by name, and adds that analysis:
     ``{"non_uniformity": {"method": "gauss_newton"}, "lipschitz": {"methods": ["lipsdp_neuron", "lower"]}}``.
     """
@@ -103,7 +105,8 @@ def build_request(
             max_hvps=trace_max_hvps, relative_tolerance=trace_tolerance, frobenius=frobenius)))
     if density:
         analyses.append(pb.AnalysisSpec(hessian_density=pb.HessianDensitySpec(
-            lanczos_steps=density_steps, num_probes=density_probes, grid_points=density_grid, sigma=density_sigma)))
+            lanczos_steps=density_steps, num_probes=density_probes, grid_points=density_grid, sigma=density_sigma,
+            negative_tolerance=density_negative_tolerance)))
     if sharpness:
         analyses.append(pb.AnalysisSpec(sharpness=pb.SharpnessSpec(learning_rate=learning_rate)))
     if non_uniformity:

@@ -15,6 +15,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 # One opaque fill per plot, so a screenshot shows which plots were drawn.
 DENSITY_FILL = "#9ecae1"
+# The density's band: +- BAND_WIDTH standard errors over the probes (about 95 %).
+BAND_FILL, BAND_WIDTH = "#fdae6b", 2.0
 EIGEN_FILL = "#f4a582"
 LIPSCHITZ_FILL = "#a1d99b"
 STABLE_FILL = "#bcbddc"
@@ -125,14 +127,41 @@ def density_svg(report: dict[str, Any]) -> str | None:
     figure.axes(x, y, "eigenvalue", "density (log scale)")
     curve = [(x(g), y(max(v, floor))) for g, v in zip(grid, values)]
     figure.polygon([(curve[0][0], bottom)] + curve + [(curve[-1][0], bottom)], DENSITY_FILL)
+    upper, lower = density_band(density)
+    if upper:
+        figure.polygon([(x(g), y(min(max(v, floor), peak * 2))) for g, v in zip(grid, upper)]
+                       + [(x(g), y(max(v, floor))) for g, v in reversed(list(zip(grid, lower)))], BAND_FILL)
     figure.polyline(curve)
     if min(grid) < 0 < max(grid):
         figure.polyline([(x(0), top), (x(0), bottom)], stroke=INK, width=1, dash="4 3")
     for node in density.get("nodes") or []:
         if min(grid) <= node <= max(grid):
             figure.polyline([(x(node), bottom), (x(node), bottom - 6)], stroke=INK, width=1)
-    figure.text(right - 6, top + 16, f"negative mass {100 * density.get('negative_mass', 0.0):.2f} %", anchor="end")
+    figure.text(right - 6, top + 16, mass_label(density), anchor="end")
+    if upper:
+        figure.text(right - 6, top + 32, f"band: +-{BAND_WIDTH:g} standard errors over the probes", anchor="end")
     return figure.svg()
+
+
+def density_band(density: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """The curve +- BAND_WIDTH standard errors at every grid point; empty lists for a report
+    without ``density_stderr`` (older servers)."""
+    values, stderr = density.get("density") or [], density.get("density_stderr") or []
+    if len(stderr) != len(values) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in stderr):
+        return [], []
+    return ([v + BAND_WIDTH * e for v, e in zip(values, stderr)],
+            [v - BAND_WIDTH * e for v, e in zip(values, stderr)])
+
+
+def mass_label(density: dict[str, Any]) -> str:
+    """"negative mass 1.20 +- 0.30 %" (and the near-zero mass when the report has it)."""
+    def share(key: str) -> str:
+        value, stderr = density.get(key, 0.0), density.get(f"{key}_stderr")
+        if not isinstance(value, (int, float)):
+            return str(value)
+        return f"{100 * value:.2f}" + (f" +- {100 * stderr:.2f}" if isinstance(stderr, (int, float)) else "") + " %"
+    label = f"negative mass {share('negative_mass')}"
+    return label + (f", near zero {share('near_zero_mass')}" if "near_zero_mass" in density else "")
 
 
 def eigenvalues_svg(report: dict[str, Any]) -> str | None:

@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from .client import CurvscopeError
-from .plots import DENSITY_FILL, EIGEN_FILL, INK, LINE
+from .plots import BAND_FILL, BAND_WIDTH, DENSITY_FILL, EIGEN_FILL, INK, LINE, density_band, mass_label
 
 MISSING = ("--plot OUT.png needs matplotlib, an optional extra of the client: pip install 'curvscope[plot]' "
            "(or write OUT.svg, which needs nothing more)")
@@ -61,6 +61,11 @@ def _draw_density(axes: Any, density: dict[str, Any]) -> None:
     floor = peak * 1e-6  # six decades below the peak: beyond that the broadening's tails are noise
     clipped = [max(v, floor) for v in values]
     axes.fill_between(grid, floor, clipped, color=DENSITY_FILL, linewidth=0)
+    upper, lower = density_band(density)
+    if upper:
+        axes.fill_between(grid, [max(v, floor) for v in lower], [min(max(v, floor), peak * 2) for v in upper],
+                          color=BAND_FILL, linewidth=0, label=f"+-{BAND_WIDTH:g} standard errors over the probes")
+        axes.legend(loc="upper left", frameon=False)
     axes.plot(grid, clipped, color=LINE, linewidth=1.5)
     axes.set_yscale("log")
     axes.set_ylim(floor, peak * 2)
@@ -73,7 +78,7 @@ def _draw_density(axes: Any, density: dict[str, Any]) -> None:
     axes.set_title("Hessian spectral density")
     axes.set_xlabel("eigenvalue")
     axes.set_ylabel("density (log scale)")
-    axes.text(0.98, 0.94, f"negative mass {100 * density.get('negative_mass', 0.0):.2f} %",
+    axes.text(0.98, 0.94, mass_label(density),
               transform=axes.transAxes, ha="right", va="top")
 
 

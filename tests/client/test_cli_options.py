@@ -44,11 +44,15 @@ def test_defaults_leave_every_setting_to_the_server():
 def test_trace_and_density_flags_fill_their_specs():
     request = request_for("--trace", "--trace-method", "hutchpp", "--trace-max-hvps", "120", "--trace-tolerance",
                           "0.01", "--frobenius", "--density", "--density-steps", "40", "--density-probes", "3",
-                          "--density-grid", "200", "--density-sigma", "0.001", "--eigen", "3")
+                          "--density-grid", "200", "--density-sigma", "0.001", "--density-negative-tolerance", "0",
+                          "--eigen", "3")
     assert spec_of(request, "hessian_trace") == pb.HessianTraceSpec(
         method=pb.TRACE_METHOD_HUTCH_PLUS_PLUS, max_hvps=120, relative_tolerance=0.01, frobenius=True)
     assert spec_of(request, "hessian_density") == pb.HessianDensitySpec(
-        lanczos_steps=40, num_probes=3, grid_points=200, sigma=0.001)
+        lanczos_steps=40, num_probes=3, grid_points=200, sigma=0.001, negative_tolerance=0.0)
+    # An explicit 0 reaches the server (it counts every negative node); no flag leaves it unset.
+    assert spec_of(request, "hessian_density").HasField("negative_tolerance")
+    assert not spec_of(request_for("--density"), "hessian_density").HasField("negative_tolerance")
     assert spec_of(request, "hessian_eigen").top_k == 3
     for name, enum in (("hutchinson", pb.TRACE_METHOD_HUTCHINSON), ("xtrace", pb.TRACE_METHOD_XTRACE)):
         assert spec_of(request_for("--trace", "--trace-method", name), "hessian_trace").method == enum
@@ -73,7 +77,7 @@ def test_curvature_trace_and_density_flags_end_to_end(server, digits_files, tmp_
                  "--curvature", "ggn", "--eigen", "1", "--smallest", "1",
                  "--trace", "--trace-method", "hutchinson", "--trace-max-hvps", "12", "--frobenius",
                  "--density", "--density-steps", "15", "--density-probes", "2", "--density-grid", "64",
-                 "--json", str(out)]) == 0
+                 "--density-negative-tolerance", "0.01", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["curvature"] == "ggn"
     results = report["results"]
@@ -86,6 +90,9 @@ def test_curvature_trace_and_density_flags_end_to_end(server, digits_files, tmp_
     density = results["hessian_density"]
     assert len(density["grid"]) == len(density["density"]) == 64
     assert len(density["nodes"]) == 2 * 15  # one Gauss quadrature of `steps` nodes per probe
+    assert density["negative_tolerance"] == 0.01 and len(density["density_stderr"]) == 64
+    # The GGN has no negative eigenvalues beyond rounding.
+    assert density["negative_mass"] == 0.0
     # The default is the Hessian, whose report says so.
     assert main(["analyze", str(model_path), "--data", str(data_path), "--server", server.target,
                  "--json", str(out)]) == 0

@@ -30,6 +30,26 @@ def test_a_full_report_shows_every_section():
         assert expected in text, expected
 
 
+def test_residuals_at_the_rounding_floor_read_as_a_bound():
+    floor = 2.0216e-08
+    at_floor = {**FULL_EIGEN, "residuals": {"largest": [floor, floor], "smallest": [3e-4]},
+                "residual_floor": {"largest": floor, "smallest": floor}}
+    text = render_report({"results": {"hessian_eigen": at_floor}})
+    assert "residual  <= 2.0e-08, at rounding" in text
+    assert "residual   0.0003" in text  # the smallest end's residual is a measurement
+    mixed = {**at_floor, "residuals": {"largest": [floor, 5e-6], "smallest": []}}
+    assert "<= 2.0e-08   5e-06 (<= : at rounding)" in render_report({"results": {"hessian_eigen": mixed}})
+
+
+def test_density_masses_with_their_standard_errors():
+    density = {"nodes": [-0.1, 0.5], "hvps": 90, "negative_mass": 0.0123, "negative_mass_stderr": 0.004,
+               "near_zero_mass": 0.7, "near_zero_mass_stderr": 0.01, "negative_tolerance": 1e-3}
+    text = render_report({"results": {"hessian_density": density}})
+    assert "negative mass 1.23 +- 0.40 %, near zero 70.00 +- 1.00 % (|lambda| <= 1e-03 max|lambda| is zero)" in text
+    # A report from before the masses had standard errors.
+    assert "negative mass 1.23 %" in render_report({"results": {"hessian_density": {"negative_mass": 0.0123}}})
+
+
 @pytest.mark.parametrize("report", [
     {},
     {"schema": "curvscope.report/v1", "model": {}, "results": {}},

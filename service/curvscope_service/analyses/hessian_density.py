@@ -9,7 +9,7 @@ from typing import Any
 
 from ..curvature.estimators.probes import BlockProducts
 from ..curvature.estimators.slq import slq
-from ..curvature.estimators.spectral_density import SIGMA, broadened_density
+from ..curvature.estimators.spectral_density import NEGATIVE_TOLERANCE, SIGMA, broadened_density, spectral_masses
 from ..curvature.operators.curvatures import CURVATURES
 from ..errors import InvalidInput
 from .base import Analysis, AnalysisContext, EngineLimits
@@ -23,12 +23,15 @@ MAX_GRID_POINTS = 100_000
 
 @dataclass(frozen=True)
 class HessianDensitySpec:
-    """The request's options; zeros ask for the defaults."""
+    """The request's options; zeros (and None) ask for the defaults."""
 
     lanczos_steps: int = 0
     num_probes: int = 0
     grid_points: int = 0
     sigma: float = 0.0
+    # Eigenvalues within this fraction of max|lambda| of zero are near zero, not negative;
+    # None asks for the default (NEGATIVE_TOLERANCE), 0 counts every negative node.
+    negative_tolerance: float | None = None
 
 
 def normalize(spec: HessianDensitySpec, limits: EngineLimits) -> HessianDensitySpec:
@@ -36,8 +39,12 @@ def normalize(spec: HessianDensitySpec, limits: EngineLimits) -> HessianDensityS
     probes = spec.num_probes or DEFAULT_PROBES
     grid_points = spec.grid_points or DEFAULT_GRID_POINTS
     sigma = spec.sigma or SIGMA
-    if steps < 1 or probes < 1:
-        raise InvalidInput(f"lanczos_steps and num_probes must be positive, got {steps} and {probes}")
+    tolerance = NEGATIVE_TOLERANCE if spec.negative_tolerance is None else spec.negative_tolerance
+    if steps < 1:
+        raise InvalidInput(f"lanczos_steps must be positive, got {steps}")
+    if probes < 2:
+        raise InvalidInput(f"num_probes must be at least 2 (the standard errors come from the spread over the "
+                           f"probes), got {probes}")
     if steps * probes > limits.max_products:
         raise InvalidInput(f"lanczos_steps x num_probes = {steps * probes} products is over this server's "
                            f"limit of {limits.max_products}")
@@ -45,7 +52,11 @@ def normalize(spec: HessianDensitySpec, limits: EngineLimits) -> HessianDensityS
         raise InvalidInput(f"grid_points {grid_points} must lie in [2, {MAX_GRID_POINTS}]")
     if not (0.0 < sigma < 1.0) or math.isnan(sigma):
         raise InvalidInput(f"sigma {sigma} (the broadening width relative to the spectral range) must lie in (0, 1)")
-    return HessianDensitySpec(lanczos_steps=steps, num_probes=probes, grid_points=grid_points, sigma=sigma)
+    if not (0.0 <= tolerance < 1.0) or math.isnan(tolerance):
+        raise InvalidInput(f"negative_tolerance {tolerance} (the fraction of max|eigenvalue| counted as zero) must "
+                           f"lie in [0, 1)")
+    return HessianDensitySpec(lanczos_steps=steps, num_probes=probes, grid_points=grid_points, sigma=sigma,
+                              negative_tolerance=tolerance)
 
 
 def run(context: AnalysisContext, spec: HessianDensitySpec) -> dict[str, Any]:
@@ -59,7 +70,8 @@ def run(context: AnalysisContext, spec: HessianDensitySpec) -> dict[str, Any]:
     )
     curve = broadened_density(quadrature.nodes, quadrature.weights, grid_points=spec.grid_points,
                               sigma=spec.sigma)
-    return {**curve, "nodes": quadrature.nodes.reshape(-1).tolist(),
+    masses = spectral_masses(quadrature.nodes, quadrature.weights, tolerance=spec.negative_tolerance)
+    return {**curve, **masses, "nodes": quadrature.nodes.reshape(-1).tolist(),
             "weights": quadrature.weights.reshape(-1).tolist(), "hvps": apply.products,
             "seconds": time.perf_counter() - start}
 

@@ -20,7 +20,12 @@ def test_report_block(case):
     report = compute_hessian_eigen(
         operator(case), top_k=2, bottom_k=2, tol=1e-9, progress=lambda *event: steps.append(event)
     )
-    assert set(report) == {"largest", "smallest", "residuals", "converged", "hvps", "seconds", "tolerance"}
+    assert set(report) == {"largest", "smallest", "residuals", "converged", "hvps", "seconds", "tolerance",
+                           "residual_floor"}
+    # eps(float64) x ||H||, per end; no residual is reported below it.
+    floor = torch.finfo(case.hessian.dtype).eps * truth.abs().max().item()
+    assert report["residual_floor"]["largest"] == report["residual_floor"]["smallest"] == pytest.approx(floor, rel=1e-6)
+    assert min(report["residuals"]["largest"] + report["residuals"]["smallest"]) >= report["residual_floor"]["largest"]
     assert set(report["residuals"]) == {"largest", "smallest"}
     json.dumps(report)  # plain Python numbers only
     assert all(type(x) is float for x in report["largest"] + report["smallest"] + report["residuals"]["largest"])

@@ -74,4 +74,7 @@ def compute_hessian_eigen(
         "hvps": result.products,
         "seconds": result.seconds,
         "tolerance": float(tol),
+        # One floor for the whole spectrum (eps of the products' precision times ||H||), given
+        # per end so that each residual list is read against its own entry.
+        "residual_floor": {"largest": result.residual_floor, "smallest": result.residual_floor},
     }

@@ -44,6 +44,8 @@ class EigenResult:
     restarts: int
     seconds: float
     eigenvectors: tuple[list[Tensor], list[Tensor]] | None = None
+    # eps(dtype) * max|Ritz value|: no residual is reported below it (the products' rounding).
+    residual_floor: float = 0.0
 
 
 @dataclass
@@ -179,6 +181,7 @@ def lanczos(
                 restarts=restarts,
                 seconds=time.perf_counter() - start,
                 eigenvectors=vectors,
+                residual_floor=float(rounding * scale),
             )
 
         if broke:

@@ -244,16 +244,18 @@ class HessianTraceSpec(_message.Message):
     def __init__(self, method: _Optional[_Union[TraceMethod, str]] = ..., max_hvps: _Optional[int] = ..., relative_tolerance: _Optional[float] = ..., frobenius: _Optional[bool] = ...) -> None: ...
 
 class HessianDensitySpec(_message.Message):
-    __slots__ = ("lanczos_steps", "num_probes", "grid_points", "sigma")
+    __slots__ = ("lanczos_steps", "num_probes", "grid_points", "sigma", "negative_tolerance")
     LANCZOS_STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROBES_FIELD_NUMBER: _ClassVar[int]
     GRID_POINTS_FIELD_NUMBER: _ClassVar[int]
     SIGMA_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     lanczos_steps: int
     num_probes: int
     grid_points: int
     sigma: float
-    def __init__(self, lanczos_steps: _Optional[int] = ..., num_probes: _Optional[int] = ..., grid_points: _Optional[int] = ..., sigma: _Optional[float] = ...) -> None: ...
+    negative_tolerance: float
+    def __init__(self, lanczos_steps: _Optional[int] = ..., num_probes: _Optional[int] = ..., grid_points: _Optional[int] = ..., sigma: _Optional[float] = ..., negative_tolerance: _Optional[float] = ...) -> None: ...
 
 class SharpnessSpec(_message.Message):
     __slots__ = ("learning_rate",)
@@ -419,8 +421,16 @@ class EigenResiduals(_message.Message):
     smallest: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, largest: _Optional[_Iterable[float]] = ..., smallest: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class ResidualFloor(_message.Message):
+    __slots__ = ("largest", "smallest")
+    LARGEST_FIELD_NUMBER: _ClassVar[int]
+    SMALLEST_FIELD_NUMBER: _ClassVar[int]
+    largest: float
+    smallest: float
+    def __init__(self, largest: _Optional[float] = ..., smallest: _Optional[float] = ...) -> None: ...
+
 class HessianEigenResult(_message.Message):
-    __slots__ = ("largest", "smallest", "residuals", "converged", "hvps", "seconds", "tolerance")
+    __slots__ = ("largest", "smallest", "residuals", "converged", "hvps", "seconds", "tolerance", "residual_floor")
     LARGEST_FIELD_NUMBER: _ClassVar[int]
     SMALLEST_FIELD_NUMBER: _ClassVar[int]
     RESIDUALS_FIELD_NUMBER: _ClassVar[int]
@@ -428,6 +438,7 @@ class HessianEigenResult(_message.Message):
     HVPS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_FLOOR_FIELD_NUMBER: _ClassVar[int]
     largest: _containers.RepeatedScalarFieldContainer[float]
     smallest: _containers.RepeatedScalarFieldContainer[float]
     residuals: EigenResiduals
@@ -435,7 +446,8 @@ class HessianEigenResult(_message.Message):
     hvps: int
     seconds: float
     tolerance: float
-    def __init__(self, largest: _Optional[_Iterable[float]] = ..., smallest: _Optional[_Iterable[float]] = ..., residuals: _Optional[_Union[EigenResiduals, _Mapping]] = ..., converged: _Optional[bool] = ..., hvps: _Optional[int] = ..., seconds: _Optional[float] = ..., tolerance: _Optional[float] = ...) -> None: ...
+    residual_floor: ResidualFloor
+    def __init__(self, largest: _Optional[_Iterable[float]] = ..., smallest: _Optional[_Iterable[float]] = ..., residuals: _Optional[_Union[EigenResiduals, _Mapping]] = ..., converged: _Optional[bool] = ..., hvps: _Optional[int] = ..., seconds: _Optional[float] = ..., tolerance: _Optional[float] = ..., residual_floor: _Optional[_Union[ResidualFloor, _Mapping]] = ...) -> None: ...
 
 class HessianTraceResult(_message.Message):
     __slots__ = ("estimate", "stderr", "method", "hvps", "frobenius_squared", "frobenius_squared_stderr", "seconds", "seeded_eigenpairs")
@@ -458,7 +470,7 @@ class HessianTraceResult(_message.Message):
     def __init__(self, estimate: _Optional[float] = ..., stderr: _Optional[float] = ..., method: _Optional[str] = ..., hvps: _Optional[int] = ..., frobenius_squared: _Optional[float] = ..., frobenius_squared_stderr: _Optional[float] = ..., seconds: _Optional[float] = ..., seeded_eigenpairs: _Optional[int] = ...) -> None: ...
 
 class HessianDensityResult(_message.Message):
-    __slots__ = ("grid", "density", "nodes", "weights", "negative_mass", "hvps", "seconds")
+    __slots__ = ("grid", "density", "nodes", "weights", "negative_mass", "hvps", "seconds", "density_stderr", "negative_mass_stderr", "near_zero_mass", "near_zero_mass_stderr", "negative_tolerance")
     GRID_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
@@ -466,6 +478,11 @@ class HessianDensityResult(_message.Message):
     NEGATIVE_MASS_FIELD_NUMBER: _ClassVar[int]
     HVPS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_STDERR_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_MASS_STDERR_FIELD_NUMBER: _ClassVar[int]
+    NEAR_ZERO_MASS_FIELD_NUMBER: _ClassVar[int]
+    NEAR_ZERO_MASS_STDERR_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     grid: _containers.RepeatedScalarFieldContainer[float]
     density: _containers.RepeatedScalarFieldContainer[float]
     nodes: _containers.RepeatedScalarFieldContainer[float]
@@ -473,7 +490,12 @@ class HessianDensityResult(_message.Message):
     negative_mass: float
     hvps: int
     seconds: float
-    def __init__(self, grid: _Optional[_Iterable[float]] = ..., density: _Optional[_Iterable[float]] = ..., nodes: _Optional[_Iterable[float]] = ..., weights: _Optional[_Iterable[float]] = ..., negative_mass: _Optional[float] = ..., hvps: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    density_stderr: _containers.RepeatedScalarFieldContainer[float]
+    negative_mass_stderr: float
+    near_zero_mass: float
+    near_zero_mass_stderr: float
+    negative_tolerance: float
+    def __init__(self, grid: _Optional[_Iterable[float]] = ..., density: _Optional[_Iterable[float]] = ..., nodes: _Optional[_Iterable[float]] = ..., weights: _Optional[_Iterable[float]] = ..., negative_mass: _Optional[float] = ..., hvps: _Optional[int] = ..., seconds: _Optional[float] = ..., density_stderr: _Optional[_Iterable[float]] = ..., negative_mass_stderr: _Optional[float] = ..., near_zero_mass: _Optional[float] = ..., near_zero_mass_stderr: _Optional[float] = ..., negative_tolerance: _Optional[float] = ...) -> None: ...
 
 class SharpnessResult(_message.Message):
     __slots__ = ("value", "learning_rate", "gd_stable", "margin", "converged", "hvps", "source")
