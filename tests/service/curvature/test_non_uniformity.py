@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -74,8 +75,23 @@ def top(matrix: torch.Tensor) -> float:
 
 
 def stability_matrix(h, sigma, eta, n, b):
+    """Wu, Ma & E's operator with their factor written out: (n - B) / (B (n - 1))."""
     eye = torch.eye(h.shape[0], dtype=h.dtype)
-    return (eye - eta * h) @ (eye - eta * h) + eta**2 * sgd_noise_factor(n, b) * sigma
+    return (eye - eta * h) @ (eye - eta * h) + eta**2 * (n - b) / (b * (n - 1)) * sigma
+
+
+@pytest.mark.parametrize("n, b", [(6, 1), (6, 2), (6, 5), (6, 6), (7, 3)])
+def test_noise_factor_is_the_variance_of_a_batch_drawn_without_replacement(n, b):
+    # The factor's meaning, by enumeration: over every batch of B distinct samples, the mean of
+    # (H_B - H)^2, H_B the batch's mean Hessian, is factor x Sigma.
+    generator = torch.Generator().manual_seed(n * 10 + b)
+    per_sample = [(lambda m: m + m.T)(torch.randn(4, 4, dtype=torch.float64, generator=generator)) for _ in range(n)]
+    h, sigma = dense_sigma(per_sample)
+    batches = list(itertools.combinations(range(n), b))
+    spread = sum(((sum(per_sample[i] for i in batch) / b - h) @ (sum(per_sample[i] for i in batch) / b - h))
+                 for batch in batches) / len(batches)
+    assert torch.allclose(spread, sgd_noise_factor(n, b) * sigma, rtol=1e-10, atol=1e-12)
+    assert sgd_noise_factor(n, b) == pytest.approx((n - b) / (b * (n - 1)), rel=1e-15)
 
 
 # Every way a product can be computed: per-sample gradient graphs kept (double backward or
