@@ -169,7 +169,7 @@ def evaluate(policy: Policy, report: dict[str, Any], baseline: dict[str, Any] | 
             if baseline is not None:
                 previous = next((v for _, v in resolve(baseline, segments)), None)
             verdicts.append(_judge(check, format_path(segments), value, previous, policy.missing_baseline,
-                                   baseline is not None))
+                                   baseline is not None, _stderr(check, report, segments)))
     return GateResult(verdicts=verdicts, report=report, baseline=baseline, failed_analyses=failed_analyses,
                       policy=policy.source)
 
@@ -185,10 +185,35 @@ def _unmeasured(check: Check, report: dict[str, Any], failed: dict[str, str]) ->
                    analysis=check.analysis, description=check.description)
 
 
-def _judge(check: Check, path: str, value: Any, previous: Any, missing_baseline: str, has_baseline: bool) -> Verdict:
+def _stderr(check: Check, report: dict[str, Any], segments: tuple) -> tuple[str, Any] | None:
+    """(path, value) of the standard error the check names for this value (value _MISSING when
+    the report lacks it); None when the check names none."""
+    path = check.stderr_path(segments)
+    if path is None:
+        return None
+    return format_path(path), next((value for _, value in resolve(report, path)), _MISSING)
+
+
+# A standard error the check names but the report lacks (an older server, a trimmed report).
+_MISSING = object()
+
+
+def _judge(check: Check, path: str, value: Any, previous: Any, missing_baseline: str, has_baseline: bool,
+           stderr: tuple[str, Any] | None = None) -> Verdict:
     verdict = Verdict(check=check.name, path=path, status=PASS, value=value, baseline=previous,
                       bounds=check.describe(), analysis=check.analysis, description=check.description)
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    band = 0.0
+    if stderr is not None and numeric:
+        where, error = stderr
+        if error is _MISSING or not isinstance(error, (int, float)) or isinstance(error, bool) \
+                or not error >= 0 or math.isinf(error):
+            # A check that asked for error bars is not judged without them.
+            verdict.status = ERROR
+            verdict.reasons = [f"the report has no standard error at {where}" if error is _MISSING
+                               else f"the standard error at {where} is {error}, not a number >= 0"]
+            return verdict
+        band = check.sigmas * error
     if numeric and isinstance(previous, (int, float)) and not isinstance(previous, bool):
         verdict.change = value - previous
         if previous != 0:
@@ -197,12 +222,21 @@ def _judge(check: Check, path: str, value: Any, previous: Any, missing_baseline:
             verdict.relative_change = math.copysign(math.inf, verdict.change)
         else:
             verdict.relative_change = 0.0
+    # Each level's crossed bounds and, with error bars, a bound inside them (borderline); the most
+    # severe of these, in this order, decides.
+    candidates = []
     for level in ("fail", "warn"):
-        reasons = _violations(getattr(check, level), value, verdict, numeric)
+        reasons = _violations(getattr(check, level), value, verdict, numeric, band)
         if reasons:
-            verdict.status = FAIL if level == "fail" else WARN
-            verdict.reasons = reasons
-            break
+            candidates.append((FAIL if level == "fail" else WARN, reasons))
+        near = _borderline(getattr(check, level), value, band) if numeric and band > 0 else ""
+        if near:
+            status = check.borderline if level == "fail" else min(check.borderline, WARN, key=SEVERITY.get)
+            candidates.append((status, [f"borderline ({status}): {near}, within {check.sigmas:g} standard errors "
+                                        f"(+- {band:.3g})"]))
+    if candidates:
+        worst = max(SEVERITY[status] for status, _ in candidates)
+        verdict.status, verdict.reasons = next((s, r) for s, r in candidates if SEVERITY[s] == worst)
     if check.has_change and verdict.change is None and not (numeric and math.isnan(value)):
         note = ("no baseline given" if not has_baseline else "the baseline has no value here") + \
                ": change bounds not checked"
@@ -214,7 +248,18 @@ def _judge(check: Check, path: str, value: Any, previous: Any, missing_baseline:
     return verdict
 
 
-def _violations(bounds: Bounds, value: Any, verdict: Verdict, numeric: bool) -> list[str]:
+def _borderline(bounds: Bounds, value: float, band: float) -> str:
+    """The first of min / max that lies within value +- band; "" when neither does."""
+    if bounds.max is not None and value - band <= bounds.max < value + band:
+        return f"max {bounds.max:g} lies in [{value - band:.6g}, {value + band:.6g}]"
+    if bounds.min is not None and value - band < bounds.min <= value + band:
+        return f"min {bounds.min:g} lies in [{value - band:.6g}, {value + band:.6g}]"
+    return ""
+
+
+def _violations(bounds: Bounds, value: Any, verdict: Verdict, numeric: bool, band: float = 0.0) -> list[str]:
+    """The bounds the value crosses; with error bars (band = k stderr), only those it crosses by
+    more than the band."""
     reasons = []
     if bounds.equals is not None and value != bounds.equals:
         expected = str(bounds.equals).lower() if isinstance(bounds.equals, bool) else bounds.equals
@@ -224,10 +269,12 @@ def _violations(bounds: Bounds, value: Any, verdict: Verdict, numeric: bool) -> 
         return reasons
     if math.isnan(value) and (bounds.min is not None or bounds.max is not None or bounds.has_change):
         return ["is NaN"]  # NaN compares false to everything: it would pass every bound
-    if bounds.min is not None and value < bounds.min:
-        reasons.append(f"{value:.6g} < min {bounds.min:g}")
-    if bounds.max is not None and value > bounds.max:
-        reasons.append(f"{value:.6g} > max {bounds.max:g}")
+    plus = f" + {band:.3g}" if band else ""
+    minus = f" - {band:.3g}" if band else ""
+    if bounds.min is not None and value + band < bounds.min:
+        reasons.append(f"{value:.6g}{plus} < min {bounds.min:g}")
+    if bounds.max is not None and value - band > bounds.max:
+        reasons.append(f"{value:.6g}{minus} > max {bounds.max:g}")
     change, relative = verdict.change, verdict.relative_change
     if change is not None:
         if bounds.max_increase is not None and relative > bounds.max_increase:

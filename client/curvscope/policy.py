@@ -4,8 +4,11 @@ A check names a report value by a dotted path (``results.hessian_eigen.largest[0
 ``per_layer.*.sharpness.value``, ``results.weight_spectra.layers[*].alpha``) and bounds it at two
 levels, ``fail`` and ``warn``: absolute bounds (``min``, ``max``, ``equals``) and bounds on the
 change against a baseline report (``max_increase`` / ``max_decrease`` as fractions of the
-baseline, ``max_increase_abs`` / ``max_decrease_abs`` in the value's units). Paths are checked
-against the report's message types when the policy is read, so a typo fails before any work.
+baseline, ``max_increase_abs`` / ``max_decrease_abs`` in the value's units). A check of an
+estimated value may name its standard error (``stderr = "PATH"``, ``sigmas = k``): ``min`` and
+``max`` are then judged on value +- k stderr, a bound inside that band being ``borderline``.
+Paths are checked against the report's message types when the policy is read, so a typo fails
+before any work.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ ABSOLUTE_BOUNDS = ("min", "max")
 CHANGE_BOUNDS = ("max_increase", "max_decrease", "max_increase_abs", "max_decrease_abs")
 LEVELS = ("fail", "warn")
 MISSING_BASELINE = ("pass", "warn", "fail")
+BORDERLINE = ("pass", "warn", "fail")
+DEFAULT_SIGMAS = 2.0
 REQUEST_KEYS = {"loss", "curvature", "precision", "seed", "per_layer", "micro_batch_size", "max_samples", "timeout"}
 CURVATURES = {"hessian": pb.CURVATURE_HESSIAN, "ggn": pb.CURVATURE_GGN, "fisher": pb.CURVATURE_FISHER,
               "empirical_fisher": pb.CURVATURE_EMPIRICAL_FISHER}
@@ -198,6 +203,11 @@ class Check:
     fail: Bounds
     warn: Bounds
     description: str = ""
+    # The value's standard error (a path; wildcards take the value's own keys and indices), how
+    # many of them make the band around the value, and the verdict of a bound inside the band.
+    stderr: tuple[Segment, ...] | None = None
+    sigmas: float = DEFAULT_SIGMAS
+    borderline: str = "warn"
 
     @property
     def analysis(self) -> str | None:
@@ -214,7 +224,19 @@ class Check:
         return self.fail.has_change or self.warn.has_change
 
     def describe(self) -> str:
-        return "; ".join(f"{level} {text}" for level in LEVELS if (text := getattr(self, level).describe()))
+        text = "; ".join(f"{level} {text}" for level in LEVELS if (text := getattr(self, level).describe()))
+        if self.stderr is not None:
+            text += f" (on value +- {self.sigmas:g} x {format_path(self.stderr)})"
+        return text
+
+    def stderr_path(self, concrete: tuple[Segment, ...]) -> tuple[Segment, ...] | None:
+        """The standard error's path for one expansion of the value's path: its wildcards take,
+        in order, the keys and indices the value's wildcards took."""
+        if self.stderr is None:
+            return None
+        taken = iter(c for pattern, c in zip(self.segments, concrete) if pattern[0] in ("any_key", "any_index"))
+        return tuple(next(taken, segment) if segment[0] in ("any_key", "any_index") else segment
+                     for segment in self.stderr)
 
 
 @dataclass
@@ -304,7 +326,7 @@ def _check(raw: Any, number: int, source: str) -> Check:
     where = f"{source} check #{number}"
     if not isinstance(raw, dict):
         raise PolicyError(f"{where} must be a table")
-    _known(raw, {"name", "path", "description", *LEVELS}, where)
+    _known(raw, {"name", "path", "description", "stderr", "sigmas", "borderline", *LEVELS}, where)
     if not isinstance(raw.get("path"), str):
         raise PolicyError(f"{where} needs a path, e.g. path = \"results.hessian_eigen.largest[0]\"")
     segments = parse_path(raw["path"])
@@ -320,8 +342,36 @@ def _check(raw: Any, number: int, source: str) -> Check:
         levels[level] = _bounds(table, leaf, f"{where} {level}")
     if not any(raw.get(level) for level in LEVELS):
         raise PolicyError(f"{where} has no bounds: give it fail = {{ ... }} and/or warn = {{ ... }}")
+    stderr, sigmas, borderline = _uncertainty(raw, segments, leaf, where)
     return Check(name=str(name), path=raw["path"], segments=segments, fail=levels["fail"], warn=levels["warn"],
-                 description=str(raw.get("description", "")))
+                 description=str(raw.get("description", "")), stderr=stderr, sigmas=sigmas, borderline=borderline)
+
+
+def _uncertainty(raw: dict[str, Any], segments: tuple[Segment, ...], leaf: FieldDescriptor,
+                 where: str) -> tuple[tuple[Segment, ...] | None, float, str]:
+    """A check's ``stderr`` path, ``sigmas`` and ``borderline`` verdict, checked."""
+    if "stderr" not in raw:
+        if "sigmas" in raw or "borderline" in raw:
+            raise PolicyError(f"{where}: sigmas and borderline need stderr = \"PATH\", the path of the value's "
+                              f"standard error (e.g. results.hessian_density.negative_mass_stderr)")
+        return None, DEFAULT_SIGMAS, "warn"
+    if leaf.type not in _NUMERIC:
+        raise PolicyError(f"{where}: stderr applies to a number, and {leaf.name} is not one")
+    if not isinstance(raw["stderr"], str):
+        raise PolicyError(f"{where}: stderr must be the path of the value's standard error, e.g. "
+                          f"\"results.hessian_density.negative_mass_stderr\"")
+    stderr = parse_path(raw["stderr"])
+    if _leaf_field(stderr, raw["stderr"]).type not in _NUMERIC:
+        raise PolicyError(f"{where}: stderr {raw['stderr']!r} is not a number")
+    wild = lambda path: sum(s[0] in ("any_key", "any_index") for s in path)  # noqa: E731
+    if wild(stderr) > wild(segments):
+        raise PolicyError(f"{where}: stderr {raw['stderr']!r} has more wildcards than the path; each of its "
+                          f"wildcards takes the key or index of one of the path's")
+    sigmas = raw.get("sigmas", DEFAULT_SIGMAS)
+    if not _is_number(sigmas) or not (0 <= sigmas < math.inf):
+        raise PolicyError(f"{where}: sigmas must be a number of standard errors >= 0, not {sigmas!r}")
+    borderline = _choice(raw.get("borderline", "warn"), BORDERLINE, f"{where} borderline")
+    return stderr, float(sigmas), borderline
 
 
 def _bounds(table: dict[str, Any], leaf: FieldDescriptor, where: str) -> Bounds:

@@ -290,6 +290,76 @@ def test_wildcards_give_one_verdict_per_value():
     assert by_check(evaluate(parse_policy(POLICY), standard(stable=False), standard()))["SGD stable"][0].status == FAIL
 
 
+STDERR_POLICY = """
+[request]
+per_layer = true
+[analyses.hessian_density]
+[analyses.hessian_trace]
+
+[[checks]]
+name = "negative mass"
+path = "results.hessian_density.negative_mass"
+stderr = "results.hessian_density.negative_mass_stderr"
+sigmas = 2
+fail = { max = 0.10 }
+warn = { max = 0.05 }
+
+[[checks]]
+name = "layer trace"
+path = "per_layer.*.hessian_trace.estimate"
+stderr = "per_layer.*.hessian_trace.stderr"
+borderline = "fail"
+fail = { min = 1.0 }
+"""
+
+
+def density_report(mass: float, stderr: float | None, layers=((3.0, 0.5), (1.2, 0.5))) -> dict:
+    density = {"grid": [0.0, 1.0], "density": [1.0, 1.0], "nodes": [0.5], "weights": [1.0], "negative_mass": mass}
+    if stderr is not None:
+        density["negative_mass_stderr"] = stderr
+    trace = lambda estimate, error: {"estimate": estimate, "stderr": error, "method": "xtrace", "hvps": 10}  # noqa: E731
+    return make_report({"hessian_density": density, "hessian_trace": trace(3.0, 0.1)},
+                       {f"block{i}": {"hessian_trace": trace(*layer)} for i, layer in enumerate(layers)})
+
+
+@pytest.mark.parametrize("mass, stderr, status, reason", [
+    (0.02, 0.01, PASS, ""),                                              # [0, 0.04]: clear of 0.05
+    (0.04, 0.01, WARN, "borderline (warn): max 0.05 lies in [0.02, 0.06]"),  # the warn bound inside the band
+    (0.07, 0.005, WARN, "0.07 - 0.01 > max 0.05"),                       # over the warn bound beyond the band
+    (0.09, 0.01, WARN, "borderline (warn): max 0.1 lies in [0.07, 0.11]"),   # the fail bound inside: warn by default
+    (0.13, 0.01, FAIL, "0.13 - 0.02 > max 0.1"),                         # over the fail bound beyond the band
+    (0.13, 0.0, FAIL, "0.13 > max 0.1"),                                 # no spread: the value itself
+    (0.02, None, ERROR, "the report has no standard error at results.hessian_density.negative_mass_stderr"),
+])
+def test_bounds_on_value_plus_minus_k_standard_errors(mass, stderr, status, reason):
+    verdict = by_check(evaluate(parse_policy(STDERR_POLICY), density_report(mass, stderr)))["negative mass"][0]
+    assert verdict.status == status and reason in verdict.detail, verdict.detail
+    assert "(on value +- 2 x results.hessian_density.negative_mass_stderr)" in verdict.bounds
+
+
+def test_standard_errors_follow_the_values_wildcards():
+    # block0: 3.0 +- 1.0 is clear of min 1; block1: 1.2 +- 1.0 holds 1.0, and borderline = "fail".
+    layers = by_check(evaluate(parse_policy(STDERR_POLICY), density_report(0.0, 0.0)))["layer trace"]
+    assert [(v.path, v.status) for v in layers] == [("per_layer.block0.hessian_trace.estimate", PASS),
+                                                   ("per_layer.block1.hessian_trace.estimate", FAIL)]
+    assert "borderline (fail): min 1 lies in [0.2, 2.2]" in layers[1].detail
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("sigmas = 2", "sigmas and borderline need stderr"),
+    ("stderr = 'results.hessian_density.negative_mas_stderr'", "has no field 'negative_mas_stderr'"),
+    ("stderr = 'results.hessian_density.hvps'\nsigmas = -1", "sigmas must be a number of standard errors >= 0"),
+    ("stderr = 'results.hessian_density.negative_mass_stderr'\nborderline = 'maybe'", "borderline must be one of"),
+    ("stderr = 'per_layer.*.hessian_trace.stderr'", "more wildcards than the path"),
+    ("stderr = 3", "stderr must be the path"),
+])
+def test_stderr_policy_errors(extra, message):
+    text = f"[request]\nper_layer = true\n[analyses.hessian_density]\n[[checks]]\npath = 'results.hessian_density.negative_mass'\n{extra}\nfail = {{ max = 0.1 }}"
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text)
+    assert message in str(caught.value)
+
+
 def test_github_annotations_escape_workflow_commands():
     result = evaluate(parse_policy(POLICY), standard(11.0, layers=(1.0, 3.5)), standard(10.9))
     lines = github_annotations(result)
