@@ -157,11 +157,17 @@ def _stability(results: dict[str, Any], indent: str) -> list[str]:
     nu = results.get("non_uniformity")
     if nu:
         state = "" if nu.get("converged", True) else ", NOT converged"
-        lines.append(f"{indent}non-uniformity s = {_fmt(nu.get('value'))}  ({nu.get('method', 'exact')}, "
+        error = nu.get("value_stderr")
+        spread = f" +- {_fmt(error, '.2g')}" if isinstance(error, (int, float)) and error > 0 else ""
+        lines.append(f"{indent}non-uniformity s = {_fmt(nu.get('value'))}{spread}  ({nu.get('method', 'exact')}, "
                      f"{nu.get('sigma_samples', nu.get('num_samples', 0))} samples, sharpness {_fmt(nu.get('sharpness', 0))}{state})")
         if "sgd_stable" in nu:
             lines.append(f"{indent}  SGD at lr {_fmt(nu.get('learning_rate'), '.4g')}, batch {_fmt(nu.get('batch_size'))}: "
-                         f"{_verdict(nu['sgd_stable'])} (lambda_max = {_fmt(nu.get('stability_eigenvalue'))}, stable if <= 1)")
+                         f"{_verdict(nu['sgd_stable'])} (lambda_max = {_fmt(nu.get('stability_eigenvalue'))}"
+                         + (f" +- {_fmt(nu['stability_eigenvalue_stderr'], '.2g')}"
+                            if isinstance(nu.get("stability_eigenvalue_stderr"), (int, float))
+                            and nu["stability_eigenvalue_stderr"] > 0 else "")
+                         + ", stable if <= 1)")
             bound = nu.get("non_uniformity_bound")
             lines.append(f"{indent}  necessary conditions a <= {_fmt(nu.get('sharpness_bound'))}"
                          + (f", s <= {_fmt(bound)}" if bound is not None else "")

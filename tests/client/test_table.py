@@ -41,6 +41,16 @@ def test_residuals_at_the_rounding_floor_read_as_a_bound():
     assert "<= 2.0e-08   5e-06 (<= : at rounding)" in render_report({"results": {"hessian_eigen": mixed}})
 
 
+def test_subsampled_non_uniformity_shows_its_error_bars():
+    nu = {"value": 3.4, "value_stderr": 0.21, "method": "exact", "sigma_samples": 64, "sharpness": 0.7,
+          "sgd_stable": True, "learning_rate": 0.1, "batch_size": 32, "stability_eigenvalue": 0.95,
+          "stability_eigenvalue_stderr": 0.03, "sharpness_bound": 20.0, "necessary_conditions_met": True}
+    text = render_report({"results": {"non_uniformity": nu}})
+    assert "non-uniformity s = 3.4 +- 0.21" in text and "lambda_max = 0.95 +- 0.03, stable if <= 1" in text
+    exact = render_report({"results": {"non_uniformity": {**nu, "value_stderr": 0.0}}})
+    assert "s = 3.4  (" in exact  # every sample used: no error bar to show
+
+
 def test_density_masses_with_their_standard_errors():
     density = {"nodes": [-0.1, 0.5], "hvps": 90, "negative_mass": 0.0123, "negative_mass_stderr": 0.004,
                "near_zero_mass": 0.7, "near_zero_mass_stderr": 0.01, "negative_tolerance": 1e-3}

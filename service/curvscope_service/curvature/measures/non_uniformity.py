@@ -21,6 +21,14 @@ eigenvalues are computed here matrix-free by Lanczos to a residual tolerance (th
 runs 10 power iterations, which stops short of the top eigenvalue).
 
 The Sigma products are the per-sample operators' (``operators/per_sample.py``).
+
+On a subsample of m of the n samples (``max_samples``), Sigma and H are estimates. To first
+order a top eigenvalue moves by u^T (error of the matrix) u (u its unit eigenvector), and
+u^T Sigma_m u is the mean over the m samples of q_i = ||(H_i - H) u||^2: for m drawn without
+replacement its standard error is std(q) / sqrt(m) * sqrt((n - m) / (n - 1)), and s = sqrt(lambda)
+has half that relative error. The stability eigenvalue's error, from w^T ((I - eta H)^2 +
+eta^2 c Sigma) w, is that of the mean of -2 eta w^T D_i w + 2 eta^2 (H w)^T D_i w + eta^2 c
+||D_i w||^2 (D_i = H_i - H). The exact method reports both (0 when every sample is used).
 """
 
 from __future__ import annotations
@@ -74,7 +82,12 @@ def compute_non_uniformity(
     total = max_products * (1 + (sharpness is None) + verdict)
     done = 0
 
-    def solve(matvec: Callable[[Tensor], Tensor]) -> tuple[float, bool]:
+    # Standard errors of the subsample's Sigma, where the operator can give per-sample terms.
+    subsampled = operator.num_samples < n
+    errors = hasattr(operator, "deviation_terms")
+    vectors: list[Tensor] = []
+
+    def solve(matvec: Callable[[Tensor], Tensor], keep: bool = False) -> tuple[float, bool]:
         nonlocal done
 
         def on_step(products: int, estimate: float) -> None:
@@ -82,11 +95,19 @@ def compute_non_uniformity(
                 progress(done + products, total, estimate)
 
         result = lanczos(matvec, operator.dim, top_k=1, tol=tol, max_products=max_products, seed=seed,
-                         dtype=operator.dtype, device=operator.device, on_step=on_step)
+                         dtype=operator.dtype, device=operator.device, on_step=on_step,
+                         return_eigenvectors=keep, eigenvector_dtype=operator.dtype)
         done += result.products
+        if keep:
+            vectors.append(result.eigenvectors[0][0])
         return result.largest[0], result.converged
 
-    sigma_max, converged = solve(lambda v: operator.sigma_parts(v)[1])
+    def subsample_stderr(terms: Tensor) -> float:
+        """The standard error of the mean of per-sample terms over m of the n samples."""
+        m = terms.numel()
+        return terms.std().item() / math.sqrt(m) * math.sqrt((n - m) / (n - 1))
+
+    sigma_max, converged = solve(lambda v: operator.sigma_parts(v)[1], keep=errors and subsampled)
     if sharpness is None:
         a, a_converged = solve(operator.matvec)
     else:
@@ -103,6 +124,10 @@ def compute_non_uniformity(
         "tolerance": tol,
         "sharpness": a,
     }
+    if errors:
+        error = subsample_stderr(operator.deviation_terms(vectors[0])[0]) if subsampled else 0.0
+        # d sqrt(lambda) = d lambda / (2 sqrt(lambda)); at s = 0 the error of s is that of sqrt(lambda).
+        block["value_stderr"] = error / (2 * s) if s > 0 else math.sqrt(error)
     if verdict:
         eta, c = learning_rate, sgd_noise_factor(n, batch_size)
 
@@ -111,7 +136,13 @@ def compute_non_uniformity(
             cv, sv, ccv = operator.sigma_parts(v, square=True)
             return v - 2 * eta * cv + eta**2 * ccv + eta**2 * c * sv
 
-        value, stable_converged = solve(stability)
+        value, stable_converged = solve(stability, keep=errors and subsampled)
+        if errors:
+            error = 0.0
+            if subsampled:
+                norms, forms, cross = operator.deviation_terms(vectors[-1])
+                error = subsample_stderr(-2 * eta * forms + 2 * eta**2 * cross + eta**2 * c * norms)
+            block["stability_eigenvalue_stderr"] = error
         bound_s = math.inf if batch_size == n else math.sqrt(1 / c) / eta
         # Both sides are known to the solver's relative tolerance.
         met = a >= -tol * abs(a) and a <= (2 / eta) * (1 + tol) and s <= bound_s * (1 + tol)

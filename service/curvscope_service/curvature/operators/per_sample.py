@@ -129,6 +129,22 @@ class PerSampleHessians(_PerSample):
         self.products += 1
         return hv, self._flat(out) / self.num_samples, self._hessian.matvec(hv) if square else None
 
+    def deviation_terms(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per sample, with D_i = H_i - H: ||D_i v||^2, v^T D_i v and (H v)^T D_i v (float64, each of
+        length num_samples). The first has the mean v^T Sigma v, the others 0; their spread over
+        the samples is the sampling error of quadratic forms of Sigma and H."""
+        vs = self._split(v)
+        hv = self._split(self._hessian.matvec(v))
+        terms: list[list[Tensor]] = [[], [], []]
+        for x, t in self._chunks(self._chunk):
+            self._step()
+            products = self._per_sample_products(self._gradient_graph(x, t), vs)
+            deviations = [(part - mean).flatten(1).to(torch.float64) for part, mean in zip(products, hv)]
+            terms[0].append(sum((d * d).sum(1) for d in deviations))
+            terms[1].append(sum(d @ w.reshape(-1).to(torch.float64) for d, w in zip(deviations, vs)))
+            terms[2].append(sum(d @ h.reshape(-1).to(torch.float64) for d, h in zip(deviations, hv)))
+        return tuple(torch.cat(parts) for parts in terms)
+
     def _gradient_graph(self, x: Tensor, t: Tensor) -> tuple[Tensor, ...]:
         """The per-sample gradients of a chunk, (m, *shape) per parameter, with their graph."""
         with torch.enable_grad():

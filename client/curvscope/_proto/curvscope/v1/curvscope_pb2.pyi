@@ -516,7 +516,7 @@ class SharpnessResult(_message.Message):
     def __init__(self, value: _Optional[float] = ..., learning_rate: _Optional[float] = ..., gd_stable: _Optional[bool] = ..., margin: _Optional[float] = ..., converged: _Optional[bool] = ..., hvps: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class NonUniformityResult(_message.Message):
-    __slots__ = ("value", "batch_size", "sgd_stable", "stability_eigenvalue", "learning_rate", "method", "num_samples", "converged", "sharpness", "sharpness_bound", "non_uniformity_bound", "necessary_conditions_met", "stability_converged", "sigma_samples", "products", "seconds", "tolerance")
+    __slots__ = ("value", "batch_size", "sgd_stable", "stability_eigenvalue", "learning_rate", "method", "num_samples", "converged", "sharpness", "sharpness_bound", "non_uniformity_bound", "necessary_conditions_met", "stability_converged", "sigma_samples", "products", "seconds", "tolerance", "value_stderr", "stability_eigenvalue_stderr")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SGD_STABLE_FIELD_NUMBER: _ClassVar[int]
@@ -534,6 +534,8 @@ class NonUniformityResult(_message.Message):
     PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_STDERR_FIELD_NUMBER: _ClassVar[int]
+    STABILITY_EIGENVALUE_STDERR_FIELD_NUMBER: _ClassVar[int]
     value: float
     batch_size: int
     sgd_stable: bool
@@ -551,7 +553,9 @@ class NonUniformityResult(_message.Message):
     products: int
     seconds: float
     tolerance: float
-    def __init__(self, value: _Optional[float] = ..., batch_size: _Optional[int] = ..., sgd_stable: _Optional[bool] = ..., stability_eigenvalue: _Optional[float] = ..., learning_rate: _Optional[float] = ..., method: _Optional[str] = ..., num_samples: _Optional[int] = ..., converged: _Optional[bool] = ..., sharpness: _Optional[float] = ..., sharpness_bound: _Optional[float] = ..., non_uniformity_bound: _Optional[float] = ..., necessary_conditions_met: _Optional[bool] = ..., stability_converged: _Optional[bool] = ..., sigma_samples: _Optional[int] = ..., products: _Optional[int] = ..., seconds: _Optional[float] = ..., tolerance: _Optional[float] = ...) -> None: ...
+    value_stderr: float
+    stability_eigenvalue_stderr: float
+    def __init__(self, value: _Optional[float] = ..., batch_size: _Optional[int] = ..., sgd_stable: _Optional[bool] = ..., stability_eigenvalue: _Optional[float] = ..., learning_rate: _Optional[float] = ..., method: _Optional[str] = ..., num_samples: _Optional[int] = ..., converged: _Optional[bool] = ..., sharpness: _Optional[float] = ..., sharpness_bound: _Optional[float] = ..., non_uniformity_bound: _Optional[float] = ..., necessary_conditions_met: _Optional[bool] = ..., stability_converged: _Optional[bool] = ..., sigma_samples: _Optional[int] = ..., products: _Optional[int] = ..., seconds: _Optional[float] = ..., tolerance: _Optional[float] = ..., value_stderr: _Optional[float] = ..., stability_eigenvalue_stderr: _Optional[float] = ...) -> None: ...
 
 class LipschitzBounds(_message.Message):
     __slots__ = ("naive", "eclipse_fast", "lipsdp_neuron", "lipsdp_layer", "lower")
