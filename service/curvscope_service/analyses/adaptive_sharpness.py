@@ -18,6 +18,7 @@ from .base import Analysis, AnalysisContext, EngineLimits
 DEFAULT_STEPS = 20
 DEFAULT_RHO = {"linf": 0.002, "l2": 0.1}
 MAX_STEPS = 10_000
+MAX_RANDOM_STARTS = 100
 
 
 SharpnessNorm = StrEnum("SharpnessNorm", [(name.upper(), name) for name in NORMS])
@@ -32,6 +33,8 @@ class AdaptiveSharpnessSpec:
     norm: SharpnessNorm | None = None
     adaptive: bool = False
     average_case: bool = False
+    # Worst case: ascents from seeded uniform points of the ball besides the one from z = 0.
+    random_starts: int = 0
 
 
 def normalize(spec: AdaptiveSharpnessSpec, limits: EngineLimits) -> AdaptiveSharpnessSpec:
@@ -42,8 +45,12 @@ def normalize(spec: AdaptiveSharpnessSpec, limits: EngineLimits) -> AdaptiveShar
         raise InvalidInput(f"rho {rho} must be a finite positive number")
     if not 1 <= steps <= MAX_STEPS:
         raise InvalidInput(f"steps {steps} must lie between 1 and {MAX_STEPS}")
+    if not 0 <= spec.random_starts <= MAX_RANDOM_STARTS:
+        raise InvalidInput(f"random_starts {spec.random_starts} must lie between 0 and {MAX_RANDOM_STARTS}")
+    if spec.random_starts and spec.average_case:
+        raise InvalidInput("random_starts applies to the worst case; the average case has its stderr over the draws")
     return AdaptiveSharpnessSpec(rho=rho, steps=steps, norm=norm, adaptive=spec.adaptive,
-                                 average_case=spec.average_case)
+                                 average_case=spec.average_case, random_starts=spec.random_starts)
 
 
 def run(context: AnalysisContext, spec: AdaptiveSharpnessSpec) -> dict[str, Any]:
@@ -52,7 +59,7 @@ def run(context: AnalysisContext, spec: AdaptiveSharpnessSpec) -> dict[str, Any]
                               check=context.check)
     return compute_adaptive_sharpness(
         objective, rho=spec.rho, steps=spec.steps, norm=spec.norm, adaptive=spec.adaptive,
-        average_case=spec.average_case, seed=context.seed,
+        average_case=spec.average_case, random_starts=spec.random_starts, seed=context.seed,
         progress=lambda step, total, estimate: context.progress("adaptive_sharpness", step, total, estimate),
     )
 

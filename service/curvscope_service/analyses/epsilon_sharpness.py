@@ -13,6 +13,7 @@ from .base import Analysis, AnalysisContext, EngineLimits
 DEFAULT_EPSILON = 1e-3
 DEFAULT_ITERATIONS = 10  # Keskar et al.'s L-BFGS-B budget
 MAX_ITERATIONS = 1000
+MAX_RANDOM_STARTS = 100
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class EpsilonSharpnessSpec:
     epsilon: float = 0.0
     subspace_dim: int = 0
     max_iterations: int = 0
+    # Ascents from seeded uniform points of the box besides the one from y = 0.
+    random_starts: int = 0
 
 
 def normalize(spec: EpsilonSharpnessSpec, limits: EngineLimits) -> EpsilonSharpnessSpec:
@@ -36,7 +39,10 @@ def normalize(spec: EpsilonSharpnessSpec, limits: EngineLimits) -> EpsilonSharpn
         # refused before the job is queued; the matrix's memory is checked once the model is known
         raise InvalidInput(f"subspace_dim {subspace_dim} must lie between 0 (full space) and {MAX_SUBSPACE_DIM} "
                            "(Keskar et al. use 100)")
-    return EpsilonSharpnessSpec(epsilon=epsilon, subspace_dim=subspace_dim, max_iterations=iterations)
+    if not 0 <= spec.random_starts <= MAX_RANDOM_STARTS:
+        raise InvalidInput(f"random_starts {spec.random_starts} must lie between 0 and {MAX_RANDOM_STARTS}")
+    return EpsilonSharpnessSpec(epsilon=epsilon, subspace_dim=subspace_dim, max_iterations=iterations,
+                                random_starts=spec.random_starts)
 
 
 def run(context: AnalysisContext, spec: EpsilonSharpnessSpec) -> dict[str, Any]:
@@ -45,7 +51,7 @@ def run(context: AnalysisContext, spec: EpsilonSharpnessSpec) -> dict[str, Any]:
                               check=context.check)
     return compute_epsilon_sharpness(
         objective, epsilon=spec.epsilon, subspace_dim=min(spec.subspace_dim, objective.dim),
-        max_iterations=spec.max_iterations, seed=context.seed,
+        max_iterations=spec.max_iterations, random_starts=spec.random_starts, seed=context.seed,
         progress=lambda step, total, estimate: context.progress("epsilon_sharpness", step, total, estimate),
     )
 

@@ -80,11 +80,38 @@ def test_adaptive_sharpness_is_the_brute_force_maximum(line, norm, rho, adaptive
 
 def test_defaults_of_the_papers(files):
     specs = validate_job(job(files, {"epsilon_sharpness": {}, "adaptive_sharpness": {}}), EngineLimits()).specs
-    assert asdict(specs["epsilon_sharpness"]) == {"epsilon": 1e-3, "max_iterations": 10, "subspace_dim": 0}
+    assert asdict(specs["epsilon_sharpness"]) == {"epsilon": 1e-3, "max_iterations": 10, "subspace_dim": 0,
+                                                  "random_starts": 0}
     assert asdict(specs["adaptive_sharpness"]) == {"rho": 0.002, "steps": 20, "norm": "linf", "adaptive": False,
-                                           "average_case": False}
+                                                   "average_case": False, "random_starts": 0}
     l2 = validate_job(job(files, {"adaptive_sharpness": {"norm": "SHARPNESS_NORM_L2"}}), EngineLimits()).specs
     assert l2["adaptive_sharpness"].rho == 0.1 and l2["adaptive_sharpness"].norm == "l2"
+
+
+@pytest.mark.parametrize("analysis, spec", [
+    ("epsilon_sharpness", {"epsilon": 0.1}),
+    ("adaptive_sharpness", {"rho": 0.5}),
+    ("adaptive_sharpness", {"rho": 0.5, "norm": "SHARPNESS_NORM_L2"}),
+])
+def test_random_starts_give_the_spread_of_the_maxima_found(line, analysis, spec):
+    w, loss, run = line
+    alone = run({analysis: spec})[analysis]
+    result = run({analysis: {**spec, "random_starts": 5}})[analysis]
+    starts = result["start_values"]
+    assert len(starts) == 6 and "start_values" not in alone
+    # The ascent from 0 is the same with or without the others; the value is the best of all.
+    assert starts[0] == pytest.approx(alone["value"], rel=1e-12) and result["value"] == max(starts)
+    assert result["start_spread"] == pytest.approx(torch.tensor(starts, dtype=torch.float64).std().item(), rel=1e-9)
+    # Every start's maximum is a point of the set: none above the brute-force maximum.
+    base = loss(w[None]).item()
+    if analysis == "epsilon_sharpness":
+        best = 100 * (loss(w + vertices(0.1 * (w.abs() + 1))).max().item() - base) / (1 + base)
+    elif "norm" in spec:
+        angles = torch.linspace(0, 2 * math.pi, 1_000_001, dtype=torch.float64)
+        best = loss(w + torch.stack([angles.cos(), angles.sin()], 1) * 0.5).max().item() - base
+    else:
+        best = loss(w + vertices(torch.full((2,), 0.5, dtype=torch.float64))).max().item() - base
+    assert max(starts) <= best * (1 + 1e-9)
 
 
 def test_reports_whole_model_and_per_layer(files):
@@ -121,6 +148,9 @@ def test_average_case_is_seeded(files):
     ({"adaptive_sharpness": {"rho": float("inf")}}, "rho"),
     ({"adaptive_sharpness": {"norm": "SHARPNESS_NORM_L1"}}, "norm"),
     ({"adaptive_sharpness": {"steps": 10**6}}, "steps"),
+    ({"adaptive_sharpness": {"random_starts": 101}}, "random_starts"),
+    ({"adaptive_sharpness": {"random_starts": 2, "average_case": True}}, "worst case"),
+    ({"epsilon_sharpness": {"random_starts": 1000}}, "random_starts"),
 ])
 def test_bad_options_refused(files, analyses, words):
     with pytest.raises(InvalidInput, match=words):

@@ -294,28 +294,32 @@ class LipschitzSpec(_message.Message):
     def __init__(self, methods: _Optional[_Iterable[_Union[LipschitzMethod, str]]] = ..., solver: _Optional[_Union[SdpSolver, str]] = ..., split_size: _Optional[int] = ..., time_limit_seconds: _Optional[float] = ..., ascent_steps: _Optional[int] = ..., memory_limit_mib: _Optional[int] = ...) -> None: ...
 
 class EpsilonSharpnessSpec(_message.Message):
-    __slots__ = ("epsilon", "subspace_dim", "max_iterations")
+    __slots__ = ("epsilon", "subspace_dim", "max_iterations", "random_starts")
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     SUBSPACE_DIM_FIELD_NUMBER: _ClassVar[int]
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_STARTS_FIELD_NUMBER: _ClassVar[int]
     epsilon: float
     subspace_dim: int
     max_iterations: int
-    def __init__(self, epsilon: _Optional[float] = ..., subspace_dim: _Optional[int] = ..., max_iterations: _Optional[int] = ...) -> None: ...
+    random_starts: int
+    def __init__(self, epsilon: _Optional[float] = ..., subspace_dim: _Optional[int] = ..., max_iterations: _Optional[int] = ..., random_starts: _Optional[int] = ...) -> None: ...
 
 class AdaptiveSharpnessSpec(_message.Message):
-    __slots__ = ("rho", "steps", "norm", "adaptive", "average_case")
+    __slots__ = ("rho", "steps", "norm", "adaptive", "average_case", "random_starts")
     RHO_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     NORM_FIELD_NUMBER: _ClassVar[int]
     ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
     AVERAGE_CASE_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_STARTS_FIELD_NUMBER: _ClassVar[int]
     rho: float
     steps: int
     norm: SharpnessNorm
     adaptive: bool
     average_case: bool
-    def __init__(self, rho: _Optional[float] = ..., steps: _Optional[int] = ..., norm: _Optional[_Union[SharpnessNorm, str]] = ..., adaptive: _Optional[bool] = ..., average_case: _Optional[bool] = ...) -> None: ...
+    random_starts: int
+    def __init__(self, rho: _Optional[float] = ..., steps: _Optional[int] = ..., norm: _Optional[_Union[SharpnessNorm, str]] = ..., adaptive: _Optional[bool] = ..., average_case: _Optional[bool] = ..., random_starts: _Optional[int] = ...) -> None: ...
 
 class WeightSpectraSpec(_message.Message):
     __slots__ = ()
@@ -612,7 +616,7 @@ class LipschitzBoundDetail(_message.Message):
     def __init__(self, method: _Optional[str] = ..., value: _Optional[float] = ..., status: _Optional[str] = ..., seconds: _Optional[float] = ..., solver: _Optional[str] = ..., solver_value: _Optional[float] = ..., pieces: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
 
 class EpsilonSharpnessResult(_message.Message):
-    __slots__ = ("value", "epsilon", "subspace_dim", "loss", "max_loss", "iterations", "evaluations", "seconds")
+    __slots__ = ("value", "epsilon", "subspace_dim", "loss", "max_loss", "iterations", "evaluations", "seconds", "start_values", "start_spread")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     SUBSPACE_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -621,6 +625,8 @@ class EpsilonSharpnessResult(_message.Message):
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    START_VALUES_FIELD_NUMBER: _ClassVar[int]
+    START_SPREAD_FIELD_NUMBER: _ClassVar[int]
     value: float
     epsilon: float
     subspace_dim: int
@@ -629,10 +635,12 @@ class EpsilonSharpnessResult(_message.Message):
     iterations: int
     evaluations: int
     seconds: float
-    def __init__(self, value: _Optional[float] = ..., epsilon: _Optional[float] = ..., subspace_dim: _Optional[int] = ..., loss: _Optional[float] = ..., max_loss: _Optional[float] = ..., iterations: _Optional[int] = ..., evaluations: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    start_values: _containers.RepeatedScalarFieldContainer[float]
+    start_spread: float
+    def __init__(self, value: _Optional[float] = ..., epsilon: _Optional[float] = ..., subspace_dim: _Optional[int] = ..., loss: _Optional[float] = ..., max_loss: _Optional[float] = ..., iterations: _Optional[int] = ..., evaluations: _Optional[int] = ..., seconds: _Optional[float] = ..., start_values: _Optional[_Iterable[float]] = ..., start_spread: _Optional[float] = ...) -> None: ...
 
 class AdaptiveSharpnessResult(_message.Message):
-    __slots__ = ("value", "rho", "norm", "adaptive", "average_case", "steps", "loss", "perturbed_loss", "seconds", "stderr")
+    __slots__ = ("value", "rho", "norm", "adaptive", "average_case", "steps", "loss", "perturbed_loss", "seconds", "stderr", "start_values", "start_spread")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     RHO_FIELD_NUMBER: _ClassVar[int]
     NORM_FIELD_NUMBER: _ClassVar[int]
@@ -643,6 +651,8 @@ class AdaptiveSharpnessResult(_message.Message):
     PERTURBED_LOSS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
+    START_VALUES_FIELD_NUMBER: _ClassVar[int]
+    START_SPREAD_FIELD_NUMBER: _ClassVar[int]
     value: float
     rho: float
     norm: str
@@ -653,7 +663,9 @@ class AdaptiveSharpnessResult(_message.Message):
     perturbed_loss: float
     seconds: float
     stderr: float
-    def __init__(self, value: _Optional[float] = ..., rho: _Optional[float] = ..., norm: _Optional[str] = ..., adaptive: _Optional[bool] = ..., average_case: _Optional[bool] = ..., steps: _Optional[int] = ..., loss: _Optional[float] = ..., perturbed_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., stderr: _Optional[float] = ...) -> None: ...
+    start_values: _containers.RepeatedScalarFieldContainer[float]
+    start_spread: float
+    def __init__(self, value: _Optional[float] = ..., rho: _Optional[float] = ..., norm: _Optional[str] = ..., adaptive: _Optional[bool] = ..., average_case: _Optional[bool] = ..., steps: _Optional[int] = ..., loss: _Optional[float] = ..., perturbed_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., stderr: _Optional[float] = ..., start_values: _Optional[_Iterable[float]] = ..., start_spread: _Optional[float] = ...) -> None: ...
 
 class LayerSpectrum(_message.Message):
     __slots__ = ("name", "spectral_norm", "frobenius_norm", "stable_rank", "alpha", "alpha_xmin", "alpha_ks_distance", "alpha_tail")
