@@ -10,7 +10,7 @@ import pytest
 
 from curvscope import json_schema
 from curvscope.cli import main
-from curvscope.plots import (DENSITY_FILL, EIGEN_FILL, LIPSCHITZ_FILL, STABLE_FILL, all_plots, density_svg,
+from curvscope.plots import (BAND_FILL, DENSITY_FILL, EIGEN_FILL, LIPSCHITZ_FILL, STABLE_FILL, all_plots, density_svg,
                              eigenvalues_svg, lipschitz_svg, stability_svg)
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -129,6 +129,25 @@ def test_density_curve_on_a_log_scale():
         assert math.isclose(math.log10(to_y(y)), math.log10(max(d, floor)), abs_tol=0.02)
     assert [p for p in root.iter(SVG + "polygon") if p.get("fill") == DENSITY_FILL]
     assert any("negative mass 1.23 %" in (t.text or "") for t in root.iter(SVG + "text"))
+    assert not [p for p in root.iter(SVG + "polygon") if p.get("fill") == BAND_FILL]  # no stderr, no band
+
+
+def test_density_band_is_two_standard_errors_around_the_curve():
+    report = full_report()
+    density = report["results"]["hessian_density"]
+    density.update({"density_stderr": [0.1 * d for d in density["density"]], "negative_mass_stderr": 0.004,
+                    "near_zero_mass": 0.5, "near_zero_mass_stderr": 0.02})
+    root = parse(density_svg(report))
+    to_y = tick_scale(root, "y", log=True)
+    band = points([p for p in root.iter(SVG + "polygon") if p.get("fill") == BAND_FILL][0])
+    upper, lower = band[: len(density["grid"])], band[len(density["grid"]):][::-1]
+    floor = max(density["density"]) * 1e-6
+    for (_, high), (_, low), d in zip(upper, lower, density["density"]):
+        assert math.isclose(math.log10(to_y(high)), math.log10(max(1.2 * d, floor)), abs_tol=0.02)
+        assert math.isclose(math.log10(to_y(low)), math.log10(max(0.8 * d, floor)), abs_tol=0.02)
+    texts = " ".join(t.text or "" for t in root.iter(SVG + "text"))
+    assert "negative mass 1.23 +- 0.40 %, near zero 50.00 +- 2.00 %" in texts
+    assert "band: +-2 standard errors over the probes" in texts
 
 
 def test_lipschitz_marks_on_a_log_axis():
