@@ -345,6 +345,16 @@ def test_standard_errors_follow_the_values_wildcards():
     assert "borderline (fail): min 1 lies in [0.2, 2.2]" in layers[1].detail
 
 
+def test_the_documented_error_bar_check_loads_and_judges_as_described():
+    page = (REPO / "docs" / "gate.md").read_text()
+    block = page.split("### Error bars")[1].split("```toml\n")[1].split("```")[0]
+    policy = parse_policy("[analyses.hessian_density]\n" + block)
+    verdict = evaluate(policy, density_report(0.09, 0.01)).verdicts[0]
+    assert verdict.status == WARN and "borderline (warn): max 0.1 lies in [0.07, 0.11]" in verdict.detail
+    text = " ".join(page.split())
+    assert "borderline (warn): max 0.1 lies in [0.07, 0.11]" in text and "0.13 - 0.02 > max 0.1" in text
+
+
 @pytest.mark.parametrize("extra, message", [
     ("sigmas = 2", "sigmas and borderline need stderr"),
     ("stderr = 'results.hessian_density.negative_mas_stderr'", "has no field 'negative_mas_stderr'"),
