@@ -9,7 +9,7 @@ from .gate import format_value
 from .policy import format_path
 
 # Curves and quadrature rules: plotted, not tabulated.
-SKIPPED = {"grid", "density", "nodes", "weights"}
+SKIPPED = {"grid", "density", "density_stderr", "nodes", "weights"}
 MAX_LIST = 10
 
 

@@ -19,12 +19,13 @@ def report(top: float, extra: dict | None = None) -> dict:
 def test_rows_hold_both_values_and_the_change():
     a = report(2.0)
     b = report(3.0, {"hessian_density": {"grid": [0.0, 1.0], "density": [1.0, 2.0], "nodes": [0.5], "weights": [1.0],
-                                         "negative_mass": 0.25}})
+                                         "negative_mass": 0.25, "density_stderr": [0.1, 0.2]}})
     rows = {row[0]: row[1:] for row in compare_rows(a, b)}
     assert rows["results.hessian_eigen.largest[0]"] == ["2", "3", "+1 (+50%)"]
     assert rows["results.hessian_eigen.largest[1]"] == ["1", "1", "="]
     assert rows["results.hessian_density.negative_mass"] == ["-", "0.25", "changed"]  # only in B
     assert "results.hessian_density.grid[0]" not in rows  # curves are plotted, not tabulated
+    assert "results.hessian_density.density_stderr[0]" not in rows
     assert dict(flatten({"x": [1, 2], "y": {"z": True}})) == {"x[0]": 1, "x[1]": 2, "y.z": True}
 
 
