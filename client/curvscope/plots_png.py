@@ -65,7 +65,7 @@ def _draw_density(axes: Any, density: dict[str, Any]) -> None:
     if upper:
         axes.fill_between(grid, [max(v, floor) for v in lower], [min(max(v, floor), peak * 2) for v in upper],
                           color=BAND_FILL, linewidth=0, label=f"+-{BAND_WIDTH:g} standard errors over the probes")
-        axes.legend(loc="upper left", frameon=False)
+        axes.legend(loc="center right", frameon=False)
     axes.plot(grid, clipped, color=LINE, linewidth=1.5)
     axes.set_yscale("log")
     axes.set_ylim(floor, peak * 2)
