@@ -173,28 +173,40 @@ class _Signature:
         return leading if sorted(leading) == sorted(names) else None
 
 
-def _named_inputs_module(module: Any, names: Sequence[str]) -> Any:
-    """A module whose forward takes ``names`` by position and calls ``module(**named)``: the
-    export of a model whose named inputs are not its leading parameters (a gap, keyword-only
-    parameters), with placeholders named after the inputs. Its parameters are ``model.*``."""
+def _adapter(module: Any, names: Sequence[str], by_name: bool, logits: bool) -> Any:
+    """A module whose forward takes ``names`` by position, calls ``module`` (by name when
+    ``by_name``: a model whose named inputs are not its leading parameters) and returns one
+    tensor (``.logits`` of a Hugging Face output when ``logits``). Its placeholders are named
+    after the inputs; its parameters are ``model.*``."""
     import torch
 
     parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     parameters += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
 
     def forward(self: Any, *tensors: Any) -> Any:
-        return self.model(**dict(zip(self.names, tensors)))
+        output = self.model(**dict(zip(self.names, tensors))) if by_name else self.model(*tensors)
+        return _one_tensor(output) if logits else output
 
     forward.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
 
-    class NamedInputs(torch.nn.Module):
+    class Adapter(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = module
             self.names = list(names)
 
-    NamedInputs.forward = forward  # type: ignore[method-assign]
-    return NamedInputs()
+    Adapter.forward = forward  # type: ignore[method-assign]
+    return Adapter()
+
+
+def _one_tensor(output: Any) -> Any:
+    """The logits of a model that returns more than a tensor (a Hugging Face ModelOutput, a tuple)."""
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if logits is not None:
+        return logits
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    raise TypeError(f"the module returns {type(output).__name__}; curvscope needs one tensor of outputs (logits)")
 
 
 @dataclass
@@ -213,19 +225,24 @@ def export_module(module: Any, batch: Batch) -> ExportedModule:
     import torch
 
     examples = [_example(value) for value in batch.inputs]
-    target, names = module, batch.names
+    names, by_name = batch.names, False
     if names is not None:
         order = _Signature(module).order(names)
         if order is not None:
-            by_name = dict(zip(names, examples))
-            names, examples = order, [by_name[name] for name in order]
+            by_position = dict(zip(names, examples))
+            names, examples = order, [by_position[name] for name in order]
         else:
-            target = _named_inputs_module(module, names)
+            by_name = True
     batch_dim = torch.export.Dim("batch")
+    dynamic = tuple({0: batch_dim} for _ in examples)
     modes = {submodule: submodule.training for submodule in module.modules()}
     module.eval()
     try:
-        program = torch.export.export(target, tuple(examples), dynamic_shapes=tuple({0: batch_dim} for _ in examples))
+        target = _adapter(module, names, by_name, logits=False) if by_name else module
+        program = torch.export.export(target, tuple(examples), dynamic_shapes=dynamic)
+        if not program.call_spec.out_spec.is_leaf():  # a ModelOutput or a tuple: keep the logits
+            target = _adapter(module, names or _positional_names(module, len(examples)), by_name, logits=True)
+            program = torch.export.export(target, tuple(examples), dynamic_shapes=dynamic)
     finally:
         for submodule, training in modes.items():
             submodule.training = training
@@ -234,6 +251,11 @@ def export_module(module: Any, batch: Batch) -> ExportedModule:
         raise ValueError(f"the exported module names its inputs {input_names}, not {list(names)}; "
                          "name the data's inputs after the forward's parameters")
     return ExportedModule(program=program, input_names=input_names)
+
+
+def _positional_names(module: Any, count: int) -> list[str]:
+    names = _Signature(module).positional[:count]
+    return names if len(names) == count else [f"input_{index}" for index in range(count)]
 
 
 def _example(value: Any) -> Any:
