@@ -246,6 +246,9 @@ def export_module(module: Any, batch: Batch) -> ExportedModule:
     finally:
         for submodule, training in modes.items():
             submodule.training = training
+    # The archive would carry the example batch as a pickle, which no server reads (it has the
+    # batch file): leave it out, so that what crosses the wire is the graph, the weights and data.
+    program.example_inputs = None
     input_names = list(program.graph_signature.user_inputs)
     if names is not None and input_names != list(names):
         raise ValueError(f"the exported module names its inputs {input_names}, not {list(names)}; "

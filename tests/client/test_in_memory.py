@@ -5,6 +5,7 @@ sent twice."""
 from __future__ import annotations
 
 import io
+import zipfile
 
 import pytest
 import safetensors.torch
@@ -124,6 +125,8 @@ def test_a_typical_module_exports_to_an_archive_the_server_loads(tmp_path, make,
     path.write_bytes(prepared.model.content)
     loaded = load_model(path)
     assert loaded.format == "torch_export" and loaded.fixed_batch_size is None  # a dynamic batch dimension
+    with zipfile.ZipFile(path) as archive:  # no example batch rides along (a pickle no server reads)
+        assert all(info.file_size < 1024 for info in archive.infolist() if "sample_inputs" in info.filename)
     assert loaded.input_shape == shape
     module.eval()
     with torch.no_grad():  # any batch size, the module's eval-mode outputs
