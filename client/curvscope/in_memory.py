@@ -224,6 +224,11 @@ def export_module(module: Any, batch: Batch) -> ExportedModule:
     its leading parameters, else through a wrapper that passes them by name."""
     import torch
 
+    devices = sorted({str(tensor.device) for tensor in (*module.parameters(), *module.buffers())} - {"cpu"})
+    if devices:
+        # A graph traced on a GPU can hold that device in its operators; only CPU exports are checked.
+        raise ValueError(f"the module is on {devices[0]}; curvscope exports modules from the CPU: "
+                         "pass a CPU copy (copy.deepcopy(model).cpu())")
     examples = [_example(value) for value in batch.inputs]
     names, by_name = batch.names, False
     if names is not None:

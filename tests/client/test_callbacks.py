@@ -147,7 +147,9 @@ def test_a_failed_gate_stops_hugging_face_training(tmp_path, client):
     from curvscope.callbacks.transformers import CurvscopeCallback
 
     x, y = evaluation_batch()
-    policy = parse_policy('[analyses.sharpness]\n[[checks]]\nname = "flat"\npath = "results.sharpness.value"\nfail = { max = 1e-9 }\n')
+    # The callback asks for sharpness; the policy adds the analysis its check reads.
+    policy = parse_policy('[analyses.hessian_eigen]\ntop_k = 2\n[[checks]]\nname = "flat"\n'
+                          'path = "results.hessian_eigen.largest[1]"\nfail = { max = 1e-9 }\n')
     callback = CurvscopeCallback({"inputs": x, "labels": y}, every_steps=2, client=client, stop_policy=policy)
 
     class WaitForTheAnalysis(transformers.TrainerCallback):
@@ -157,7 +159,28 @@ def test_a_failed_gate_stops_hugging_face_training(tmp_path, client):
     trainer = hf_trainer(tmp_path, [callback, WaitForTheAnalysis()], max_steps=20)
     trainer.train()
     assert trainer.state.global_step == 3  # collected at the end of step 3, which then stopped
-    assert callback.monitor.history[0].gate.status == "fail"
+    first = callback.monitor.history[0]
+    assert first.gate.status == "fail" and len(first.report.results.hessian_eigen.largest) == 2
+    assert first.report.results.sharpness.value > 0
+
+
+def test_hugging_face_callback_every_epoch(tmp_path, client):
+    transformers = framework("transformers")
+    from curvscope.callbacks.transformers import CurvscopeCallback
+
+    x, y = evaluation_batch()
+    callback = CurvscopeCallback({"inputs": x, "labels": y}, every_epochs=1, client=client, sharpness=True)
+
+    class WaitForTheAnalysis(transformers.TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            callback.monitor.wait()  # no epoch's analysis is skipped
+
+    record, logged = recorder()
+    trainer = hf_trainer(tmp_path, [callback, WaitForTheAnalysis(), record], max_steps=-1)
+    trainer.args.num_train_epochs = 2
+    trainer.train()
+    assert [entry["curvscope/step"] for entry in logged] == [8, 16]  # 64 samples in batches of 8
+    assert callback.monitor.skipped == 0
 
 
 # -- Lightning ------------------------------------------------------------------------------------

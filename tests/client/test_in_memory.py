@@ -177,6 +177,11 @@ def test_the_same_module_gives_the_same_bytes():
     assert in_memory.prepare(module, (x, y)).model.sha256 != first.model.sha256
 
 
+def test_a_module_off_the_cpu_is_refused_with_what_to_do():
+    with pytest.raises(ValueError, match="the module is on meta.*pass a CPU copy"):
+        in_memory.prepare(mlp().to("meta"), batch())
+
+
 def test_a_module_needs_its_batch_as_tensors():
     with pytest.raises(ValueError, match="pass data as tensors"):
         in_memory.prepare(mlp(), "batch.safetensors")

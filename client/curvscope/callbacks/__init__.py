@@ -14,6 +14,7 @@ reports become flat ``{name: number}`` values that the callback logs through its
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from ..policy import Policy, load_policy
 from ..report import Report
 
 DEFAULT_PREFIX = "curvscope/"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,7 +61,9 @@ class CurvatureMonitor:
     them); sharpness is compared with 2/η for the optimizer's current learning rate, the SGD
     verdict uses the training loader's batch size (``learning_rate`` / ``batch_size`` override
     them). ``stop_policy``: a gate policy (a TOML path or a ``Policy``) whose failure stops
-    training. ``on_report``: called in the background thread with each ``Finished``.
+    training; the analyses its ``[analyses.*]`` tables name run too, with their settings (the
+    policy's own learning rate or batch size win over the optimizer's). ``on_report``: called in
+    the background thread with each ``Finished``.
     """
 
     def __init__(self, data: Any, *, server: str | None = None, client: Client | None = None, local: bool = False,
@@ -114,6 +118,8 @@ class CurvatureMonitor:
                 options["learning_rate"] = float(rate)
             if size and options.get("non_uniformity"):
                 options["batch_size"] = int(size)
+        if self.policy is not None and self.policy.analyses:
+            options["spec_fields"] = {**options.get("spec_fields", {}), **self.policy.analyses}
         self.started += 1
         self._worker = threading.Thread(target=self._run, args=(step, graph, snapshot, options),
                                         name="curvscope-monitor", daemon=True)
@@ -167,6 +173,7 @@ class CurvatureMonitor:
                     self.should_stop = True
         except Exception as error:  # noqa: BLE001 - reported to the training loop, which keeps going
             finished = Finished(step=step, report=None, values={}, error=f"{type(error).__name__}: {error}")
+            log.warning("curvscope: the analysis of step %d failed: %s", step, finished.error)
         with self._lock:
             self._done.append(finished)
             self.history.append(finished)
