@@ -127,9 +127,13 @@ def test_hugging_face_training_goes_on_while_an_analysis_is_in_flight(tmp_path, 
     callback = CurvscopeCallback({"inputs": x, "labels": y}, every_steps=1, client=gated, sharpness=True)
     seen: list[tuple[int, bool, int]] = []
 
+    weights_at_step_1 = {}
+
     class ReleaseAtTheLastStep(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             seen.append((state.global_step, callback.monitor.busy(), callback.monitor.skipped))
+            if state.global_step == 1:
+                weights_at_step_1.update({k: v.clone() for k, v in kwargs["model"].state_dict().items()})
             if state.global_step == 5:
                 gated.release.set()
 
@@ -140,6 +144,12 @@ def test_hugging_face_training_goes_on_while_an_analysis_is_in_flight(tmp_path, 
     assert seen == [(1, True, 0), (2, True, 1), (3, True, 2), (4, True, 3), (5, True, 4)]
     assert callback.monitor.started == 1 and len(logged) == 1
     assert logged[0]["curvscope/step"] == 1 and logged[0]["curvscope/skipped"] == 4
+    # The weights analysed are step 1's, though training had moved on when they were sent.
+    at_step_1 = HFClassifier()
+    at_step_1.load_state_dict(weights_at_step_1)
+    assert not torch.equal(at_step_1.net[0].weight, trainer.model.net[0].weight)
+    direct = client.analyze(at_step_1, (x, y), eigen=0, sharpness=True, learning_rate=LEARNING_RATE)
+    assert logged[0]["curvscope/sharpness"] == pytest.approx(direct.results.sharpness.value, rel=1e-9)
 
 
 def test_a_failed_gate_stops_hugging_face_training(tmp_path, client):

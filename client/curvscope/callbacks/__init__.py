@@ -109,7 +109,7 @@ class CurvatureMonitor:
             self.skipped += 1
             return False
         graph = self._graph_for(module)
-        snapshot = {name: _copy(value) for name, value in graph.live.items()}
+        snapshot = {name: value.detach().clone() for name, value in graph.live.items()}
         options = dict(self.analyses)
         rate = self.learning_rate if self.learning_rate is not None else learning_rate
         size = self.batch_size if self.batch_size is not None else batch_size
@@ -163,7 +163,8 @@ class CurvatureMonitor:
     def _run(self, step: int, graph: _Graph, snapshot: dict[str, Any], options: dict[str, Any]) -> None:
         try:
             program = graph.exported.program
-            program.state_dict.update(snapshot)  # this thread alone uses the program until it ends
+            # This thread alone uses the program until it ends.
+            program.state_dict.update({name: _as_in(graph.live[name], copy) for name, copy in snapshot.items()})
             model = in_memory.Blob(in_memory.archive_bytes(program), "model.pt2")
             report = self._analyze(model, options)
             finished = Finished(step=step, report=report, values=report_values(report, self.prefix))
@@ -199,14 +200,12 @@ class CurvatureMonitor:
         return client.analyze_request(request, timeout=self.timeout)
 
 
-def _copy(value: Any) -> Any:
-    """A copy of a parameter or buffer as it is now (a parameter stays a parameter, so the archive
-    records it as one)."""
+def _as_in(live: Any, copy: Any) -> Any:
+    """``copy`` of a parameter or buffer wrapped as ``live`` is (a parameter stays a parameter,
+    so the archive records it as one); wrapped here, off the training thread."""
     import torch
 
-    copied = value.detach().clone()
-    return torch.nn.Parameter(copied, requires_grad=value.requires_grad) if isinstance(value, torch.nn.Parameter) \
-        else copied
+    return torch.nn.Parameter(copy, requires_grad=live.requires_grad) if isinstance(live, torch.nn.Parameter) else copy
 
 
 def report_values(report: Report, prefix: str = DEFAULT_PREFIX) -> dict[str, float]:
