@@ -20,10 +20,16 @@ from tests.dense_reference import dense_hessian
 LEARNING_RATE = 0.1
 
 
+# Each framework with the callback module built on it (which imports its trainer classes).
+CALLBACK_MODULES = {"transformers": "curvscope.callbacks.transformers", "lightning.pytorch": "curvscope.callbacks.lightning"}
+
+
 def framework(name: str) -> Any:
-    """Import a training framework; where it cannot be imported (not installed, or broken by a
-    mismatched torchvision next to it) skip on a developer's machine, fail under CI."""
+    """Import a training framework and our callback for it; where they cannot be imported (not
+    installed, or broken by a torchvision built for another torch next to them) skip on a
+    developer's machine, fail under CI."""
     try:
+        importlib.import_module(CALLBACK_MODULES[name])
         return importlib.import_module(name)
     except Exception as error:  # noqa: BLE001 - any import failure is reported the same way
         message = f"{name} cannot be imported here ({type(error).__name__}: {error})"
@@ -95,6 +101,7 @@ def recorder() -> tuple[Any, list[dict[str, float]]]:
 
 
 def test_hugging_face_callback_logs_what_a_direct_analysis_reports(tmp_path, client):
+    framework("transformers")
     from curvscope.callbacks.transformers import CurvscopeCallback
 
     x, y = evaluation_batch()
@@ -237,8 +244,8 @@ def lightning_loader() -> torch.utils.data.DataLoader:
 
 
 def test_lightning_callback_logs_what_a_direct_analysis_reports(tmp_path):
-    Module, Recorder = lightning_parts()
     pl = framework("lightning.pytorch")
+    Module, Recorder = lightning_parts()
     from curvscope import analyze
     from curvscope.callbacks.lightning import CurvscopeCallback
 
@@ -266,8 +273,8 @@ def test_lightning_callback_logs_what_a_direct_analysis_reports(tmp_path):
 
 
 def test_lightning_training_goes_on_while_an_analysis_is_in_flight(tmp_path, client):
-    Module, Recorder = lightning_parts()
     pl = framework("lightning.pytorch")
+    Module, Recorder = lightning_parts()
     from curvscope.callbacks.lightning import CurvscopeCallback
 
     x, y = evaluation_batch()
