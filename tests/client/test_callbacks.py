@@ -298,6 +298,27 @@ def test_lightning_training_goes_on_while_an_analysis_is_in_flight(tmp_path, cli
     assert [(values["curvscope/step"], values["curvscope/skipped"]) for _, values in logger.logged] == [(1, 3)]
 
 
+def test_lightning_callback_every_epoch(tmp_path, client):
+    pl = framework("lightning.pytorch")
+    Module, Recorder = lightning_parts()
+    from curvscope.callbacks.lightning import CurvscopeCallback
+
+    x, y = evaluation_batch()
+    callback = CurvscopeCallback((x, y), every_epochs=1, client=client, sharpness=True)
+
+    class WaitForTheAnalysis(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            callback.monitor.wait()  # no epoch's analysis is skipped
+
+    logger = Recorder()
+    trainer = pl.Trainer(max_epochs=2, callbacks=[callback, WaitForTheAnalysis()], logger=logger, accelerator="cpu",
+                         devices=1, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(Module(), lightning_loader())
+    assert [values["curvscope/step"] for _, values in logger.logged] == [4, 8]  # 64 samples in batches of 16
+    assert callback.monitor.skipped == 0
+
+
 def test_the_monitor_needs_an_analysis_and_one_place_to_run():
     x, y = evaluation_batch()
     with pytest.raises(ValueError, match="at least one analysis"):

@@ -216,6 +216,22 @@ def test_local_gives_the_servers_report(client):
     assert here.results.hessian_trace.estimate == pytest.approx(remote.results.hessian_trace.estimate, rel=1e-9)
 
 
+def test_analyze_connects_to_the_server_it_is_given(server):
+    module, (x, y) = mlp(), batch(n=20)
+    report = curvscope.analyze(module, (x, y), server=server.target, eigen=1)
+    assert report.message.data.num_samples == 20 and report.message.model.format == "torch_export"
+
+
+def test_local_takes_a_model_file_with_tensors(digits_files):
+    model_path, data_path = digits_files
+    tensors = safetensors.torch.load_file(data_path)
+    from_tensors = curvscope.analyze(model_path, (tensors["inputs"], tensors["targets"]), local=True, eigen=1)
+    from_files = curvscope.analyze(model_path, data_path, local=True, eigen=1)
+    assert from_tensors.message.model.sha256 == from_files.message.model.sha256
+    assert from_tensors.results.hessian_eigen.largest[0] == pytest.approx(from_files.results.hessian_eigen.largest[0],
+                                                                          rel=1e-6)
+
+
 def test_local_reads_files_too(digits_files):
     model_path, data_path = digits_files
     report = curvscope.analyze(model_path, data_path, local=True, eigen=1)

@@ -76,6 +76,13 @@ class CurvatureMonitor:
             raise ValueError("local=True runs in this process; leave out server and client")
         if not (sharpness or non_uniformity or trace or eigen or options):
             raise ValueError("choose at least one analysis (sharpness, non_uniformity, trace, eigen, ...)")
+        if local:
+            from ..quick import SERVICE_MISSING
+
+            try:  # fail now, not in the first background analysis
+                import curvscope_service.local  # noqa: F401
+            except ModuleNotFoundError as error:
+                raise ModuleNotFoundError(SERVICE_MISSING) from error
         self.batch = in_memory.split_batch(data)
         self.local = local
         self._client = client

@@ -55,6 +55,8 @@ class CurvscopeCallback(pl.Callback):
         self._log(trainer)
 
     def _submit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        if not trainer.is_global_zero:
+            return  # in distributed training only the main process analyses
         optimizers = trainer.optimizers
         rate = optimizers[0].param_groups[0]["lr"] if optimizers and optimizers[0].param_groups else None
         loader = trainer.train_dataloader

@@ -26,6 +26,7 @@ class CurvscopeCallback(TrainerCallback):
 
     Sharpness is compared with 2/η for the optimizer's learning rate at that step; the SGD
     verdict uses the loader's batch size times the gradient accumulation steps and processes.
+    In distributed training only the main process analyses.
     """
 
     def __init__(self, data: Any, *, every_steps: int | None = None, every_epochs: int | None = None,
@@ -61,13 +62,13 @@ class CurvscopeCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
-        if self.every_steps and state.global_step % self.every_steps == 0:
+        if self.every_steps and state.global_step % self.every_steps == 0 and state.is_world_process_zero:
             self._submit(args, state, kwargs)
         self._log(state, control)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
-        if self.every_epochs and round(state.epoch or 0) % self.every_epochs == 0:
+        if self.every_epochs and round(state.epoch or 0) % self.every_epochs == 0 and state.is_world_process_zero:
             self._submit(args, state, kwargs)
         self._log(state, control)
 
