@@ -232,6 +232,17 @@ def test_local_takes_a_model_file_with_tensors(digits_files):
                                                                           rel=1e-6)
 
 
+def test_local_without_memfd_uses_a_private_folder_it_removes(tmp_path, monkeypatch):
+    monkeypatch.delattr("os.memfd_create")  # as on macOS or Windows
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    module, (x, y) = mlp(), batch(n=16)
+    with_folder = curvscope.analyze(module, (x, y), local=True, eigen=1)
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+    monkeypatch.undo()
+    in_memory_files = curvscope.analyze(module, (x, y), local=True, eigen=1)
+    assert with_folder.results.hessian_eigen.largest[0] == in_memory_files.results.hessian_eigen.largest[0]
+
+
 def test_local_reads_files_too(digits_files):
     model_path, data_path = digits_files
     report = curvscope.analyze(model_path, data_path, local=True, eigen=1)
