@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient

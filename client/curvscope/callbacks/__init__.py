@@ -150,9 +150,6 @@ class CurvatureMonitor:
             self._client.close()
             self._client = None
 
-    def values(self, finished: Finished) -> dict[str, float]:
-        return finished.values
-
     def _graph_for(self, module: Any) -> _Graph:
         """The exported graph, exported now if there is none yet or the module's parameters and
         buffers are no longer the tensors it was traced with (names, shapes, or new tensors)."""
