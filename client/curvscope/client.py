@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 
+from . import in_memory
 from ._files import CHUNK_BYTES, sha256_of_file
 from ._proto.curvscope.v1 import curvscope_pb2 as pb
 from ._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
@@ -353,6 +355,20 @@ class Client:
 
         return self._call(self._stub.Upload, chunks(), None).sha256
 
+    def upload_bytes(self, content: bytes, filename: str = "", chunk_bytes: int = CHUNK_BYTES) -> str:
+        """Upload bytes held in memory unless the server already has them; returns their sha256."""
+        digest = hashlib.sha256(content).hexdigest()
+        if self.stat(digest) is not None:
+            return digest
+        view = memoryview(content)
+
+        def chunks() -> Iterator[pb.UploadChunk]:
+            yield pb.UploadChunk(header=pb.UploadHeader(sha256=digest, size_bytes=len(content), filename=filename))
+            for start in range(0, len(view), chunk_bytes):
+                yield pb.UploadChunk(data=bytes(view[start:start + chunk_bytes]))
+
+        return self._call(self._stub.Upload, chunks(), None).sha256
+
     def model_ref(self, model: str | Path, **options: Any) -> pb.ModelRef:
         """A local path (uploaded), a ``file://`` URI on the server, or ``sha256:<digest>``."""
         ref = pb.ModelRef(**options)
@@ -382,13 +398,31 @@ class Client:
         return message_to_dict(self._call(self._stub.DescribeModel, self.model_ref(model, **model_options),
                                           self.unary_timeout))
 
-    def analyze(self, model: str | Path, data: str | Path | None = None, *, progress: ProgressCallback | None = None,
+    def analyze(self, model: Any, data: Any = None, *, progress: ProgressCallback | None = None,
                 timeout: float | None = None, **options: Any) -> Report:
         """Analyse a model on a batch. ``options`` are those of ``build_request``
         (eigen=5, smallest=2, per_layer=True, loss="mse", weight_spectra=True,
-        spec_fields={"non_uniformity": {"method": "gauss_newton"}}, ...)."""
-        request = build_request(self.model_ref(model), self.data_ref(data) if data is not None else None, **options)
+        spec_fields={"non_uniformity": {"method": "gauss_newton"}}, ...).
+
+        ``model``: a path (or ``file://`` URI, ``sha256:`` digest), or a ``torch.nn.Module``,
+        exported in memory in eval mode with a dynamic batch dimension. ``data``: a path, or
+        tensors: ``(inputs, targets)`` (inputs a tensor, a tuple of tensors or a dict of named
+        tensors) or a dict of named inputs with ``targets``. Objects are serialised in memory
+        and uploaded only when the server lacks their digest (``curvscope.in_memory``)."""
+        model_ref, data_ref = self._refs(model, data)
+        request = build_request(model_ref, data_ref, **options)
         return self.analyze_request(request, progress=progress, timeout=timeout)
+
+    def _refs(self, model: Any, data: Any) -> tuple[pb.ModelRef, pb.DataRef | None]:
+        """The model's and data's references: torch objects serialised and uploaded from memory."""
+        if not (in_memory.holds_torch(model) or in_memory.holds_torch(data)):
+            return self.model_ref(model), self.data_ref(data) if data is not None else None
+        prepared = in_memory.prepare(model, data)
+        model_ref = (pb.ModelRef(blob=pb.BlobRef(sha256=self.upload_bytes(prepared.model.content, prepared.model.filename)))
+                     if prepared.model is not None else self.model_ref(model))
+        data_ref = (pb.DataRef(blob=pb.BlobRef(sha256=self.upload_bytes(prepared.data.content, prepared.data.filename)))
+                    if prepared.data is not None else self.data_ref(data) if data is not None else None)
+        return model_ref, data_ref
 
     def analyze_request(self, request: pb.AnalyzeRequest, *, progress: ProgressCallback | None = None,
                         timeout: float | None = None) -> Report:

@@ -3,6 +3,7 @@ the plots inline as SVG, so it can be attached to a CI run and opened anywhere."
 
 from __future__ import annotations
 
+import re
 from html import escape
 from typing import Any
 
@@ -74,3 +75,29 @@ def _verdicts(gate: dict[str, Any]) -> str:
     return (f"<h2>Gate: <span class='{escape(status)}'>{escape(status.upper())}</span></h2>"
             "<table><tr><th>verdict</th><th>check</th><th>path</th><th>value</th><th>baseline</th><th>detail</th></tr>"
             f"{rows}</table>" + (f"<p>Failed analyses:</p><ul>{failed}</ul>" if failed else ""))
+
+
+# The page's rules, each scoped to the fragment's own element so that a notebook's page keeps its
+# look; the page-level margins and width are dropped (a notebook cell sets them).
+_PAGE_ONLY = ("margin", "max-width")
+
+
+def render_fragment(data: dict[str, Any], title: str = "curvscope report") -> str:
+    """The same page's content as one ``<div>`` (its style scoped to it), for Jupyter's
+    ``_repr_html_``: what ``render_html`` writes between ``<body>`` and ``</body>``."""
+    page = render_html(data, title)
+    body = page[page.index("<body>") + len("<body>"):page.rindex("</body>")]
+    return f"<div class='curvscope-report'><style>{_scoped_style(STYLE)}</style>{body}</div>"
+
+
+def _scoped_style(style: str) -> str:
+    rules = []
+    for selectors, declarations in re.findall(r"([^{}]+)\{([^{}]*)\}", style):
+        scoped = []
+        for selector in (part.strip() for part in selectors.split(",")):
+            scoped.append(".curvscope-report" if selector == "body" else f".curvscope-report {selector}")
+        if selectors.strip() == "body":
+            declarations = ";".join(d for d in declarations.split(";")
+                                    if d.split(":")[0].strip() not in _PAGE_ONLY)
+        rules.append(f"{', '.join(scoped)} {{{declarations.strip()}}}")
+    return "\n".join(rules)

@@ -96,6 +96,53 @@ class Report:
     def __repr__(self) -> str:
         return f"Report({self.to_json(indent=None)})"
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the page of ``curvscope report --html``, as one compact block."""
+        from .html_report import render_fragment
+
+        return render_fragment(self.to_dict())
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """Every value of the report as a row: ``path`` (as gate policies write it:
+        ``results.hessian_eigen.largest[0]``), ``section`` (results, per_layer, model, ...),
+        ``layer`` (the parameter block, for per_layer), ``analysis`` and ``value``. Lists are
+        written out whole, curves included."""
+        rows: list[dict[str, Any]] = []
+        for path, value in _leaves(self.to_dict(), ()):
+            section = str(path[0])
+            layer = str(path[1]) if section == "per_layer" and len(path) > 1 else None
+            where = 2 if layer is not None else 1
+            analysis = str(path[where]) if section in ("results", "per_layer") and len(path) > where else None
+            rows.append({"path": _path_text(path), "section": section, "layer": layer, "analysis": analysis,
+                         "value": value})
+        return rows
+
+    def to_pandas(self) -> Any:
+        """``to_rows()`` as a pandas DataFrame (needs pandas: ``pip install 'curvscope[pandas]'``)."""
+        try:
+            import pandas
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError("Report.to_pandas needs pandas: pip install 'curvscope[pandas]'") from None
+        return pandas.DataFrame(self.to_rows(), columns=["path", "section", "layer", "analysis", "value"])
+
+
+def _leaves(data: Any, path: tuple[str | int, ...]) -> Any:
+    """(path, scalar) for every scalar of a report dict, in its order."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _leaves(value, path + (key,))
+    elif isinstance(data, list):
+        for index, item in enumerate(data):
+            yield from _leaves(item, path + (index,))
+    else:
+        yield path, data
+
+
+def _path_text(path: tuple[str | int, ...]) -> str:
+    from .policy import format_path
+
+    return format_path(tuple(("index", part) if isinstance(part, int) else ("key", part) for part in path))
+
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of the report, shipped with the client."""
