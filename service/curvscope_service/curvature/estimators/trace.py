@@ -76,13 +76,13 @@ def estimate_trace(
     counter = apply
     offset = 0.0
     if ritz is not None:
-        Y = _checked_ritz(ritz, operator.dim)
-        Y = Y.to(operator.device)
+        # One conversion to the vectors' dtype; every projection is then two matrix products.
+        Y = _checked_ritz(ritz, operator.dim).to(operator.device, operator.dtype)
         apply = _deflated(apply, Y)
         offset = math.fsum(ritz.values)
     result = ESTIMATORS[method](apply, operator.dim, TraceSettings(
         max_products=max_products, relative_tolerance=relative_tolerance, frobenius=frobenius, seed=seed,
-        device=operator.device, block_size=block_size, progress=progress, offset=offset,
+        device=operator.device, dtype=operator.dtype, block_size=block_size, progress=progress, offset=offset,
     ))
     if ritz is not None:
         result.seeded = len(ritz.values)
@@ -114,6 +114,6 @@ def _deflated(apply: Apply, Y: Tensor) -> Apply:
     """X -> (I - Y Y^T) A (I - Y Y^T) X, one product of A per column."""
 
     def project(X: Tensor) -> Tensor:
-        return X - Y @ (Y.T @ X)
+        return X.addmm(Y, Y.T @ X, alpha=-1)
 
     return lambda X: project(apply(project(X)))
