@@ -18,13 +18,15 @@ def compute_hessian_eigen(
     bottom_k: int = 0,
     tol: float = 1e-3,
     max_products: int = 500,
+    max_basis: int | None = None,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
     on_ritz: Callable[[RitzPairs], None] | None = None,
 ) -> dict:
     """The report block: the ``top_k`` largest and ``bottom_k`` smallest Hessian eigenvalues.
 
-    ``progress(step, total, current_estimate)`` is called after every product with the
+    ``max_basis`` bounds the Lanczos basis, hence the solver's memory (``lanczos.basis_bytes``);
+    None takes ``lanczos.default_basis_size``. ``progress(step, total, current_estimate)`` is called after every product with the
     products so far, the budget ``max_products`` and the current largest Ritz value. ``on_ritz``,
     when given, receives the Ritz pairs behind the values (largest then smallest, float64
     vectors), e.g. to deflate a trace estimate of the same operator.
@@ -52,6 +54,7 @@ def compute_hessian_eigen(
         bottom_k=bottom_k,
         tol=tol,
         max_products=max_products,
+        max_basis=max_basis,
         seed=seed,
         dtype=operator.dtype,
         device=operator.device,
