@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,8 +31,14 @@ def analyze_local(
     request: pb.AnalyzeRequest, *, progress: Callable[[pb.AnalyzeEvent], None] | None = None,
     device: str | None = None, limits: engine.EngineLimits = engine.EngineLimits(),
 ) -> Report:
-    """Run ``request`` in this process on ``device`` (default: the first CUDA device, else cpu)."""
+    """Run ``request`` in this process on ``device`` (default: the first CUDA device, else cpu).
+
+    The request's ``memory_budget_bytes`` (``--memory-budget``) is this process' own ceiling, so
+    it replaces the machine's available memory instead of only lowering it; progress events
+    (stages, then each analysis' steps) are the ones a server streams."""
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    if request.options.memory_budget_bytes:
+        limits = replace(limits, memory_budget_bytes=request.options.memory_budget_bytes)
 
     def on_progress(payload: dict) -> None:
         if progress is not None:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from curvscope._sizes import format_bytes
 
 from .errors import ResourceExhausted
 
@@ -51,14 +52,6 @@ MAX_BASIS = 160
 MIN_BASIS_MARGIN = 10
 # Per-sample tensors of non_uniformity (operators/per_sample.py's budgets, in elements).
 PER_SAMPLE_ELEMENTS = (1 << 25) + 4 * (1 << 24)
-
-
-def format_bytes(count: float) -> str:
-    """Bytes for a person: "9.1 GB", "420 MB"."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= size:
-            return f"{count / size:.3g} {unit}"
-    return f"{int(count)} B"
 
 
 # -- the ceiling ---------------------------------------------------------------------------
@@ -111,7 +104,7 @@ def resolve_budget(device: str, resident_bytes: int, *, server_bytes: int = 0, r
     measured, else the device's or machine's free memory (plus the resident tensors on the CPU,
     already loaded and counted by the plan); a request's ``memory_budget_bytes`` lowers it."""
     if server_bytes:
-        budget = Budget(server_bytes, "server flag")
+        budget = Budget(server_bytes, "--memory-budget")
     else:
         free, source = free_memory(device)
         if not device.startswith("cuda"):
@@ -334,17 +327,23 @@ def plan_trace(spec: Any, shape: Shape, budget: Budget, seeded: int) -> Analysis
         fitting = _largest(lambda p: needs(p, 1) <= budget.bytes, MIN_PRODUCTS[method], total)
         probes = {"xtrace": total // 2, "hutchpp": total // 3}.get(method, total)
         what = f"{TRACE_NAMES[method]} with {total} products" + (f" ({probes} probes)" if method != "hutchinson" else "")
-        fits = (f"{fitting} products fit in {format_bytes(budget.bytes)}: set max_hvps={fitting} or raise --memory-budget"
-                if fitting else "no product budget fits: raise --memory-budget, use a smaller batch or float32")
+        if fitting and method == "xtrace":
+            fitting -= fitting % 2  # two products a probe: an odd budget leaves one unused
+        fitting_probes = {"xtrace": f" ({fitting // 2} probes)", "hutchpp": f" ({fitting // 3} sketch vectors)"}
+        fits = (f"{fitting} products{fitting_probes.get(method, '')} fit in {format_bytes(budget.bytes)}: "
+                f"set max_hvps={fitting} or raise --memory-budget"
+                if fitting and fitting >= MIN_PRODUCTS[method]
+                else "no product budget fits: raise --memory-budget, use a smaller batch or float32")
         raise _refuse("hessian_trace", what, needs(total, 1), budget, fits)
     return AnalysisPlan("hessian_trace", "", needs(total, width), {"block_size": width})
 
 
 def density_bytes(steps: int, group: int, width: int, shape: Shape) -> int:
-    """Peak of slq: the Krylov bases of a group of probes ((steps + 1) vectors each), four more
-    vectors a probe for the step's product and reorthogonalisation, and one product."""
+    """Peak of slq: the Krylov bases of a group of probes ((steps + 1) vectors each), then the
+    larger of the step's product and its reorthogonalisation (three vectors a probe: the
+    product, the projection, the corrected vector)."""
     steps = min(steps, shape.dim)
-    return shape.resident + group * (steps + 1 + 4) * shape.vector + shape.products(width)
+    return shape.resident + group * (steps + 1) * shape.vector + max(shape.products(width), 3 * group * shape.vector)
 
 
 def plan_density(spec: Any, shape: Shape, budget: Budget) -> AnalysisPlan:
