@@ -172,6 +172,7 @@ class ProgressLine:
         self._current: tuple[str, str] | None = None
         self._started = 0.0
         self._last: pb.Progress | None = None
+        self._stage_began: float | None = None
 
     def __call__(self, event: pb.AnalyzeEvent) -> None:
         if event.HasField("queued"):
@@ -180,13 +181,16 @@ class ProgressLine:
         p = event.progress
         if p.stage:
             self._finish()
+            self._stage_began = self.clock()
             self._stage(p.stage)
             return
         self._cancel_pending()
         where = (p.analysis, p.block)
         if where != self._current:
             self._finish()
-            self._current, self._started = where, self.clock()
+            # An analysis' time runs from the stage that announced it (its setup counts too).
+            began, self._stage_began = self._stage_began, None
+            self._current, self._started = where, began if began is not None else self.clock()
         self._last = p
         if self.tty:
             self._show(self._bar(p))

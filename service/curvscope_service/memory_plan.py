@@ -329,11 +329,12 @@ def plan_trace(spec: Any, shape: Shape, budget: Budget, seeded: int) -> Analysis
         what = f"{TRACE_NAMES[method]} with {total} products" + (f" ({probes} probes)" if method != "hutchinson" else "")
         if fitting and method == "xtrace":
             fitting -= fitting % 2  # two products a probe: an odd budget leaves one unused
-        fitting_probes = {"xtrace": f" ({fitting // 2} probes)", "hutchpp": f" ({fitting // 3} sketch vectors)"}
-        fits = (f"{fitting} products{fitting_probes.get(method, '')} fit in {format_bytes(budget.bytes)}: "
-                f"set max_hvps={fitting} or raise --memory-budget"
-                if fitting and fitting >= MIN_PRODUCTS[method]
-                else "no product budget fits: raise --memory-budget, use a smaller batch or float32")
+        if fitting and fitting >= MIN_PRODUCTS[method]:
+            counted = {"xtrace": f" ({fitting // 2} probes)", "hutchpp": f" ({fitting // 3} sketch vectors)"}
+            fits = (f"{fitting} products{counted.get(method, '')} fit in {format_bytes(budget.bytes)}: "
+                    f"set max_hvps={fitting} or raise --memory-budget")
+        else:
+            fits = "no product budget fits: raise --memory-budget or use a smaller batch"
         raise _refuse("hessian_trace", what, needs(total, 1), budget, fits)
     return AnalysisPlan("hessian_trace", "", needs(total, width), {"block_size": width})
 
