@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import __version__, memory_plan, metrics
-from .analyses import ANALYSES, AnalysisContext, EngineLimits
+from .analyses import ANALYSES, AnalysisContext, EngineLimits, hessian_eigen
 from .analyses.base import CheckFn, ProgressFn
 from .memory_plan import AnalysisPlan, PeakMeter
 from .errors import CurvscopeError, ResourceExhausted
@@ -232,12 +232,25 @@ def run_analysis(
             context.earlier[name] = results[name]
         per_layer: dict[str, dict[str, Any]] = {}
         if job.per_layer:
+            blocks: dict[str, AnalysisContext] = {}
             for block, names in model.parameter_blocks.items():
                 contexts.append(block_context := context.for_block(block, names))
                 block_context.plans = plans.choices(block)
+                blocks[block] = block_context
                 per_layer[block] = {}
+            if "hessian_eigen" in specs:
+                # Every block's eigenvalues at once, on the whole model's graph (before the
+                # other per-layer analyses, which reuse each block's Ritz pairs).
+                notify(f"running hessian_eigen on {len(blocks)} blocks")
+                eigen = [plans.get("hessian_eigen", block) for block in blocks]
+                found = _run_measured("hessian_eigen", eigen[0], meter,
+                                      lambda: hessian_eigen.run_per_layer(context, blocks, specs["hessian_eigen"]))
+                for block, plan in zip(blocks, eigen):
+                    per_layer[block]["hessian_eigen"] = found[block]
+                    plan.measured_bytes = eigen[0].measured_bytes
+            for block, block_context in blocks.items():
                 for name, spec in specs.items():
-                    if ANALYSES[name].per_layer:
+                    if ANALYSES[name].per_layer and name != "hessian_eigen":
                         notify(f"running {name} [{block}]")
                         per_layer[block][name] = _run_measured(
                             name, plans.get(name, block), meter, lambda: ANALYSES[name].run(block_context, spec))
