@@ -78,6 +78,8 @@ MIN_EXTRA_BASIS = 10
 # Columns of the basis rewritten at once by a restart (the only scratch space it needs is
 # kept x this many entries, instead of a second copy of the kept vectors).
 RESTART_CHUNK = 1 << 14
+# A Gram-Schmidt pass that leaves more than this fraction of w's norm needs no repetition.
+REORTHOGONALISED = 0.5 ** 0.5
 
 
 def basis_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -201,6 +203,8 @@ def lanczos_steps(
     T = np.zeros((basis_size, basis_size))
     _random_orthonormal(generator, V[:0], out=V[0])
     m = products = restarts = 0
+    # First basis vector the next product couples to before reorthogonalisation.
+    coupled = 0
     while True:
         busy += time.perf_counter() - busy_since
         w = yield V[m] if V.dtype == dtype else V[m].to(dtype)
@@ -210,16 +214,28 @@ def lanczos_steps(
         elif w.untyped_storage().data_ptr() == V.untyped_storage().data_ptr():
             w = w.clone()  # an operator that hands back its input (the identity): w is updated in place
         products += 1
-        basis = V[: m + 1]
         column = np.zeros(m + 1)
-        for _ in range(2):  # classical Gram-Schmidt, twice
-            h = torch.mv(basis, w, out=coefficients[: m + 1])
-            w.addmv_(basis.T, h, alpha=-1)
-            column += h.cpu().numpy()
+        # Gram-Schmidt in passes over the basis from ``first`` on: the first pass only over the
+        # vectors w couples to in exact arithmetic (the last two; every kept one after a
+        # restart), then full passes until one no longer cancels most of w (Daniel, Gragg,
+        # Kaufman & Stewart 1976: "twice is enough"). Each full pass reads the basis twice,
+        # which at scale is the bookkeeping's whole cost.
+        first = coupled
+        norm = w.norm().item()
+        while True:
+            block = V[first : m + 1]
+            h = torch.mv(block, w, out=coefficients[first : m + 1])
+            w.addmv_(block.T, h, alpha=-1)
+            column[first:] += h.cpu().numpy()
+            before, norm = norm, w.norm().item()
+            if first == 0 and norm > REORTHOGONALISED * before:
+                break
+            first = 0
         T[: m + 1, m] = column
         T[m, : m + 1] = column
-        beta = w.norm().item()
+        beta = norm
         m += 1
+        coupled = m - 1
 
         theta, S = np.linalg.eigh(T[:m, :m])
         scale = np.abs(theta).max()
@@ -273,6 +289,7 @@ def lanczos_steps(
             T[:] = 0.0
             T[: len(keep), : len(keep)] = np.diag(theta[keep])
             m = len(keep)
+            coupled = 0
             restarts += 1
 
 
