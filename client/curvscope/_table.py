@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, TextIO
+import threading
+import time
+from typing import Any, Callable, TextIO
 
 from ._proto.curvscope.v1 import curvscope_pb2 as pb
+from ._sizes import memory_line
 
 
 def _fmt(value: Any, spec: str = ".6g") -> str:
@@ -51,6 +54,9 @@ def render_report(report: dict[str, Any]) -> str:
         f"run       {report.get('curvature') or 'hessian'}, {report.get('precision') or 'float32'}, "
         f"seed {report.get('seed', 0)}, {report.get('device') or '-'}, {_fmt(report.get('seconds'), '.2f')} s",
     ]
+    memory = memory_line(report.get("run"))
+    if memory:
+        lines.append(f"memory    {memory}")
     lines += _results(report.get("results") or {}, indent="")
     per_layer = report.get("per_layer") or {}
     if per_layer:
@@ -176,29 +182,112 @@ def _stability(results: dict[str, Any], indent: str) -> list[str]:
 
 
 class ProgressLine:
-    """One updating line on a terminal; silent when the stream is not one (CI logs)."""
+    """What a run is doing, on stderr, the same for a served call and ``--local``.
 
-    def __init__(self, stream: TextIO = sys.stderr):
+    On a terminal: one updating line, a bar of the analysis' products done out of its budget
+    with an ETA from its pace so far, or the stage (loading the model, planning memory).
+    Elsewhere (CI logs, a pipe): plain lines, never one per step: a stage (loading, planning,
+    an analysis starting) that is still under way after ``SLOW_STAGE_SECONDS`` says so, and each
+    analysis gets one line when it is done. A run that fails fast prints only its error.
+    """
+
+    SLOW_STAGE_SECONDS = 2.0
+
+    def __init__(self, stream: TextIO = sys.stderr, *, clock: Callable[[], float] = time.monotonic):
         self.stream = stream
-        self.active = stream.isatty()
+        self.tty = stream.isatty()
+        self.clock = clock
         self._shown = False
+        self._lock = threading.Lock()
+        self._pending: threading.Timer | None = None
+        # The analysis (and block) under way: its name, when its first step came, its last step.
+        self._current: tuple[str, str] | None = None
+        self._started = 0.0
+        self._last: pb.Progress | None = None
+        self._stage_began: float | None = None
 
     def __call__(self, event: pb.AnalyzeEvent) -> None:
-        if not self.active:
-            return
         if event.HasField("queued"):
-            text = f"queued, position {event.queued.position}"
-        else:
-            p = event.progress
-            where = f" [{p.block}]" if p.block else ""
-            filled = int(20 * p.step / p.total) if p.total else 0
-            text = (f"{p.analysis}{where} [{'#' * filled}{'.' * (20 - filled)}] {p.step}/{p.total} "
-                    f"estimate {p.current_estimate:.6g}")
-        self.stream.write("\r\033[K" + text)
-        self.stream.flush()
-        self._shown = True
+            self._stage(f"queued, position {event.queued.position}")
+            return
+        p = event.progress
+        if p.stage:
+            self._finish()
+            self._stage_began = self.clock()
+            self._stage(p.stage)
+            return
+        self._cancel_pending()
+        where = (p.analysis, p.block)
+        if where != self._current:
+            self._finish()
+            # An analysis' time runs from the stage that announced it (its setup counts too).
+            began, self._stage_began = self._stage_began, None
+            self._current, self._started = where, began if began is not None else self.clock()
+        self._last = p
+        if self.tty:
+            self._show(self._bar(p))
 
-    def close(self) -> None:
+    def _bar(self, p: pb.Progress) -> str:
+        where = f" [{p.block}]" if p.block else ""
+        filled = int(20 * p.step / p.total) if p.total else 0
+        elapsed = self.clock() - self._started
+        eta = ""
+        if 0 < p.step < p.total and elapsed > 0:
+            eta = f", ETA {_duration(elapsed / p.step * (p.total - p.step))}"
+        return (f"{p.analysis}{where} [{'#' * filled}{'.' * (20 - filled)}] {p.step}/{p.total} products{eta}, "
+                f"estimate {p.current_estimate:.6g}")
+
+    def _stage(self, text: str) -> None:
+        """On a terminal at once; elsewhere only if the stage lasts (a timer, cancelled by the next event)."""
+        self._cancel_pending()
+        if self.tty:
+            self._show(text)
+            return
+        self._pending = threading.Timer(self.SLOW_STAGE_SECONDS, self._show, (text,), {"line": True})
+        self._pending.daemon = True
+        self._pending.start()
+
+    def _cancel_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+
+    def _finish(self) -> None:
+        """A line for the analysis that just ended (off a terminal: its only sign of progress)."""
+        if self._current is not None and self._last is not None and not self.tty:
+            analysis, block = self._current
+            where = f" [{block}]" if block else ""
+            self._show(f"{analysis}{where}: {self._last.step} products in "
+                       f"{_duration(self.clock() - self._started)}, estimate {self._last.current_estimate:.6g}",
+                       line=True)
+        self._current, self._last = None, None
+
+    def _show(self, text: str, *, line: bool = False) -> None:
+        with self._lock:
+            if self.tty:
+                self.stream.write("\r\033[K" + text)
+                self._shown = True
+            elif line:
+                self.stream.write(f"curvscope: {text}\n")
+            self.stream.flush()
+
+    def close(self, succeeded: bool = True) -> None:
+        """End the display; ``succeeded`` (the report follows) also ends the last analysis' line."""
+        self._cancel_pending()
+        if succeeded:
+            self._finish()
         if self._shown:
             self.stream.write("\r\033[K")
             self.stream.flush()
+            self._shown = False
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"

@@ -19,6 +19,7 @@ from . import __version__
 from .client import (CONNECT_TIMEOUT_SECONDS, CURVATURES, LOSSES, TRACE_METHODS, Client, CurvscopeError,
                      build_request)
 from ._proto.curvscope.v1 import curvscope_pb2 as pb
+from ._sizes import parse_bytes
 from ._table import ProgressLine, render_report
 from .report import Report
 
@@ -105,6 +106,13 @@ def _connect(args: argparse.Namespace) -> Client:
                   target_origin="--server" if args.server else None)
 
 
+def _byte_count(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _add_analysis_flags(parser: argparse.ArgumentParser) -> None:
     inputs = parser.add_argument_group("input")
     inputs.add_argument("model", help="a local .pt2/.safetensors file, a file:// URI on the server, or sha256:DIGEST")
@@ -149,6 +157,11 @@ def _add_analysis_flags(parser: argparse.ArgumentParser) -> None:
                           help="samples per micro-batch (default: the server's)")
     numerics.add_argument("--max-samples", type=int, default=0, metavar="N",
                           help="use at most this many samples, chosen with the seed (default: 0, all)")
+    numerics.add_argument("--memory-budget", type=_byte_count, default=os.environ.get("CURVSCOPE_MEMORY_BUDGET", "0"),
+                          metavar="BYTES",
+                          help="memory the analyses may plan for, e.g. 8GB or 6GiB: smaller blocks are chosen to fit, "
+                               "or the run is refused with what would fit (default: CURVSCOPE_MEMORY_BUDGET, else "
+                               "the server's ceiling; with --local the machine's available memory)")
     trace = parser.add_argument_group("numerics of --trace")
     trace.add_argument("--trace-method", choices=list(TRACE_METHODS), default=None,
                        help="estimator (default: the server's, xtrace; seeded with the Ritz pairs of --eigen when both run)")
@@ -201,7 +214,7 @@ def _request_options(args: argparse.Namespace) -> dict:
         trace=args.trace, density=args.density, sharpness=args.sharpness, non_uniformity=args.non_uniformity,
         lipschitz=args.lipschitz, learning_rate=args.lr, batch_size=args.batch_size, per_layer=args.per_layer,
         seed=args.seed, precision=args.precision, micro_batch_size=args.micro_batch_size, max_samples=args.max_samples,
-        curvature=args.curvature, trace_method=args.trace_method, trace_max_hvps=args.trace_max_hvps,
+        memory_budget_bytes=args.memory_budget, curvature=args.curvature, trace_method=args.trace_method, trace_max_hvps=args.trace_max_hvps,
         trace_tolerance=args.trace_tolerance, frobenius=args.frobenius, density_steps=args.density_steps,
         density_probes=args.density_probes, density_grid=args.density_grid, density_sigma=args.density_sigma,
         density_negative_tolerance=args.density_negative_tolerance,
@@ -274,8 +287,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         else:
             with _connect(args) as client:
                 report = client.analyze(args.model, args.data, progress=progress, timeout=args.timeout, **options)
-    finally:
-        progress.close()
+    except BaseException:
+        progress.close(succeeded=False)
+        raise
+    progress.close()
     _emit(report, args)
     return EXIT_OK
 

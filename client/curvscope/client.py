@@ -80,7 +80,7 @@ def build_request(
     trace: bool = False, density: bool = False, sharpness: bool = False, non_uniformity: bool = False,
     lipschitz: bool = False, learning_rate: float = 0.0, batch_size: int = 0,
     per_layer: bool = False, seed: int = 0, precision: str = "float32", micro_batch_size: int = 0,
-    max_samples: int = 0, curvature: str | None = None,
+    max_samples: int = 0, curvature: str | None = None, memory_budget_bytes: int = 0,
     trace_method: str | None = None, trace_max_hvps: int = 0, trace_tolerance: float = 0.0, frobenius: bool = False,
     density_steps: int = 0, density_probes: int = 0, density_grid: int = 0, density_sigma: float = 0.0,
     density_negative_tolerance: float | None = None,
@@ -92,6 +92,8 @@ def build_request(
     ``curvature`` is one of CURVATURES (None: the server's default, the Hessian); ``trace_method``
     one of TRACE_METHODS (None: the server's choice). Zeros leave a setting to the server, and so
     does ``density_negative_tolerance`` None (0 there counts every negative eigenvalue).
+    ``memory_budget_bytes`` caps the memory the analyses may plan for (the server's ceiling
+    still applies).
     ``spec_fields`` sets any field of any analysis's spec by name, and adds that analysis:
     ``{"non_uniformity": {"method": "gauss_newton"}, "lipschitz": {"methods": ["lipsdp_neuron", "lower"]}}``.
     """
@@ -133,6 +135,7 @@ def build_request(
         model=model, loss=loss, analyses=analyses,
         options=pb.AnalysisOptions(seed=seed, per_layer=per_layer, precision=precisions[precision],
                                    micro_batch_size=micro_batch_size, max_samples=max_samples,
+                                   memory_budget_bytes=memory_budget_bytes,
                                    curvature=CURVATURES[curvature] if curvature else pb.CURVATURE_UNSPECIFIED),
     )
     if data is not None:

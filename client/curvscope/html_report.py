@@ -7,6 +7,7 @@ import re
 from html import escape
 from typing import Any
 
+from ._sizes import memory_line
 from .compare import flatten
 from .gate import GATE_SCHEMA, format_value
 from .plots import all_plots
@@ -53,6 +54,9 @@ def _summary(report: dict[str, Any]) -> str:
         rows.append(("loss", f"{report['loss']['name']} = {report['loss']['value']:.6g}"))
     rows.append(("run", f"{report.get('curvature', 'hessian')}, {report.get('precision', 'float32')}, "
                         f"seed {report.get('seed', 0)}, {report.get('device', '')}, {report.get('seconds', 0.0):.2f} s"))
+    memory = memory_line(report.get("run"))
+    if memory:
+        rows.append(("memory", memory))
     return "<table>" + "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows) + "</table>"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._sizes import memory_line
 from .gate import ERROR, FAIL, PASS, WARN, GateResult, format_change, format_value
 
 ICONS = {PASS: "✅", WARN: "⚠️", FAIL: "❌", ERROR: "⛔"}
@@ -23,6 +24,9 @@ def gate_markdown(result: GateResult) -> str:
         if result.baseline is not None:
             line += f", baseline model `{result.baseline.get('model', {}).get('sha256', '')[:12]}`"
         lines += [line + ".", ""]
+        memory = memory_line(report.get("run"))
+        if memory:
+            lines += [f"Memory: {memory}.", ""]
     lines += [f"{counts[FAIL]} failed, {counts[ERROR]} not measured, {counts[WARN]} warnings, "
               f"{counts[PASS]} passed (policy `{result.policy}`).", ""]
     lines += ["| | check | path | value | baseline | change | detail |", "|---|---|---|---:|---:|---:|---|"]

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from curvscope._sizes import parse_bytes
+
 from .engine import ServerLimits
 from .logging_setup import LOG_FORMATS
 
@@ -123,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads; 0 keeps torch's default (CURVSCOPE_THREADS)")
     parser.add_argument("--micro-batch-size", type=int, default=int(_env("MICRO_BATCH_SIZE", "256")),
                         help="default samples per micro-batch of the products (CURVSCOPE_MICRO_BATCH_SIZE)")
+    parser.add_argument("--memory-budget", type=_byte_count, default=_env("MEMORY_BUDGET", "0"), metavar="BYTES",
+                        help="memory one analysis may plan for, e.g. 40GB or 60GiB; 0 = the device's free memory "
+                             "(a GPU) or the machine's available memory (CURVSCOPE_MEMORY_BUDGET)")
     parser.add_argument("--max-hvps", type=int, default=int(_env("MAX_HVPS", "2000")),
                         help="largest product budget one analysis may ask for (CURVSCOPE_MAX_HVPS)")
     parser.add_argument("--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE", "30")),
@@ -134,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-client-ca", type=Path, default=_optional_path("TLS_CLIENT_CA"),
                         help="CA bundle; when set, clients must present a certificate (CURVSCOPE_TLS_CLIENT_CA)")
     return parser
+
+
+def _byte_count(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _optional_path(name: str) -> Path | None:
@@ -170,5 +182,6 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
         threads=args.threads, shutdown_grace_seconds=args.shutdown_grace, token_file=args.token_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         limits=ServerLimits(micro_batch_size=args.micro_batch_size, max_products=args.max_hvps,
+                            memory_budget_bytes=args.memory_budget,
                             max_parameters=args.max_parameters, max_samples=args.max_samples),
     )

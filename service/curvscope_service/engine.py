@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from . import __version__, metrics
-from .analyses import ANALYSES, AnalysisContext, EngineLimits
+from . import __version__, memory_plan, metrics
+from .analyses import ANALYSES, AnalysisContext, EngineLimits, hessian_eigen
 from .analyses.base import CheckFn, ProgressFn
+from .memory_plan import AnalysisPlan, PeakMeter
 from .errors import CurvscopeError, ResourceExhausted
 from .loading import LoadedData, LoadedModel, describe_model, load_data, load_model, validate_pair
 from .loading.checkpoint import FORMATS
@@ -103,6 +104,84 @@ def _micro_batch_size(job: AnalysisJob, model: LoadedModel, limits: EngineLimits
     return job.micro_batch_size or limits.micro_batch_size
 
 
+def _size(path: Path) -> str:
+    try:
+        return memory_plan.format_bytes(path.stat().st_size)
+    except OSError:
+        return "?"
+
+
+def _run_measured(name: str, plan: AnalysisPlan, meter: PeakMeter, run: Any) -> dict[str, Any]:
+    """One analysis, its peak memory measured into its plan."""
+    result, growth = meter.measure(lambda: _run_timed(name, run))
+    plan.measured_bytes = plan.resident + growth
+    return result
+
+
+@dataclass
+class RunPlan:
+    """The plans of a run's analyses, by (analysis, block; "" = the whole model)."""
+
+    budget: memory_plan.Budget
+    dtype: torch.dtype
+    plans: dict[tuple[str, str], AnalysisPlan]
+
+    def get(self, name: str, block: str) -> AnalysisPlan:
+        return self.plans[(name, block)]
+
+    def choices(self, block: str) -> dict[str, dict[str, Any]]:
+        return {name: plan.choices for (name, where), plan in self.plans.items() if where == block}
+
+    def summary(self) -> dict[str, Any]:
+        return memory_plan.summary(list(self.plans.values()), self.budget, self.dtype)
+
+
+def plan_memory(context: AnalysisContext, specs: dict[str, Any], *, per_layer: bool, server_bytes: int,
+                request_bytes: int, meter: PeakMeter) -> RunPlan:
+    """Plan every analysis of the run (each block's too) before any starts; raises
+    ResourceExhausted naming what would fit. Measures the product's cost on the batch first
+    (``memory_plan.calibrate``) when an analysis needs products."""
+    model = context.model
+    tensors = [] if context.data is None else [context.data.inputs, context.data.targets, *context.data.extra.values()]
+    resident = memory_plan.resident_bytes(model.module, tensors)
+    budget = memory_plan.resolve_budget(context.device, resident, server_bytes=server_bytes,
+                                        request_bytes=request_bytes)
+    parameters = dict(model.module.named_parameters())
+    dtype = next(iter(parameters.values())).dtype if parameters else torch.float32
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    needs_products = context.data is not None and any(ANALYSES[name].needs_data for name in specs)
+    product = memory_plan.calibrate(context.operator(), meter) if needs_products else None
+    names = list(specs)
+    wanted = 0
+    if "hessian_eigen" in specs:
+        wanted = specs["hessian_eigen"].top_k + specs["hessian_eigen"].bottom_k
+
+    def plans_for(block: str, dim: int) -> dict[tuple[str, str], AnalysisPlan]:
+        eigen_first = "hessian_eigen" in names and ("hessian_trace" not in names
+                                                    or names.index("hessian_eigen") < names.index("hessian_trace"))
+        # hessian_eigen keeps its Ritz vectors for a later trace when they fit 512 MiB (hessian_eigen.run).
+        keeps_ritz = eigen_first and "hessian_trace" in names and 8 * dim * wanted <= 512 << 20
+        out = {}
+        for name, spec in specs.items():
+            if block and not ANALYSES[name].per_layer:
+                continue
+            later = names.index(name) > names.index("hessian_eigen") if "hessian_eigen" in names else False
+            shape = memory_plan.Shape(dim=dim, itemsize=itemsize, resident=resident,
+                                      product=product if ANALYSES[name].needs_data else None,
+                                      ritz_bytes=8 * dim * wanted if keeps_ritz and later else 0)
+            plan = memory_plan.plan_analysis(
+                name, spec, shape, budget, eigen_earlier=later, trace_later=keeps_ritz,
+                seeded=wanted if keeps_ritz and name == "hessian_trace" else 0)
+            plan.block, plan.resident = block, resident
+            out[(name, block)] = plan
+        return out
+
+    plans = plans_for("", sum(p.numel() for p in parameters.values()))
+    for block, block_names in (model.parameter_blocks.items() if per_layer else ()):
+        plans.update(plans_for(block, sum(parameters[n].numel() for n in block_names)))
+    return RunPlan(budget, dtype, plans)
+
+
 def run_analysis(
     job: ValidatedJob | AnalysisJob, *, device: str = "cpu", limits: EngineLimits = EngineLimits(),
     progress: ProgressFn | None = None, check: CheckFn | None = None,
@@ -114,12 +193,19 @@ def run_analysis(
     validated = job if isinstance(job, ValidatedJob) else validate_job(job, limits)
     job, specs = validated.job, validated.specs
     dtype = PRECISIONS[job.precision]
+
+    def notify(stage: str) -> None:
+        if progress is not None:
+            progress({"analysis": "", "step": 0, "total": 0, "current_estimate": 0.0, "block": "", "stage": stage})
+
+    notify(f"loading the model ({_size(job.model_path)})")
     model = load_model(
         job.model_path, format=job.model_format, architecture=job.architecture,
         config=job.architecture_config, device=device, dtype=dtype, max_parameters=parameter_cap(limits),
     )
     data = None
     if job.data_path is not None:
+        notify(f"loading the data ({_size(job.data_path)})")
         data = _subsample(load_data(job.data_path, device=device, dtype=dtype), job.max_samples, job.seed)
         validate_pair(model, data, job.loss)
     _check_size(model, data, limits)
@@ -133,16 +219,41 @@ def run_analysis(
     )
     contexts = [context]
     try:
+        meter = PeakMeter(device)
+        notify("planning memory")
+        plans = plan_memory(context, specs, per_layer=job.per_layer, server_bytes=limits.memory_budget_bytes,
+                            request_bytes=job.memory_budget_bytes, meter=meter)
+        context.plans = plans.choices("")
         results: dict[str, Any] = {}
         for name, spec in specs.items():
-            results[name] = _run_timed(name, lambda: ANALYSES[name].run(context, spec))
+            notify(f"running {name}")
+            results[name] = _run_measured(name, plans.get(name, ""), meter,
+                                          lambda: ANALYSES[name].run(context, spec))
             context.earlier[name] = results[name]
         per_layer: dict[str, dict[str, Any]] = {}
         if job.per_layer:
+            blocks: dict[str, AnalysisContext] = {}
             for block, names in model.parameter_blocks.items():
                 contexts.append(block_context := context.for_block(block, names))
-                per_layer[block] = {name: _run_timed(name, lambda: ANALYSES[name].run(block_context, spec))
-                                    for name, spec in specs.items() if ANALYSES[name].per_layer}
+                block_context.plans = plans.choices(block)
+                blocks[block] = block_context
+                per_layer[block] = {}
+            if "hessian_eigen" in specs:
+                # Every block's eigenvalues at once, on the whole model's graph (before the
+                # other per-layer analyses, which reuse each block's Ritz pairs).
+                notify(f"running hessian_eigen on {len(blocks)} blocks")
+                eigen = [plans.get("hessian_eigen", block) for block in blocks]
+                found = _run_measured("hessian_eigen", eigen[0], meter,
+                                      lambda: hessian_eigen.run_per_layer(context, blocks, specs["hessian_eigen"]))
+                for block, plan in zip(blocks, eigen):
+                    per_layer[block]["hessian_eigen"] = found[block]
+                    plan.measured_bytes = eigen[0].measured_bytes
+            for block, block_context in blocks.items():
+                for name, spec in specs.items():
+                    if ANALYSES[name].per_layer and name != "hessian_eigen":
+                        notify(f"running {name} [{block}]")
+                        per_layer[block][name] = _run_measured(
+                            name, plans.get(name, block), meter, lambda: ANALYSES[name].run(block_context, spec))
     finally:
         # Products computed, cancelled or failed work included (it used the device too).
         metrics.HVPS.labels(device, job.curvature).inc(
@@ -163,6 +274,7 @@ def run_analysis(
         report["loss"] = {"name": job.loss, "value": context.operator().loss()}
     if job.per_layer:
         report["per_layer"] = per_layer
+    report["run"] = plans.summary()
     report["seconds"] = time.perf_counter() - started
     return report
 

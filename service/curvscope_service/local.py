@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -39,8 +40,13 @@ def analyze_local(
     """Run ``request`` in this process on ``device`` (default: the first CUDA device, else cpu).
 
     ``blobs`` (sha256 -> bytes) hold the content of the request's blob references: a model and
-    a batch serialised in memory (``curvscope.in_memory``), read by the same loaders as files."""
+    a batch serialised in memory (``curvscope.in_memory``), read by the same loaders as files.
+    The request's ``memory_budget_bytes`` (``--memory-budget``) is this process' own ceiling, so
+    it replaces the machine's available memory instead of only lowering it; progress events
+    (stages, then each analysis' steps) are the ones a server streams."""
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    if request.options.memory_budget_bytes:
+        limits = replace(limits, memory_budget_bytes=request.options.memory_budget_bytes)
 
     def on_progress(payload: dict) -> None:
         if progress is not None:

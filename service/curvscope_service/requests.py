@@ -65,6 +65,8 @@ class AnalysisJob:
     micro_batch_size: int = 0
     per_layer: bool = False
     max_samples: int = 0
+    # The request's memory ceiling (0 = the server's), see memory_plan.resolve_budget.
+    memory_budget_bytes: int = 0
 
     def model_options(self) -> dict[str, Any]:
         """The loader's options for the model, as ``model_options`` decoded them from the request."""
@@ -184,7 +186,7 @@ def job_from_request(
         curvature=wire_name(pb.Curvature, options.curvature, "curvature") or "hessian",
         precision=wire_name(pb.Precision, options.precision, "precision") or "float32",
         seed=options.seed, micro_batch_size=options.micro_batch_size, per_layer=options.per_layer,
-        max_samples=options.max_samples,
+        max_samples=options.max_samples, memory_budget_bytes=options.memory_budget_bytes,
         **model_options(request.model),
     )
 

@@ -26,6 +26,8 @@ class EngineLimits:
     micro_batch_size: int = 256
     max_products: int = 2000
     retain_max_samples: int = 4096
+    # Ceiling of the memory plan in bytes (0 = the device's or the machine's free memory).
+    memory_budget_bytes: int = 0
 
 
 @dataclass
@@ -51,6 +53,9 @@ class AnalysisContext:
     # The Ritz pairs of this context's operator from a hessian_eigen run earlier in the request
     # (whole model or this block), which hessian_trace deflates; not part of any report.
     ritz: RitzPairs | None = None
+    # The memory plan's choices for each analysis of this context (memory_plan.py), e.g.
+    # {"hessian_trace": {"block_size": 4}}; an analysis without an entry uses its defaults.
+    plans: dict[str, dict[str, Any]] = field(default_factory=dict)
     _operators: dict[tuple[str, ...] | None, CurvatureOperator] = field(default_factory=dict)
 
     def operator(self) -> CurvatureOperator:
@@ -65,6 +70,10 @@ class AnalysisContext:
                 loss=self.loss, seed=self.seed, param_names=self.param_names, micro_batch_size=self.micro_batch_size,
                 retain_max_samples=self.limits.retain_max_samples, check=self.check))
         return self._operators[key]
+
+    def plan(self, analysis: str) -> dict[str, Any]:
+        """The memory plan's choices for ``analysis`` here ({} = its defaults)."""
+        return self.plans.get(analysis, {})
 
     def for_block(self, block: str, param_names: list[str]) -> "AnalysisContext":
         """The same context restricted to one parameter block (operators are not shared)."""

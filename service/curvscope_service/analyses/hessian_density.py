@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..curvature.estimators.probes import BlockProducts
-from ..curvature.estimators.slq import slq
+from ..curvature.estimators.slq import BASIS_BUDGET_BYTES, slq
 from ..curvature.estimators.spectral_density import NEGATIVE_TOLERANCE, SIGMA, broadened_density, spectral_masses
 from ..curvature.operators.curvatures import CURVATURES
 from ..errors import InvalidInput
@@ -62,10 +62,13 @@ def normalize(spec: HessianDensitySpec, limits: EngineLimits) -> HessianDensityS
 def run(context: AnalysisContext, spec: HessianDensitySpec) -> dict[str, Any]:
     start = time.perf_counter()
     operator = context.operator()
-    apply = BlockProducts(operator, block_size=spec.num_probes)
+    plan = context.plan("hessian_density")
+    # The plan runs the probes in groups whose Krylov bases fit; each step is one batched product.
+    apply = BlockProducts(operator, block_size=plan.get("probe_group", spec.num_probes))
     quadrature = slq(
         apply, operator.dim, steps=spec.lanczos_steps, probes=spec.num_probes, seed=context.seed,
-        device=operator.device,
+        device=operator.device, dtype=operator.dtype,
+        basis_budget_bytes=plan.get("basis_budget_bytes", BASIS_BUDGET_BYTES),
         progress=lambda step, total, estimate: context.progress("hessian_density", step, total, estimate),
     )
     curve = broadened_density(quadrature.nodes, quadrature.weights, grid_points=spec.grid_points,

@@ -21,6 +21,8 @@ from .base import Analysis, AnalysisContext, EngineLimits
 DEFAULT_METHOD = "xtrace"
 # Products of a fixed-budget run; an adaptive run may use up to the server's max_hvps.
 DEFAULT_PRODUCTS = 100
+# Probes per batched product when the memory plan does not lower it.
+DEFAULT_BLOCK = 8
 
 
 class TraceMethod(StrEnum):
@@ -60,6 +62,7 @@ def run(context: AnalysisContext, spec: HessianTraceSpec) -> dict[str, Any]:
     result = estimate_trace(
         context.operator(), method=spec.method, max_products=spec.max_products,
         relative_tolerance=spec.relative_tolerance, frobenius=spec.frobenius, seed=context.seed,
+        block_size=context.plan("hessian_trace").get("block_size", DEFAULT_BLOCK),
         progress=lambda step, total, estimate: context.progress("hessian_trace", step, total, estimate),
         ritz=context.ritz,
     )

@@ -230,3 +230,29 @@ def test_ritz_vectors_are_checked():
     ritz.vectors = ritz.vectors * 2
     with pytest.raises(ValueError, match="orthonormal"):
         estimate_trace(Dense(A), method="xtrace", max_products=4, ritz=ritz)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_vectors_stay_float32_in_blocks(method):
+    """At scale every dim-long vector is the operator's dtype and at most block_size wide."""
+    A = spectrum_matrix(torch.linspace(0.5, 4.0, 64, dtype=torch.float64)).to(torch.float32)
+    seen = []
+
+    class Recording(Dense):
+        def matmat(self, V):
+            seen.append((V.dtype, V.shape[1]))
+            return super().matmat(V)
+
+    result = estimate_trace(Recording(A), method=method, max_products=40, block_size=4, seed=1)
+    assert {dtype for dtype, _ in seen} == {torch.float32} and max(width for _, width in seen) <= 4
+    assert abs(result.estimate - A.double().trace().item()) <= 3 * result.stderr + 1e-4
+
+
+def test_packed_signs_give_back_the_probes_drawn():
+    from curvscope_service.curvature.estimators.probes import PackedSigns, rademacher
+
+    signs = PackedSigns(torch.Generator().manual_seed(4), 37, "cpu", torch.float32)
+    drawn = [signs.draw(k) for k in (3, 9, 1)]
+    reference = rademacher(torch.Generator().manual_seed(4), 37, 13, "cpu", torch.float32)
+    assert torch.equal(torch.cat(drawn, 1), reference)
+    assert all(torch.equal(signs.block(i), block) for i, block in enumerate(drawn))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .probes import Apply, TraceEstimate, TraceSettings, mean_and_stderr, rademacher, reached
+from .probes import Apply, TraceEstimate, TraceSettings, column_dots, mean_and_stderr, rademacher, reached
 
 
 def hutchinson(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
@@ -19,16 +19,17 @@ def hutchinson(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate
     most that fraction of the estimate (from ``MIN_ADAPTIVE_SAMPLES`` probes on).
     """
     generator = torch.Generator().manual_seed(settings.seed)
-    device = torch.device(settings.device)
     quadratic: list[torch.Tensor] = []
     squares: list[torch.Tensor] = []
     done = 0
     while done < settings.max_products:
         k = min(settings.block_size, settings.max_products - done)
-        Z = rademacher(generator, dim, k, device)
+        Z = rademacher(generator, dim, k, settings.device, settings.dtype)
         AZ = apply(Z)
-        quadratic.append((Z * AZ).sum(0))
-        squares.append((AZ * AZ).sum(0))
+        quadratic.append(column_dots(Z, AZ))
+        if settings.frobenius:
+            squares.append(column_dots(AZ, AZ))
+        del Z, AZ
         done += k
         estimate, stderr = mean_and_stderr(torch.cat(quadratic))
         estimate += settings.offset

@@ -5,13 +5,17 @@ spectrum; tr(Q^T A Q) takes that part exactly (another third), and Hutchinson es
 tr((I - QQ^T) A (I - QQ^T)), whose variance no longer carries the large eigenvalues. For a
 spectrum that decays the error falls like 1/m instead of Hutchinson's 1/sqrt(m); a matrix whose
 rank is at most the sketch size is estimated exactly.
+
+Memory: Q is the only dim x k block held; A S and A Q pass through ``block_size`` columns at a
+time (``GrowingBasis`` orthogonalises each block against the earlier ones as it arrives).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .probes import Apply, TraceEstimate, TraceSettings, mean_and_stderr, rademacher, reached
+from .probes import (Apply, GrowingBasis, TraceEstimate, TraceSettings, column_dots, mean_and_stderr, rademacher,
+                     reached)
 
 
 def hutchpp(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
@@ -22,12 +26,19 @@ def hutchpp(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
     that fraction of the estimate; the sketch is always taken whole.
     """
     generator = torch.Generator().manual_seed(settings.seed)
-    device = torch.device(settings.device)
     k = min(settings.max_products // 3, dim)
-    Q, _ = torch.linalg.qr(apply(rademacher(generator, dim, k, device)))
-    AQ = apply(Q)
-    sketched = settings.offset + (Q * AQ).sum().item()
-    sketched_squares = (AQ * AQ).sum().item()
+    sketch = GrowingBasis(dim, k, settings.device, settings.dtype)
+    for start in range(0, k, settings.block_size):
+        b = min(settings.block_size, k - start)
+        sketch.append(apply(rademacher(generator, dim, b, settings.device, settings.dtype)))
+    sketched, sketched_squares = settings.offset, 0.0
+    for start in range(0, k, settings.block_size):
+        Q_b = sketch.Q[:, start : start + settings.block_size]
+        AQ_b = apply(Q_b)
+        sketched += column_dots(Q_b, AQ_b).sum().item()
+        if settings.frobenius:
+            sketched_squares += column_dots(AQ_b, AQ_b).sum().item()
+        del AQ_b
     done = 2 * k
     if settings.progress is not None:
         settings.progress(done, settings.max_products, sketched)
@@ -41,12 +52,13 @@ def hutchpp(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
     estimate, stderr = sketched, 0.0
     while done < settings.max_products:
         b = min(settings.block_size, settings.max_products - done)
-        G = rademacher(generator, dim, b, device)
-        PG = G - Q @ (Q.T @ G)
+        PG = sketch.project_out(rademacher(generator, dim, b, settings.device, settings.dtype))
         APG = apply(PG)
         # g^T P A P g estimates tr(P A P); ||A P g||^2 estimates tr(A P A) = ||A||_F^2 - ||A Q||_F^2.
-        quadratic.append((PG * APG).sum(0))
-        squares.append((APG * APG).sum(0))
+        quadratic.append(column_dots(PG, APG))
+        if settings.frobenius:
+            squares.append(column_dots(APG, APG))
+        del PG, APG
         done += b
         residual, stderr = mean_and_stderr(torch.cat(quadratic))
         estimate = sketched + residual
@@ -59,3 +71,4 @@ def hutchpp(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
         residual_squares, result.frobenius_squared_stderr = mean_and_stderr(torch.cat(squares))
         result.frobenius_squared = sketched_squares + residual_squares
     return result
+

@@ -11,6 +11,14 @@ normalised, so P_(i) = Q (I - s_i s_i^T) Q^T and all m estimates cost only m x m
 of the 2m products A W and A Q. The estimate is mean(t_i), its standard error std(t_i)/sqrt(m)
 (the paper's error estimate). The adaptive mode grows W block by block, extending the QR
 factorisation, so stopping early wastes nothing.
+
+Memory: the estimate needs only m x m matrices besides Q. The probes W are kept as sign bits
+(``PackedSigns``) for Q^T W; w_i^T y_i is taken when y_i arrives, before ``GrowingBasis`` turns Y
+into Q in place; H = Q^T A Q grows block by block from Z = A Q_new (A is symmetric, so
+Q_new^T Z_old = (Q_old^T Z_new)^T) and Z is dropped. For tr(A^2) the Gram matrix Z^T Z needs
+the old Z, which is then kept: one more dim x m block. So the run holds Q (dim x m, the
+vectors' dtype) plus dim x m / 8 bytes of signs plus two blocks of ``block_size`` columns in
+flight, whatever m is (fixed-budget runs go block by block too).
 """
 
 from __future__ import annotations
@@ -18,73 +26,90 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .probes import Apply, TraceEstimate, TraceSettings, mean_and_stderr, rademacher, reached
+from .probes import Apply, GrowingBasis, PackedSigns, TraceEstimate, TraceSettings, column_dots, mean_and_stderr, reached
 
 
 def xtrace(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
     """tr(A) from ``max_products // 2`` probes (at most ``dim``), two products each.
 
-    With ``relative_tolerance`` > 0 the probes come ``block_size`` at a time and the run stops
-    once the standard error is at most that fraction of the estimate.
+    The probes come ``block_size`` at a time; with ``relative_tolerance`` > 0 the run stops once
+    the standard error is at most that fraction of the estimate.
     """
     generator = torch.Generator().manual_seed(settings.seed)
-    device = torch.device(settings.device)
     wanted = min(settings.max_products // 2, dim)
-    step = settings.block_size if settings.relative_tolerance > 0 else wanted
-    W = Y = Q = Z = torch.zeros(dim, 0, dtype=torch.float64, device=device)
-    R = torch.zeros(0, 0, dtype=torch.float64, device=device)
-    while Q.shape[1] < wanted:
-        b = min(step, wanted - Q.shape[1])
-        W_new = rademacher(generator, dim, b, device)
+    signs = PackedSigns(generator, dim, settings.device, settings.dtype)
+    basis = GrowingBasis(dim, wanted, settings.device, settings.dtype)
+    QW = torch.zeros(wanted, wanted, dtype=torch.float64)  # q_i^T w_j
+    H = torch.zeros(wanted, wanted, dtype=torch.float64)  # Q^T A Q
+    wy = torch.zeros(wanted, dtype=torch.float64)  # w_i^T A w_i
+    Z = torch.empty(dim, wanted, dtype=settings.dtype, device=settings.device) if settings.frobenius else None
+    G = torch.zeros(wanted, wanted, dtype=torch.float64) if settings.frobenius else None  # Z^T Z
+    result = TraceEstimate(settings.offset, 0.0, "xtrace", 0)
+    while basis.size < wanted:
+        old = basis.size
+        b = min(settings.block_size, wanted - old)
+        new = slice(old, old + b)
+        W_new = signs.draw(b)
         Y_new = apply(W_new)
-        # Extend Y = Q R by the new columns: block Gram-Schmidt against Q, twice, then QR.
-        coefficients = Q.T @ Y_new
-        rest = Y_new - Q @ coefficients
-        correction = Q.T @ rest
-        rest -= Q @ correction
-        Q_new, R_new = torch.linalg.qr(rest)
-        R = torch.cat([
-            torch.cat([R, coefficients + correction], dim=1),
-            torch.cat([R.new_zeros(b, R.shape[1]), R_new], dim=1),
-        ])
-        W, Y, Q = torch.cat([W, W_new], 1), torch.cat([Y, Y_new], 1), torch.cat([Q, Q_new], 1)
-        Z = torch.cat([Z, apply(Q_new)], 1)
-        result = _estimates(W, Y, Q, R, Z, settings.frobenius)
-        result.estimate += settings.offset
+        wy[new] = column_dots(W_new, Y_new)
+        Q_new = basis.append(Y_new)
+        del Y_new
+        Q = basis.basis
+        QW[: old + b, new] = _host(Q.T @ W_new)
+        del W_new
+        for index in range(len(signs.blocks) - 1):
+            columns = slice(index * settings.block_size, index * settings.block_size + signs.blocks[index][1])
+            QW[new, columns] = _host(Q_new.T @ signs.block(index))
+        Z_new = apply(Q_new)
+        H[: old + b, new] = _host(Q.T @ Z_new)
+        H[new, :old] = H[:old, new].T
+        if Z is not None and G is not None:
+            Z[:, new] = Z_new
+            G[: old + b, new] = _host(Z[:, : old + b].T @ Z_new)
+            G[new, :old] = G[:old, new].T
+        del Z_new
+        m = basis.size
+        if settings.relative_tolerance > 0 or m == wanted:
+            result = _estimates(H[:m, :m], basis.R[:m, :m], QW[:m, :m], wy[:m],
+                                G[:m, :m] if G is not None else None, torch.finfo(settings.dtype).eps)
+            result.estimate += settings.offset
         if settings.progress is not None:
-            settings.progress(2 * Q.shape[1], settings.max_products, result.estimate)
-        if reached(result.estimate, result.stderr, Q.shape[1], settings.relative_tolerance):
+            settings.progress(2 * m, settings.max_products, result.estimate)
+        if reached(result.estimate, result.stderr, m, settings.relative_tolerance):
             break
     return result
 
 
-def _estimates(W: Tensor, Y: Tensor, Q: Tensor, R: Tensor, Z: Tensor, frobenius: bool) -> TraceEstimate:
-    """The XTrace estimate from probes W, Y = A W = Q R and Z = A Q (all float64)."""
-    m = Q.shape[1]
-    H = Q.T @ Z
+def _host(X: Tensor) -> Tensor:
+    return X.to("cpu", torch.float64)
+
+
+def _estimates(H: Tensor, R: Tensor, QW: Tensor, wy: Tensor, G: Tensor | None, eps: float) -> TraceEstimate:
+    """The XTrace estimate from the m x m float64 matrices H = Q^T A Q, R (Y = A W = Q R),
+    QW = Q^T W, the diagonal wy of W^T A W and, for tr(A^2), G = (A Q)^T (A Q); ``eps`` is the
+    vectors' rounding unit."""
+    m = H.shape[0]
     H = (H + H.T) / 2
     pivots = R.diagonal().abs()
-    if pivots.min() <= m * torch.finfo(torch.float64).eps * pivots.max():
+    if pivots.min() <= m * eps * pivots.max():
         # Y is rank deficient, so (for Rademacher probes, almost surely) range(Q) holds the whole
         # range of A and tr(Q^T A Q) is the trace itself.
-        squares = (Z * Z).sum().item()
-        return TraceEstimate(H.trace().item(), 0.0, "xtrace", 2 * m, squares if frobenius else None,
-                             0.0 if frobenius else None)
-    eye = torch.eye(m, dtype=R.dtype, device=R.device)
+        squares = G.trace().item() if G is not None else None
+        return TraceEstimate(H.trace().item(), 0.0, "xtrace", 2 * m, squares, 0.0 if G is not None else None)
+    eye = torch.eye(m, dtype=R.dtype)
     S = torch.linalg.solve_triangular(R, eye, upper=True).T  # R^{-T}
     S = S / S.norm(dim=0)
     # (I - s_i s_i^T) Q^T w_i: the coordinates of P_(i) w_i in Q, so (I - P_(i)) w_i = w_i - Q c_i.
-    QW = Q.T @ W
     C = QW - S * (S * QW).sum(0)
     kept = H.trace() - (S * (H @ S)).sum(0)
     # u^T A u for u = w - Q c: w^T A w - 2 c^T Q^T A w + c^T H c, with Q^T A w_i = Q^T y_i = r_i.
-    residual = (W * Y).sum(0) - 2 * (C * R).sum(0) + (C * (H @ C)).sum(0)
+    residual = wy - 2 * (C * R).sum(0) + (C * (H @ C)).sum(0)
     estimate, stderr = mean_and_stderr(kept + residual)
     result = TraceEstimate(estimate, stderr, "xtrace", 2 * m)
-    if frobenius:
-        # ||A||_F^2 = ||A Q_(i)||_F^2 + ||A (I - P_(i))||_F^2, the second sampled by ||A u_i||^2.
-        ZS = Z @ S
-        AU = Y - Z @ C
-        samples = (Z * Z).sum() - (ZS * ZS).sum(0) + (AU * AU).sum(0)
+    if G is not None:
+        # ||A||_F^2 = ||A Q_(i)||_F^2 + ||A (I - P_(i))||_F^2, the second sampled by ||A u_i||^2 with
+        # A u_i = y_i - Z c_i: ||y_i||^2 = (R^T R)_ii and y_i^T Z c_i = (R^T H C)_ii as Y = Q R.
+        au = (R * R).sum(0) - 2 * (R * (H @ C)).sum(0) + (C * (G @ C)).sum(0)
+        samples = G.trace() - (S * (G @ S)).sum(0) + au
         result.frobenius_squared, result.frobenius_squared_stderr = mean_and_stderr(samples)
     return result

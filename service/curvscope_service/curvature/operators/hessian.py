@@ -113,6 +113,35 @@ class HessianOperator(MeanLossOperator):
         self.products += k
         return out
 
+    @property
+    def parameter_sizes(self) -> list[int]:
+        """The number of entries of each selected parameter, in ``param_names`` order."""
+        return list(self._sizes)
+
+    def diagonal_block_products(self, blocks: Sequence[Sequence[str]], vectors: Sequence[Tensor]) -> list[Tensor]:
+        """H_bb v_b for each block b (a list of this operator's parameter names) and flat v_b
+        over that block's parameters in their order here: the products of the Hessians of the
+        blocks alone, as operators over those blocks would give, from one pass over the data
+        (one graph per micro-batch serves every block; ``retained`` keeps them)."""
+        indices = {name: i for i, name in enumerate(self.param_names)}
+        chosen = [[indices[name] for name in block] for block in blocks]
+        parts = []
+        for block, v in zip(chosen, vectors):
+            sizes = [self._sizes[i] for i in block]
+            if v.shape != (sum(sizes),) or v.dtype != self.dtype or v.device != self.device:
+                raise ValueError(f"expected ({sum(sizes)},) {self.dtype} on {self.device}, got {tuple(v.shape)} {v.dtype}")
+            parts.append(tuple(p.reshape(self._shapes[i]) for p, i in zip(v.split(sizes), block)))
+        self._step()
+        outs = [torch.zeros_like(v) for v in vectors]
+        graphs = self._retained_graphs() if self.method == "retained" else (
+            self._gradient_graph(x, t, w)[1] for x, t, w in self._batches)
+        for g in graphs:
+            for out, block, vs in zip(outs, chosen, parts):
+                out += self._flat(self._block_backward(g, block, vs))
+            self._step()
+        self.products += len(blocks)
+        return outs
+
     # -- internals ---------------------------------------------------------------------
 
     def _gradient_graph(self, x: Tensor, t: Tensor, weight: float) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -160,6 +189,16 @@ class HessianOperator(MeanLossOperator):
                 materialize_grads=True,
                 is_grads_batched=batched,
             )
+
+    def _block_backward(self, g: tuple[Tensor, ...], block: list[int], vs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """d/d(block) of (g_block . vs): the block's diagonal Hessian block times vs."""
+        pairs = [(g[i], v) for i, v in zip(block, vs) if g[i].requires_grad]
+        leaves = [self._leaves[i] for i in block]
+        if not pairs:
+            return tuple(torch.zeros_like(leaf) for leaf in leaves)
+        with torch.enable_grad():
+            return torch.autograd.grad([gi for gi, _ in pairs], leaves, [v for _, v in pairs],
+                                       retain_graph=True, allow_unused=True, materialize_grads=True)
 
     def _jvp_grad(self, x: Tensor, t: Tensor, weight: float, vs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         gradient = grad(lambda params: self._loss(params, x, t, weight))

@@ -2,8 +2,8 @@
 
 Lanczos with full reorthogonalisation (classical Gram-Schmidt applied twice, "twice is
 enough") and thick restart in the Krylov-Schur form (Stewart 2002; Wu & Simon 2000): the
-basis V is kept in float64 on the operator's device together with the Rayleigh quotient
-T = V^T A V, so that after every step
+basis V is kept on the operator's device together with the Rayleigh quotient T = V^T A V, so
+that after every step
 
     A V_m = V_m T_m + beta v_{m+1} e_m^T.
 
@@ -11,12 +11,21 @@ A Ritz pair (theta, y = V_m s) therefore has the residual ||A y - theta y|| = be
 without another product; the run stops as soon as it is at most tol * |theta| for every wanted
 value. When the basis is full, the wanted Ritz vectors and some neighbours are kept, T becomes
 diagonal plus one coupling row, and the iteration goes on from v_{m+1}.
+
+Cost at scale (10M-100M parameters): the basis is preallocated once, in the products' dtype
+(float32 for a float32 model: half the memory of float64 and a full-speed matrix product),
+and a Gram-Schmidt pass is two matrix-vector products with the whole basis (one ``mv`` for the
+coefficients, one in-place ``addmv`` for the update), so a step allocates nothing of the
+operator's size. float64 is kept where it buys accuracy: T, its eigendecomposition and the
+sum of the two passes' coefficients. A float32 basis stays orthogonal to about float32's eps
+(twice is enough), so the Ritz values carry float32 rounding of ||A||, the same as the
+products themselves; the reported residuals are floored there.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,17 +74,43 @@ class RitzPairs:
 
 BASIS_BUDGET_BYTES = 512 << 20
 MAX_DEFAULT_BASIS = 160
+# Fewest vectors beyond the wanted ones a default basis keeps: with fewer, thick restarts come
+# so often that the products grow faster than the memory shrinks.
+MIN_EXTRA_BASIS = 10
+# Columns of the basis rewritten at once by a restart (the only scratch space it needs is
+# kept x this many entries, instead of a second copy of the kept vectors).
+RESTART_CHUNK = 1 << 14
+# A Gram-Schmidt pass that leaves more than this fraction of w's norm needs no repetition.
+REORTHOGONALISED = 0.5 ** 0.5
 
 
-def default_basis_size(dim: int, wanted: int) -> int:
-    """As many basis vectors as 512 MiB of float64 holds, up to 160, at least max(30, 3 wanted).
+def basis_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the Lanczos basis for products in ``dtype``: the same, at least float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def default_basis_size(dim: int, wanted: int, dtype: torch.dtype = torch.float64,
+                       budget_bytes: int = BASIS_BUDGET_BYTES) -> int:
+    """As many basis vectors of ``basis_dtype(dtype)`` as ``budget_bytes`` holds, up to 160,
+    at least ``wanted + 10``; on small operators at least max(30, 3 wanted).
 
     A long basis saves restarts, which matters most for the smallest eigenvalues: they sit next
     to the cluster of near-zero eigenvalues that trained networks have (measured on the demo
     MLP's 2,410 parameters, top-5 and bottom-2 at 1e-3: 315 products with 30 vectors, 156 with
-    120; its last layer: 803 products with 30, 156 with 240).
+    120; its last layer: 803 products with 30, 156 with 240). On large operators the budget
+    decides: 512 MiB of float32 is 11 vectors of a ResNet-18 (11.2M parameters); top-5 at 1e-3
+    then takes about as many products as with 30 (benchmarks/bench_scale.py).
     """
-    return max(30, 3 * wanted, min(MAX_DEFAULT_BASIS, BASIS_BUDGET_BYTES // (8 * max(dim, 1))))
+    fits = budget_bytes // (basis_dtype(dtype).itemsize * max(dim, 1)) - 1
+    small = max(30, 3 * wanted)
+    if fits >= small:
+        return min(MAX_DEFAULT_BASIS, fits)
+    return max(wanted + MIN_EXTRA_BASIS, fits)
+
+
+def basis_bytes(dim: int, basis_size: int, dtype: torch.dtype) -> int:
+    """Memory the solver holds for a basis of ``basis_size`` vectors (plus the next one)."""
+    return (min(dim, basis_size) + 1) * dim * basis_dtype(dtype).itemsize
 
 
 def lanczos(
@@ -97,14 +132,49 @@ def lanczos(
     """The ``top_k`` largest and ``bottom_k`` smallest eigenvalues of the operator ``matvec``.
 
     ``matvec`` takes and returns flat vectors of length ``dim`` in ``dtype`` on ``device``.
-    ``max_basis`` bounds the basis, hence the memory: (max_basis + 1) float64 vectors. By
-    default it is ``default_basis_size(dim, top_k + bottom_k)``. ``on_step(products, largest Ritz value)`` runs after every
-    product. With a budget of ``max_products`` products, ``converged`` is True only if every
-    wanted value met the residual test (or the whole space was spanned: then the values are
-    exact). ``eigenvector_dtype`` is that of the returned eigenvectors (default ``dtype``; they
-    are computed in float64). Like any single-vector Krylov method it can miss copies of a repeated eigenvalue
-    that converged before the invariant subspace around it was exhausted.
+    ``max_basis`` bounds the basis, hence the memory: (max_basis + 1) vectors of
+    ``basis_dtype(dtype)`` (``basis_bytes``). By default it is
+    ``default_basis_size(dim, top_k + bottom_k, dtype)``. ``on_step(products, largest Ritz
+    value)`` runs after every product. With a budget of ``max_products`` products,
+    ``converged`` is True only if every wanted value met the residual test (or the whole space
+    was spanned: then the values are exact). ``eigenvector_dtype`` is that of the returned
+    eigenvectors (default ``dtype``). Like any single-vector Krylov method it can miss copies of
+    a repeated eigenvalue that converged before the invariant subspace around it was exhausted.
     """
+    start = time.perf_counter()
+    steps = lanczos_steps(dim, top_k=top_k, bottom_k=bottom_k, tol=tol, max_products=max_products,
+                          max_basis=max_basis, seed=seed, dtype=dtype, device=device, on_step=on_step,
+                          return_eigenvectors=return_eigenvectors, eigenvector_dtype=eigenvector_dtype)
+    try:
+        vector = next(steps)
+        while True:
+            vector = steps.send(matvec(vector))
+    except StopIteration as done:
+        result: EigenResult = done.value
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def lanczos_steps(
+    dim: int,
+    *,
+    top_k: int = 1,
+    bottom_k: int = 0,
+    tol: float = 1e-3,
+    max_products: int = 500,
+    max_basis: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    return_eigenvectors: bool = False,
+    eigenvector_dtype: torch.dtype | None = None,
+) -> Generator[Tensor, Tensor, EigenResult]:
+    """``lanczos`` as a generator that hands out the products it needs: it yields each vector
+    v (read-only, valid until the next send) and is sent A v; it returns the ``EigenResult``,
+    whose ``seconds`` count only the time spent in the generator (the caller adds the
+    products'). Several of them can run in lockstep, their products batched (per-layer solves
+    against one kept graph, ``extreme_eigenvalues.lockstep_lanczos``)."""
     wanted = top_k + bottom_k
     if top_k < 0 or bottom_k < 0 or wanted == 0:
         raise ValueError(f"ask for at least one eigenvalue, got top_k={top_k}, bottom_k={bottom_k}")
@@ -114,11 +184,12 @@ def lanczos(
         raise ValueError(f"max_products={max_products} is below the number of eigenvalues asked for")
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    basis_size = min(dim, max_basis or default_basis_size(dim, wanted))
+    basis_size = min(dim, max_basis or default_basis_size(dim, wanted, dtype))
     if basis_size < dim and basis_size < wanted + 2:
         raise ValueError(f"max_basis must be at least top_k + bottom_k + 2 = {wanted + 2}")
 
-    start = time.perf_counter()
+    busy_since = time.perf_counter()
+    busy = 0.0
     device = torch.device(device) if device is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
     # Below this fraction of the largest |Ritz value| the operator's rounding dominates, so the
@@ -127,25 +198,50 @@ def lanczos(
     breakdown = torch.finfo(dtype).eps * dim**0.5
     rounding = torch.finfo(dtype).eps
 
-    V = torch.zeros(basis_size + 1, dim, dtype=torch.float64, device=device)
-    # T is small and lives on the host; numpy keeps the per-step bookkeeping cheap next to a
-    # product on small models.
+    V = torch.empty(basis_size + 1, dim, dtype=basis_dtype(dtype), device=device)
+    # Scratch for the Gram-Schmidt coefficients, reused by every step.
+    coefficients = torch.empty(basis_size + 1, dtype=V.dtype, device=device)
+    # T is small and lives on the host; numpy keeps the per-step bookkeeping cheap.
     T = np.zeros((basis_size, basis_size))
-    V[0] = _random_orthonormal(generator, V[:0])
+    _random_orthonormal(generator, V[:0], out=V[0])
     m = products = restarts = 0
+    # First basis vector the next product couples to before reorthogonalisation.
+    coupled = 0
     while True:
-        w = matvec(V[m].to(dtype)).to(torch.float64)
+        busy += time.perf_counter() - busy_since
+        w = yield V[m] if V.dtype == dtype else V[m].to(dtype)
+        busy_since = time.perf_counter()
+        if w.dtype != V.dtype:
+            w = w.to(V.dtype)
+        elif w.untyped_storage().data_ptr() == V.untyped_storage().data_ptr():
+            w = w.clone()  # an operator that hands back its input (the identity): w is updated in place
         products += 1
-        basis = V[: m + 1]
-        h = basis @ w
-        w = torch.addmv(w, basis.T, h, alpha=-1)
-        correction = basis @ w
-        w = torch.addmv(w, basis.T, correction, alpha=-1)
-        column = (h + correction).cpu().numpy()
+        column = np.zeros(m + 1)
+        # Gram-Schmidt in passes over the basis from ``first`` on: the first pass only over the
+        # vectors w couples to in exact arithmetic (the last two; every kept one after a
+        # restart), then full passes until one no longer cancels most of w (Daniel, Gragg,
+        # Kaufman & Stewart 1976: "twice is enough"). Each full pass reads the basis twice,
+        # which at scale is the bookkeeping's whole cost.
+        first = coupled
+        norm = w.norm().item()
+        full_passes = 0
+        while True:
+            block = V[first : m + 1]
+            h = torch.mv(block, w, out=coefficients[first : m + 1])
+            w.addmv_(block.T, h, alpha=-1)
+            column[first:] += h.cpu().numpy()
+            before, norm = norm, w.norm().item()
+            full_passes += first == 0
+            # Twice is enough: a third pass would only reshuffle rounding (and w = 0 at a
+            # breakdown cancels every pass).
+            if full_passes == 2 or (full_passes == 1 and norm > REORTHOGONALISED * before):
+                break
+            first = 0
         T[: m + 1, m] = column
         T[m, : m + 1] = column
-        beta = w.norm().item()
+        beta = norm
         m += 1
+        coupled = m - 1
 
         theta, S = np.linalg.eigh(T[:m, :m])
         scale = np.abs(theta).max()
@@ -169,7 +265,7 @@ def lanczos(
         if converged or products >= max_products:
             vectors = None
             if return_eigenvectors:
-                ritz = (_to_torch(S[:, chosen], device).T @ V[:m]).to(eigenvector_dtype or dtype)
+                ritz = _combine(S[:, chosen], V[:m], eigenvector_dtype or dtype)
                 vectors = (list(ritz[len(low) :]), list(ritz[: len(low)]))
             return EigenResult(
                 largest=theta[high].tolist(),
@@ -179,7 +275,7 @@ def lanczos(
                 converged=converged,
                 products=products,
                 restarts=restarts,
-                seconds=time.perf_counter() - start,
+                seconds=busy + time.perf_counter() - busy_since,
                 eigenvectors=vectors,
                 residual_floor=float(rounding * scale),
             )
@@ -187,18 +283,20 @@ def lanczos(
         if broke:
             # V spans an invariant subspace: its Ritz pairs are exact. Go on in the orthogonal
             # complement.
-            V[m] = _random_orthonormal(generator, V[:m])
+            _random_orthonormal(generator, V[:m], out=V[m])
         else:
-            V[m] = w / beta
+            torch.div(w, beta, out=V[m])
+        del w
         if m == basis_size:
             keep = _kept(m, top_k, bottom_k)
             # Thick restart: V <- V S_keep, T <- diag(theta_keep); the coupling of the kept
             # vectors to v_{m+1} (beta S[m-1, keep]) is what the next Gram-Schmidt step finds.
-            V[: len(keep)] = _to_torch(S[:, keep], device).T @ V[:m]
+            _restart_in_place(V, m, S[:, keep])
             V[len(keep)] = V[m]
             T[:] = 0.0
             T[: len(keep), : len(keep)] = np.diag(theta[keep])
             m = len(keep)
+            coupled = 0
             restarts += 1
 
 
@@ -214,12 +312,32 @@ def _kept(m: int, top_k: int, bottom_k: int) -> list[int]:
     return list(range(keep_bottom)) + list(range(m - keep_top, m))
 
 
-def _random_orthonormal(generator: torch.Generator, basis: Tensor) -> Tensor:
-    """A seeded random unit vector orthogonal to the rows of basis (float64, basis's device)."""
-    v = torch.randn(basis.shape[1], generator=generator, dtype=torch.float64).to(basis.device)
+def _restart_in_place(V: Tensor, m: int, S_keep: np.ndarray) -> None:
+    """V[:k] <- S_keep^T V[:m] (k = S_keep's columns), a block of columns at a time, so that the
+    restart needs k x RESTART_CHUNK scratch entries rather than another k basis vectors. In the
+    basis dtype: the kept vectors are orthonormal to its rounding, as the basis was."""
+    coefficients = _to_torch(S_keep.T, V.device).to(V.dtype)
+    k = coefficients.shape[0]
+    for begin in range(0, V.shape[1], RESTART_CHUNK):
+        V[:k, begin : begin + RESTART_CHUNK] = coefficients @ V[:m, begin : begin + RESTART_CHUNK]
+
+
+def _combine(S: np.ndarray, basis: Tensor, dtype: torch.dtype) -> Tensor:
+    """The Ritz vectors S^T basis as rows in ``dtype``, formed in float64 a block at a time."""
+    coefficients = _to_torch(S.T, basis.device)
+    out = torch.empty(coefficients.shape[0], basis.shape[1], dtype=dtype, device=basis.device)
+    for begin in range(0, basis.shape[1], RESTART_CHUNK):
+        block = basis[:, begin : begin + RESTART_CHUNK].to(torch.float64)
+        out[:, begin : begin + RESTART_CHUNK] = coefficients @ block
+    return out
+
+
+def _random_orthonormal(generator: torch.Generator, basis: Tensor, *, out: Tensor) -> None:
+    """Writes into ``out`` a seeded random unit vector orthogonal to the rows of ``basis``."""
+    out.copy_(torch.randn(basis.shape[1], generator=generator, dtype=torch.float64))
     for _ in range(2):
-        v -= basis.T @ (basis @ v)
-    return v / v.norm()
+        out.addmv_(basis.T, basis @ out, alpha=-1)
+    out.div_(out.norm().item())
 
 
 def _to_torch(array: np.ndarray, device: torch.device) -> Tensor:

@@ -204,20 +204,22 @@ class ModelDescription(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., format: _Optional[str] = ..., architecture: _Optional[str] = ..., num_parameters: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[ParameterBlock, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., input_shape: _Optional[_Iterable[int]] = ..., fixed_batch_size: _Optional[int] = ..., lipschitz_chain: _Optional[_Union[LipschitzChain, _Mapping]] = ...) -> None: ...
 
 class AnalysisOptions(_message.Message):
-    __slots__ = ("curvature", "precision", "seed", "micro_batch_size", "per_layer", "max_samples")
+    __slots__ = ("curvature", "precision", "seed", "micro_batch_size", "per_layer", "max_samples", "memory_budget_bytes")
     CURVATURE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     curvature: Curvature
     precision: Precision
     seed: int
     micro_batch_size: int
     per_layer: bool
     max_samples: int
-    def __init__(self, curvature: _Optional[_Union[Curvature, str]] = ..., precision: _Optional[_Union[Precision, str]] = ..., seed: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., per_layer: _Optional[bool] = ..., max_samples: _Optional[int] = ...) -> None: ...
+    memory_budget_bytes: int
+    def __init__(self, curvature: _Optional[_Union[Curvature, str]] = ..., precision: _Optional[_Union[Precision, str]] = ..., seed: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., per_layer: _Optional[bool] = ..., max_samples: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
 
 class HessianEigenSpec(_message.Message):
     __slots__ = ("top_k", "bottom_k", "tolerance", "max_hvps")
@@ -368,18 +370,20 @@ class Queued(_message.Message):
     def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("analysis", "step", "total", "current_estimate", "block")
+    __slots__ = ("analysis", "step", "total", "current_estimate", "block", "stage")
     ANALYSIS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     analysis: str
     step: int
     total: int
     current_estimate: float
     block: str
-    def __init__(self, analysis: _Optional[str] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., current_estimate: _Optional[float] = ..., block: _Optional[str] = ...) -> None: ...
+    stage: str
+    def __init__(self, analysis: _Optional[str] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., current_estimate: _Optional[float] = ..., block: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...
 
 class AnalyzeEvent(_message.Message):
     __slots__ = ("queued", "progress", "report")
@@ -716,7 +720,7 @@ class Results(_message.Message):
     def __init__(self, hessian_eigen: _Optional[_Union[HessianEigenResult, _Mapping]] = ..., hessian_trace: _Optional[_Union[HessianTraceResult, _Mapping]] = ..., hessian_density: _Optional[_Union[HessianDensityResult, _Mapping]] = ..., sharpness: _Optional[_Union[SharpnessResult, _Mapping]] = ..., non_uniformity: _Optional[_Union[NonUniformityResult, _Mapping]] = ..., lipschitz: _Optional[_Union[LipschitzResult, _Mapping]] = ..., epsilon_sharpness: _Optional[_Union[EpsilonSharpnessResult, _Mapping]] = ..., adaptive_sharpness: _Optional[_Union[AdaptiveSharpnessResult, _Mapping]] = ..., weight_spectra: _Optional[_Union[WeightSpectraResult, _Mapping]] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("schema", "model", "data", "loss", "device", "seconds", "results", "per_layer", "curvature", "precision", "seed", "server_version")
+    __slots__ = ("schema", "model", "data", "loss", "device", "seconds", "results", "per_layer", "curvature", "precision", "seed", "server_version", "run")
     class PerLayerEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -736,6 +740,7 @@ class Report(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     schema: str
     model: ModelSummary
     data: DataSummary
@@ -748,7 +753,43 @@ class Report(_message.Message):
     precision: str
     seed: int
     server_version: str
-    def __init__(self, schema: _Optional[str] = ..., model: _Optional[_Union[ModelSummary, _Mapping]] = ..., data: _Optional[_Union[DataSummary, _Mapping]] = ..., loss: _Optional[_Union[LossSummary, _Mapping]] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ..., results: _Optional[_Union[Results, _Mapping]] = ..., per_layer: _Optional[_Mapping[str, Results]] = ..., curvature: _Optional[str] = ..., precision: _Optional[str] = ..., seed: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    run: RunSummary
+    def __init__(self, schema: _Optional[str] = ..., model: _Optional[_Union[ModelSummary, _Mapping]] = ..., data: _Optional[_Union[DataSummary, _Mapping]] = ..., loss: _Optional[_Union[LossSummary, _Mapping]] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ..., results: _Optional[_Union[Results, _Mapping]] = ..., per_layer: _Optional[_Mapping[str, Results]] = ..., curvature: _Optional[str] = ..., precision: _Optional[str] = ..., seed: _Optional[int] = ..., server_version: _Optional[str] = ..., run: _Optional[_Union[RunSummary, _Mapping]] = ...) -> None: ...
+
+class RunSummary(_message.Message):
+    __slots__ = ("planned_peak_bytes", "measured_peak_bytes", "choices", "memory_budget_bytes", "memory_budget_source", "analyses")
+    class ChoicesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PLANNED_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ANALYSES_FIELD_NUMBER: _ClassVar[int]
+    planned_peak_bytes: int
+    measured_peak_bytes: int
+    choices: _containers.ScalarMap[str, str]
+    memory_budget_bytes: int
+    memory_budget_source: str
+    analyses: _containers.RepeatedCompositeFieldContainer[AnalysisMemory]
+    def __init__(self, planned_peak_bytes: _Optional[int] = ..., measured_peak_bytes: _Optional[int] = ..., choices: _Optional[_Mapping[str, str]] = ..., memory_budget_bytes: _Optional[int] = ..., memory_budget_source: _Optional[str] = ..., analyses: _Optional[_Iterable[_Union[AnalysisMemory, _Mapping]]] = ...) -> None: ...
+
+class AnalysisMemory(_message.Message):
+    __slots__ = ("analysis", "block", "planned_peak_bytes", "measured_peak_bytes")
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    analysis: str
+    block: str
+    planned_peak_bytes: int
+    measured_peak_bytes: int
+    def __init__(self, analysis: _Optional[str] = ..., block: _Optional[str] = ..., planned_peak_bytes: _Optional[int] = ..., measured_peak_bytes: _Optional[int] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()

