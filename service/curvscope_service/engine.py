@@ -20,7 +20,7 @@ from .analyses.base import CheckFn, ProgressFn
 from .errors import CurvscopeError, ResourceExhausted
 from .loading import LoadedData, LoadedModel, describe_model, load_data, load_model, validate_pair
 from .loading.checkpoint import FORMATS
-from .losses import LOSSES, get_loss
+from .losses import LOSSES, bind_loss
 from .requests import PRECISIONS, AnalysisJob, ValidatedJob, validate_job
 
 REPORT_SCHEMA = "curvscope.report/v1"
@@ -89,10 +89,11 @@ def _subsample(data: LoadedData, max_samples: int, seed: int) -> LoadedData:
         return data
     generator = torch.Generator().manual_seed(seed)
     keep = torch.randperm(data.num_samples, generator=generator)[:max_samples].sort().values
-    keep = keep.to(data.inputs.device)
+    keep = keep.to(data.targets.device)
     return LoadedData(
-        inputs=data.inputs[keep], targets=data.targets[keep],
+        inputs=tuple(x[keep] for x in data.inputs), targets=data.targets[keep],
         extra={name: tensor[keep] for name, tensor in data.extra.items()}, num_samples=max_samples,
+        input_names=data.input_names,
     )
 
 
@@ -120,15 +121,16 @@ def run_analysis(
     )
     data = None
     if job.data_path is not None:
-        data = _subsample(load_data(job.data_path, device=device, dtype=dtype), job.max_samples, job.seed)
-        validate_pair(model, data, job.loss)
+        data = _subsample(load_data(job.data_path, device=device, dtype=dtype, model_inputs=model.inputs, task=job.task),
+                          job.max_samples, job.seed)
+        validate_pair(model, data, job.loss, job.task)
     _check_size(model, data, limits)
     if check:
         check()
 
     context = AnalysisContext(
-        model=model, data=data, loss=job.loss, loss_fn=get_loss(job.loss) if data is not None else None,
-        curvature=job.curvature, seed=job.seed, device=device, limits=limits,
+        model=model, data=data, loss=job.loss, loss_fn=bind_loss(job.loss, data.targets, job.task) if data is not None else None,
+        curvature=job.curvature, seed=job.seed, device=device, limits=limits, task=job.task,
         micro_batch_size=_micro_batch_size(job, model, limits), progress_sink=progress, check=check,
     )
     contexts = [context]
