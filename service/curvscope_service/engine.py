@@ -17,7 +17,8 @@ import torch
 from . import __version__, metrics
 from .analyses import ANALYSES, AnalysisContext, EngineLimits
 from .analyses.base import CheckFn, ProgressFn
-from .errors import CurvscopeError, ResourceExhausted
+from .errors import CurvscopeError, ResourceExhausted, Unimplemented
+from .loading.messages import one_line
 from .loading import LoadedData, LoadedModel, describe_model, load_data, load_model, validate_pair
 from .loading.checkpoint import FORMATS
 from .losses import LOSSES, bind_loss
@@ -58,12 +59,23 @@ def _check_size(model: LoadedModel, data: LoadedData | None, limits: EngineLimit
             f"pass --max-samples {limits.max_samples} (or fewer) to analyse a random subset")
 
 
+# What torch says when an operator lacks a derivative (forward mode, second order, under vmap).
+_AUTODIFF_LIMITS = ("Batching rule not implemented", "forward AD", "derivative for", "is not implemented")
+
+
 def _run_timed(name: str, run: Any) -> dict[str, Any]:
     """One analysis, its wall time recorded by status (OK or the status code of its error)."""
     started = time.perf_counter()
     status = "OK"
     try:
-        return run()
+        try:
+            return run()
+        except (RuntimeError, NotImplementedError) as error:
+            if not any(marker in str(error) for marker in _AUTODIFF_LIMITS):
+                raise
+            # torch lacks a derivative this analysis needs for one of the model's operators
+            raise Unimplemented(f"{name} needs derivatives torch does not have for this model: {one_line(error)}; "
+                                "try another method or curvature") from None
     except CurvscopeError as error:
         status = error.code
         raise
