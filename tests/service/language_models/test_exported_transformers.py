@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from curvscope_service.engine import AnalysisJob, run_analysis
+from curvscope_service.engine import AnalysisJob, EngineLimits, run_analysis
 from curvscope_service.errors import InvalidInput, Unimplemented
 from curvscope_service.loading import load_data, load_model
 from curvscope_service.losses import bind_loss
@@ -211,3 +211,24 @@ def test_an_operator_without_the_derivative_an_analysis_needs_is_one_line_unimpl
     with pytest.raises(Unimplemented, match="non_uniformity needs derivatives torch does not have") as error:
         analyse(gpt_case, {"non_uniformity": {"method": "NON_UNIFORMITY_METHOD_GAUSS_NEWTON"}})
     assert "\n" not in str(error.value)
+
+
+def test_the_task_option_travels_from_the_client_and_is_checked(gpt_case):
+    from curvscope import build_request
+    from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
+    from curvscope_service.engine import validate_job
+    from curvscope_service.requests import job_from_request
+
+    request = build_request(pb.ModelRef(), task="causal-lm")
+    assert request.options.task == "causal-lm"
+    job = job_from_request(request, (gpt_case.model, "m"), (gpt_case.data, "d"))
+    assert job.task == "causal-lm"
+    with pytest.raises(ValueError, match="task must be one of"):
+        build_request(pb.ModelRef(), task="translation")
+    bad = AnalysisJob(model_path=gpt_case.model, model_sha256="m", loss="cross_entropy", data_path=gpt_case.data,
+                      analyses={"hessian_trace": {}}, task="translation")
+    with pytest.raises(InvalidInput, match="unknown task 'translation'"):
+        validate_job(bad, EngineLimits())
+    with pytest.raises(InvalidInput, match="causal-lm needs the loss cross_entropy"):
+        validate_job(AnalysisJob(model_path=gpt_case.model, model_sha256="m", loss="mse", data_path=gpt_case.data,
+                                 analyses={"hessian_trace": {}}, task="causal-lm"), EngineLimits())
