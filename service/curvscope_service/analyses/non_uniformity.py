@@ -62,7 +62,7 @@ def run(context: AnalysisContext, spec: NonUniformitySpec) -> dict[str, Any]:
     subsampled = 0 < spec.max_samples < n
     if subsampled:
         keep = torch.randperm(n, generator=torch.Generator().manual_seed(context.seed))[:spec.max_samples]
-        keep = keep.sort().values.to(inputs.device)
+        keep = keep.sort().values.to(targets.device)
         inputs, targets = tuple(x[keep] for x in inputs), targets[keep]
     loss_fn = context.loss_for(targets) if subsampled else context.loss_fn
     common = dict(param_names=context.param_names, micro_batch_size=context.micro_batch_size, check=context.check)
