@@ -34,6 +34,10 @@ class LoadedData:
     num_samples: int
     input_names: tuple[str, ...] = (SINGLE_INPUT,)  # the data tensors that feed the inputs
 
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, Tensor):  # a one-input batch built by hand
+            self.inputs = (self.inputs,)
+
 
 def load_data(path: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
               model_inputs: Sequence[ModelInput] | None = None, task: str = "") -> LoadedData:
