@@ -15,10 +15,11 @@ from torch import Tensor, nn
 
 
 def dense_hessian(
-    module: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor],
+    module: nn.Module, inputs: Tensor | tuple[Tensor, ...], targets: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor],
     param_names: Sequence[str] | None = None,
 ) -> Tensor:
-    """d^2 loss / d theta^2 over the flat (selected) parameters, in named_parameters() order."""
+    """d^2 loss / d theta^2 over the flat (selected) parameters, in named_parameters() order;
+    ``inputs``: one tensor or the model's positional inputs."""
     params = dict(module.named_parameters())
     names = list(params) if param_names is None else list(param_names)
     shapes = [params[k].shape for k in names]
@@ -28,6 +29,7 @@ def dense_hessian(
     def loss(theta: Tensor) -> Tensor:
         values = {k: p.detach() for k, p in params.items()}
         values.update({k: t.reshape(s) for k, t, s in zip(names, theta.split(sizes), shapes)})
-        return loss_fn(torch.func.functional_call(module, values, (inputs,)), targets)
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        return loss_fn(torch.func.functional_call(module, values, args), targets)
 
     return torch.func.hessian(loss)(flat)

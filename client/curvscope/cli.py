@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from . import __version__
-from .client import (CONNECT_TIMEOUT_SECONDS, CURVATURES, LOSSES, TRACE_METHODS, Client, CurvscopeError,
+from .client import (CONNECT_TIMEOUT_SECONDS, CURVATURES, LOSSES, TASKS, TRACE_METHODS, Client, CurvscopeError,
                      build_request)
 from ._proto.curvscope.v1 import curvscope_pb2 as pb
 from ._sizes import parse_bytes
@@ -118,6 +118,10 @@ def _add_analysis_flags(parser: argparse.ArgumentParser) -> None:
     inputs.add_argument("model", help="a local .pt2/.safetensors file, a file:// URI on the server, or sha256:DIGEST")
     inputs.add_argument("--data", help="data batch: a .safetensors file with inputs and targets (or file://, sha256:)")
     inputs.add_argument("--loss", choices=LOSSES, default="cross_entropy", help="the loss, a mean over the samples")
+    inputs.add_argument("--task", choices=TASKS, default="",
+                        help="what the model predicts (default: inferred from the shapes: a class per sample for (n, C) "
+                             "outputs, per token for (n, T, C)); causal-lm shifts the labels by one and, without "
+                             "targets, takes them from input_ids with masked positions ignored")
     analyses = parser.add_argument_group("analyses (with none named: --eigen 1)")
     analyses.add_argument("--eigen", type=int, default=None, metavar="K",
                           help="K largest eigenvalues (default: 1 when no other analysis is named, else 0)")
@@ -214,7 +218,8 @@ def _request_options(args: argparse.Namespace) -> dict:
         trace=args.trace, density=args.density, sharpness=args.sharpness, non_uniformity=args.non_uniformity,
         lipschitz=args.lipschitz, learning_rate=args.lr, batch_size=args.batch_size, per_layer=args.per_layer,
         seed=args.seed, precision=args.precision, micro_batch_size=args.micro_batch_size, max_samples=args.max_samples,
-        memory_budget_bytes=args.memory_budget, curvature=args.curvature, trace_method=args.trace_method, trace_max_hvps=args.trace_max_hvps,
+        memory_budget_bytes=args.memory_budget, curvature=args.curvature, task=args.task,
+        trace_method=args.trace_method, trace_max_hvps=args.trace_max_hvps,
         trace_tolerance=args.trace_tolerance, frobenius=args.frobenius, density_steps=args.density_steps,
         density_probes=args.density_probes, density_grid=args.density_grid, density_sigma=args.density_sigma,
         density_negative_tolerance=args.density_negative_tolerance,

@@ -57,6 +57,8 @@ TRACE_METHODS = {"hutchinson": pb.TRACE_METHOD_HUTCHINSON, "hutchpp": pb.TRACE_M
                  "xtrace": pb.TRACE_METHOD_XTRACE}
 # The losses the server differentiates (curvscope_service.losses), mean over the samples.
 LOSSES = ("cross_entropy", "mse")
+# What the model predicts (AnalysisOptions.task): the loss' form; "" infers it from the shapes.
+TASKS = ("causal-lm", "sequence-classification", "token-classification")
 
 
 class CurvscopeError(Exception):
@@ -80,7 +82,7 @@ def build_request(
     trace: bool = False, density: bool = False, sharpness: bool = False, non_uniformity: bool = False,
     lipschitz: bool = False, learning_rate: float = 0.0, batch_size: int = 0,
     per_layer: bool = False, seed: int = 0, precision: str = "float32", micro_batch_size: int = 0,
-    max_samples: int = 0, curvature: str | None = None, memory_budget_bytes: int = 0,
+    max_samples: int = 0, curvature: str | None = None, task: str = "", memory_budget_bytes: int = 0,
     trace_method: str | None = None, trace_max_hvps: int = 0, trace_tolerance: float = 0.0, frobenius: bool = False,
     density_steps: int = 0, density_probes: int = 0, density_grid: int = 0, density_sigma: float = 0.0,
     density_negative_tolerance: float | None = None,
@@ -89,7 +91,8 @@ def build_request(
 ) -> pb.AnalyzeRequest:
     """The request the CLI and ``Client.analyze`` send; one analysis entry per flag.
 
-    ``curvature`` is one of CURVATURES (None: the server's default, the Hessian); ``trace_method``
+    ``curvature`` is one of CURVATURES (None: the server's default, the Hessian); ``task`` one of
+    TASKS ("" = inferred from the shapes; "causal-lm" shifts the labels); ``trace_method``
     one of TRACE_METHODS (None: the server's choice). Zeros leave a setting to the server, and so
     does ``density_negative_tolerance`` None (0 there counts every negative eigenvalue).
     ``memory_budget_bytes`` caps the memory the analyses may plan for (the server's ceiling
@@ -131,10 +134,12 @@ def build_request(
         raise ValueError(f"precision must be float32 or float64, not {precision!r}")
     if curvature is not None and curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {', '.join(CURVATURES)}, not {curvature!r}")
+    if task and task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
     request = pb.AnalyzeRequest(
         model=model, loss=loss, analyses=analyses,
         options=pb.AnalysisOptions(seed=seed, per_layer=per_layer, precision=precisions[precision],
-                                   micro_batch_size=micro_batch_size, max_samples=max_samples,
+                                   micro_batch_size=micro_batch_size, max_samples=max_samples, task=task,
                                    memory_budget_bytes=memory_budget_bytes,
                                    curvature=CURVATURES[curvature] if curvature else pb.CURVATURE_UNSPECIFIED),
     )

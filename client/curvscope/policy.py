@@ -24,6 +24,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from ._proto.curvscope.v1 import curvscope_pb2 as pb
+from .client import TASKS
 
 ABSOLUTE_BOUNDS = ("min", "max")
 CHANGE_BOUNDS = ("max_increase", "max_decrease", "max_increase_abs", "max_decrease_abs")
@@ -31,7 +32,7 @@ LEVELS = ("fail", "warn")
 MISSING_BASELINE = ("pass", "warn", "fail")
 BORDERLINE = ("pass", "warn", "fail")
 DEFAULT_SIGMAS = 2.0
-REQUEST_KEYS = {"loss", "curvature", "precision", "seed", "per_layer", "micro_batch_size", "max_samples", "timeout"}
+REQUEST_KEYS = {"loss", "task", "curvature", "precision", "seed", "per_layer", "micro_batch_size", "max_samples", "timeout"}
 CURVATURES = {"hessian": pb.CURVATURE_HESSIAN, "ggn": pb.CURVATURE_GGN, "fisher": pb.CURVATURE_FISHER,
               "empirical_fisher": pb.CURVATURE_EMPIRICAL_FISHER}
 PRECISIONS = {"float32": pb.PRECISION_FLOAT32, "float64": pb.PRECISION_FLOAT64}
@@ -260,7 +261,8 @@ class Policy:
                 curvature=CURVATURES[options.get("curvature", "hessian")],
                 precision=PRECISIONS[options.get("precision", "float32")],
                 seed=options.get("seed", 0), per_layer=options.get("per_layer", False),
-                micro_batch_size=options.get("micro_batch_size", 0), max_samples=options.get("max_samples", 0)),
+                micro_batch_size=options.get("micro_batch_size", 0), max_samples=options.get("max_samples", 0),
+                task=options.get("task", "")),
         )
 
 
@@ -283,6 +285,8 @@ def parse_policy(text: str, source: str = "policy") -> Policy:
     _known(request, REQUEST_KEYS, f"{source} [request]")
     _choice(request.get("curvature", "hessian"), CURVATURES, f"{source} [request] curvature")
     _choice(request.get("precision", "float32"), PRECISIONS, f"{source} [request] precision")
+    if "task" in request:
+        _choice(request["task"], TASKS, f"{source} [request] task")
     for key in ("seed", "micro_batch_size", "max_samples"):
         if not isinstance(request.get(key, 0), int) or request.get(key, 0) < 0:
             raise PolicyError(f"{source} [request] {key} must be a whole number >= 0")
@@ -436,6 +440,7 @@ curvature = "hessian"
 seed = 0              # same seed, same numbers: keep it fixed so changes mean something
 per_layer = false     # true adds per_layer.<block>.* values (paths like per_layer.*.hessian_eigen.largest[0])
 # max_samples = 512   # analyse at most this many samples of the batch (0 = all)
+# task = "causal-lm"  # a language model: labels shifted by one (default: inferred from the shapes)
 # timeout = 600       # seconds before the server gives up
 
 # Which analyses to run: one table per report key, holding that analysis's spec fields

@@ -18,10 +18,11 @@ from . import __version__, memory_plan, metrics
 from .analyses import ANALYSES, AnalysisContext, EngineLimits, hessian_eigen
 from .analyses.base import CheckFn, ProgressFn
 from .memory_plan import AnalysisPlan, PeakMeter
-from .errors import CurvscopeError, ResourceExhausted
+from .errors import CurvscopeError, ResourceExhausted, Unimplemented
+from .loading.messages import one_line
 from .loading import LoadedData, LoadedModel, describe_model, load_data, load_model, validate_pair
 from .loading.checkpoint import FORMATS
-from .losses import LOSSES, get_loss
+from .losses import LOSSES, bind_loss
 from .requests import PRECISIONS, AnalysisJob, ValidatedJob, validate_job
 
 REPORT_SCHEMA = "curvscope.report/v1"
@@ -59,12 +60,23 @@ def _check_size(model: LoadedModel, data: LoadedData | None, limits: EngineLimit
             f"pass --max-samples {limits.max_samples} (or fewer) to analyse a random subset")
 
 
+# What torch says when an operator lacks a derivative (forward mode, second order, under vmap).
+_AUTODIFF_LIMITS = ("Batching rule not implemented", "forward AD", "derivative for", "is not implemented")
+
+
 def _run_timed(name: str, run: Any) -> dict[str, Any]:
     """One analysis, its wall time recorded by status (OK or the status code of its error)."""
     started = time.perf_counter()
     status = "OK"
     try:
-        return run()
+        try:
+            return run()
+        except (RuntimeError, NotImplementedError) as error:
+            if not any(marker in str(error) for marker in _AUTODIFF_LIMITS):
+                raise
+            # torch lacks a derivative this analysis needs for one of the model's operators
+            raise Unimplemented(f"{name} needs derivatives torch does not have for this model: {one_line(error)}; "
+                                "try another method or curvature") from None
     except CurvscopeError as error:
         status = error.code
         raise
@@ -90,10 +102,11 @@ def _subsample(data: LoadedData, max_samples: int, seed: int) -> LoadedData:
         return data
     generator = torch.Generator().manual_seed(seed)
     keep = torch.randperm(data.num_samples, generator=generator)[:max_samples].sort().values
-    keep = keep.to(data.inputs.device)
+    keep = keep.to(data.targets.device)
     return LoadedData(
-        inputs=data.inputs[keep], targets=data.targets[keep],
+        inputs=tuple(x[keep] for x in data.inputs), targets=data.targets[keep],
         extra={name: tensor[keep] for name, tensor in data.extra.items()}, num_samples=max_samples,
+        input_names=data.input_names,
     )
 
 
@@ -206,15 +219,16 @@ def run_analysis(
     data = None
     if job.data_path is not None:
         notify(f"loading the data ({_size(job.data_path)})")
-        data = _subsample(load_data(job.data_path, device=device, dtype=dtype), job.max_samples, job.seed)
-        validate_pair(model, data, job.loss)
+        data = _subsample(load_data(job.data_path, device=device, dtype=dtype, model_inputs=model.inputs, task=job.task),
+                          job.max_samples, job.seed)
+        validate_pair(model, data, job.loss, job.task)
     _check_size(model, data, limits)
     if check:
         check()
 
     context = AnalysisContext(
-        model=model, data=data, loss=job.loss, loss_fn=get_loss(job.loss) if data is not None else None,
-        curvature=job.curvature, seed=job.seed, device=device, limits=limits,
+        model=model, data=data, loss=job.loss, loss_fn=bind_loss(job.loss, data.targets, job.task) if data is not None else None,
+        curvature=job.curvature, seed=job.seed, device=device, limits=limits, task=job.task,
         micro_batch_size=_micro_batch_size(job, model, limits), progress_sink=progress, check=check,
     )
     contexts = [context]

@@ -29,7 +29,7 @@ from .analyses.lipschitz import LipschitzMethod, SdpSolver
 from .analyses.non_uniformity import NonUniformityMethod
 from .errors import InvalidInput, Unimplemented
 from .loading.json_text import parse_json
-from .losses import get_loss
+from .losses import check_task, get_loss
 
 MAX_CONFIG_JSON_BYTES = 1 << 20
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
@@ -65,6 +65,7 @@ class AnalysisJob:
     micro_batch_size: int = 0
     per_layer: bool = False
     max_samples: int = 0
+    task: str = ""  # losses.TASKS: "" infers the loss' form from the shapes
     # The request's memory ceiling (0 = the server's), see memory_plan.resolve_budget.
     memory_budget_bytes: int = 0
 
@@ -144,8 +145,11 @@ def validate_job(job: AnalysisJob, limits: EngineLimits) -> ValidatedJob:
         raise InvalidInput(f"unknown precision '{job.precision}'; choose float32 or float64")
     if job.data_path is None and any(ANALYSES[name].needs_data for name in job.analyses):
         raise InvalidInput("these analyses need a data batch; pass one with --data")
+    check_task(job.task)
     if job.data_path is not None:
         get_loss(job.loss)
+    if job.task == "causal-lm" and job.loss != "cross_entropy":
+        raise InvalidInput(f"the task causal-lm needs the loss cross_entropy, not '{job.loss}'")
     return ValidatedJob(job, {name: ANALYSES[name].normalize(decode_spec(name, options), limits)
                               for name, options in job.analyses.items()})
 
@@ -186,7 +190,7 @@ def job_from_request(
         curvature=wire_name(pb.Curvature, options.curvature, "curvature") or "hessian",
         precision=wire_name(pb.Precision, options.precision, "precision") or "float32",
         seed=options.seed, micro_batch_size=options.micro_batch_size, per_layer=options.per_layer,
-        max_samples=options.max_samples, memory_budget_bytes=options.memory_budget_bytes,
+        max_samples=options.max_samples, task=options.task, memory_budget_bytes=options.memory_budget_bytes,
         **model_options(request.model),
     )
 
@@ -208,6 +212,8 @@ def canonical_request(validated: ValidatedJob, limits: EngineLimits) -> dict[str
         "curvature": job.curvature, "precision": job.precision, "seed": job.seed,
         "micro_batch_size": job.micro_batch_size or limits.micro_batch_size,
         "per_layer": job.per_layer, "max_samples": job.max_samples,
+        # only when set, so that the reports cached before the option existed stay valid
+        **({"task": job.task} if job.task else {}),
     }
 
 

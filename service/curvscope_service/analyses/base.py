@@ -14,6 +14,7 @@ from ..curvature.operators.base import CurvatureOperator
 from ..curvature.operators.curvatures import CURVATURES, OperatorRequest
 from ..curvature.solvers.lanczos import RitzPairs
 from ..loading import LoadedData, LoadedModel
+from ..losses import bind_loss
 
 ProgressFn = Callable[[dict], None]
 CheckFn = Callable[[], None]
@@ -46,6 +47,7 @@ class AnalysisContext:
     progress_sink: ProgressFn | None = None
     check: CheckFn | None = None
     block: str = ""
+    task: str = ""
     param_names: list[str] | None = None
     # Results of analyses that ran earlier in the same request (whole model only), so that
     # one can reuse another's work (e.g. sharpness reads hessian_eigen's largest eigenvalue).
@@ -80,8 +82,13 @@ class AnalysisContext:
         return AnalysisContext(
             model=self.model, data=self.data, loss=self.loss, loss_fn=self.loss_fn, curvature=self.curvature,
             seed=self.seed, device=self.device, limits=self.limits, micro_batch_size=self.micro_batch_size,
-            progress_sink=self.progress_sink, check=self.check, block=block, param_names=list(param_names),
+            progress_sink=self.progress_sink, check=self.check, block=block, task=self.task,
+            param_names=list(param_names),
         )
+
+    def loss_for(self, targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The loss with its normaliser fixed over a subset's ``targets`` (``losses.bind_loss``)."""
+        return bind_loss(self.loss, targets, self.task)
 
     def progress(self, analysis: str, step: int, total: int, estimate: float) -> None:
         if self.progress_sink is not None:

@@ -68,8 +68,15 @@ def normalize(spec: LipschitzSpec, limits: EngineLimits) -> LipschitzSpec:
 
 
 def run(context: AnalysisContext, spec: LipschitzSpec) -> dict[str, Any]:
+    inputs = context.model.inputs
+    if len(inputs) != 1 or inputs[0].dtype is not None:
+        taken = ", ".join(f"{i.name} ({'floating' if i.dtype is None else str(i.dtype).removeprefix('torch.')})"
+                          for i in inputs)
+        raise InvalidInput(
+            f"lipschitz bounds a network in its one floating input, but this model takes {taken}: token ids have no "
+            "Lipschitz constant; export the model from its input embeddings (inputs_embeds) to bound it")
     solves = Solves(spec.solver, spec.split_size, spec.time_limit_seconds, spec.memory_limit_mib, check=context.check)
-    return bound_interval(context.model, context.data.inputs if context.data is not None else None, spec.methods, solves,
+    return bound_interval(context.model, context.data.inputs[0] if context.data is not None else None, spec.methods, solves,
                           ascent_steps=spec.ascent_steps, seed=context.seed, check=context.check,
                           progress=lambda step, total, estimate: context.progress("lipschitz", step, total, estimate))
 

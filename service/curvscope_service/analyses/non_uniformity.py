@@ -62,19 +62,20 @@ def run(context: AnalysisContext, spec: NonUniformitySpec) -> dict[str, Any]:
     subsampled = 0 < spec.max_samples < n
     if subsampled:
         keep = torch.randperm(n, generator=torch.Generator().manual_seed(context.seed))[:spec.max_samples]
-        keep = keep.sort().values.to(inputs.device)
-        inputs, targets = inputs[keep], targets[keep]
+        keep = keep.sort().values.to(targets.device)
+        inputs, targets = tuple(x[keep] for x in inputs), targets[keep]
+    loss_fn = context.loss_for(targets) if subsampled else context.loss_fn
     common = dict(param_names=context.param_names, micro_batch_size=context.micro_batch_size, check=context.check)
     sharpness = None
     if spec.method == "exact":
         hessian = context.operator() if not subsampled else HessianOperator(
-            model.module, inputs, targets, context.loss_fn, retain_max_samples=context.limits.retain_max_samples,
+            model.module, inputs, targets, loss_fn, retain_max_samples=context.limits.retain_max_samples,
             **common)
-        operator = PerSampleHessians(model.module, inputs, targets, context.loss_fn, hessian=hessian, **common)
+        operator = PerSampleHessians(model.module, inputs, targets, loss_fn, hessian=hessian, **common)
         if not subsampled:
             sharpness = _earlier_sharpness(context.earlier, spec.tolerance)
     else:
-        operator = PerSampleGaussNewton(model.module, inputs, targets, context.loss_fn, **common)
+        operator = PerSampleGaussNewton(model.module, inputs, targets, loss_fn, **common)
     return compute_non_uniformity(
         operator, learning_rate=spec.learning_rate, batch_size=spec.batch_size, num_samples=n,
         tol=spec.tolerance, max_products=min(MAX_PRODUCTS, context.limits.max_products), seed=context.seed,

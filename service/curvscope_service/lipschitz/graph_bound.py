@@ -150,10 +150,37 @@ def bound_graph(module: nn.Module, input_shape: tuple[int, ...], max_dense_entri
     if isinstance(module, fx.GraphModule):
         walk = _GraphWalk(module, tuple(input_shape), max_dense_entries)
         walk.check = check
-        return walk.run()
+        bound = walk.run()
+        attention = attention_product(module)
+        if bound.value is None and attention and attention not in bound.reason:
+            # the walk stops at its first obstacle; attention is the one no rule can ever bound
+            bound.reason += (f"; and the attention product '{attention}' (q·kᵀ, a product of two data paths) has no "
+                             "global Lipschitz constant")
+        return bound
     if is_nested_sequential(module):
         return _sequential_bound(module, tuple(input_shape), max_dense_entries, check)
     return GraphBound(None, f"{type(module).__name__} is not an nn.Sequential, so its data flow is unknown; export it as .pt2")
+
+
+_ATTENTION_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_attention_math",
+                  "_scaled_dot_product_flash_attention_for_cpu"}
+
+
+def attention_product(module: fx.GraphModule) -> str | None:
+    """The first node that multiplies two data-dependent tensors (attention's q·kᵀ), or None."""
+    dependent: set[fx.Node] = set()
+    for node in module.graph.nodes:
+        if node.op == "placeholder":
+            dependent.add(node)
+            continue
+        inputs = [n for n in node.all_input_nodes if n in dependent]
+        if not inputs:
+            continue
+        dependent.add(node)
+        op = op_name(node) if node.op == "call_function" else ""
+        if op in _ATTENTION_OPS or (op in {"matmul", "bmm", "mm", "baddbmm", "einsum"} and len(set(inputs)) > 1):
+            return node.name
+    return None
 
 
 def _segment(forward: Callable, name: str, in_shape: tuple[int, ...], max_dense_entries: int) -> tuple[float, bool, np.ndarray | None]:

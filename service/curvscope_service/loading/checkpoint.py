@@ -18,8 +18,9 @@ from curvscope_service.loading import plugins, sequential
 from curvscope_service.loading.json_text import parse_json
 from curvscope_service.lipschitz.chain import graph_chain, module_chain
 from curvscope_service.loading.messages import NEVER_UNPICKLE, one_line
+from curvscope_service.loading.model_inputs import ModelInput, single_input
 from curvscope_service.loading.safetensors_file import SafetensorsHeader, SafetensorsReader
-from curvscope_service.loading.torch_export import load_exported
+from curvscope_service.loading.torch_export import load_exported, retarget_precision
 
 FORMATS = ("auto", "torch_export", "safetensors", "plugin")
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -43,6 +44,12 @@ class LoadedModel:
     num_parameters: int
     parameter_blocks: dict[str, list[str]]  # layer name -> its parameter names, in named_parameters() order
     config: dict | None
+    # The module's positional inputs, in order (module(*tensors) returns one tensor of outputs).
+    inputs: tuple[ModelInput, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            self.inputs = single_input(self.input_shape)
 
 
 def load_model(
@@ -77,13 +84,15 @@ def load_model(
     if format == "torch_export":
         exported = load_exported(path, max_parameters=cap)
         module, arch, cfg = exported.module, "torch_export", None
-        input_shape, fixed_batch_size = exported.input_shape, exported.fixed_batch_size
+        input_shape, fixed_batch_size, inputs = exported.input_shape, exported.fixed_batch_size, exported.inputs
     else:
         module, arch, cfg, input_shape = _load_state_dict_model(path, format, architecture, config, dtype, cap)
-        fixed_batch_size = None
+        fixed_batch_size, inputs = None, single_input(input_shape)
         format = "safetensors" if arch == sequential.ARCHITECTURE else "plugin"
 
     _check_finite(module)
+    if format == "torch_export":
+        retarget_precision(module, dtype)
     try:
         module = module.to(device=device, dtype=dtype)
     except (RuntimeError, AssertionError) as e:
@@ -101,6 +110,7 @@ def load_model(
         num_parameters=sum(p.numel() for p in module.parameters()),
         parameter_blocks=parameter_blocks(module),
         config=cfg,
+        inputs=inputs,
     )
 
 
@@ -252,12 +262,27 @@ def _check_finite(module: nn.Module) -> None:
 
 
 def parameter_blocks(module: nn.Module) -> dict[str, list[str]]:
-    """Parameter names grouped by the layer (module path) that owns them."""
+    """Parameter names grouped by the layer that owns them.
+
+    The layer is the module path that owns the parameter, cut below the first child of the first
+    numbered module (a block of a stack such as ``encoder.layer.3``): a transformer's parameters
+    group as ``encoder.layer.3.attention``, ``encoder.layer.3.intermediate``, ... rather than one
+    block per linear map; ``features.0.weight`` stays ``features.0``.
+    """
     blocks: dict[str, list[str]] = {}
     for name, _ in module.named_parameters():
-        layer = name.rsplit(".", 1)[0] if "." in name else name
-        blocks.setdefault(layer, []).append(name)
+        blocks.setdefault(block_name(name), []).append(name)
     return blocks
+
+
+def block_name(parameter: str) -> str:
+    """The per-layer block of a parameter name (see ``parameter_blocks``)."""
+    parts = parameter.split(".")
+    owner = parts[:-1] or parts
+    for index, part in enumerate(owner[:-1]):
+        if part.isdigit():
+            return ".".join(owner[:index + 2])
+    return ".".join(owner)
 
 
 def describe_model(model: LoadedModel) -> dict[str, Any]:

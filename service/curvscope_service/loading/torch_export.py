@@ -15,6 +15,7 @@ from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_
 
 from curvscope_service.errors import InvalidInput
 from curvscope_service.loading.messages import one_line
+from curvscope_service.loading.model_inputs import ModelInput
 from curvscope_service.loading.pt2_archive import read_archive
 from curvscope_service.loading.pt2_program import REEXPORT
 
@@ -41,8 +42,15 @@ _TRAINING_FLAGS = {
 @dataclass
 class ExportedModel:
     module: nn.Module
-    input_shape: tuple[int, ...] | None
+    inputs: tuple[ModelInput, ...]  # the exported signature's user inputs, in order
     fixed_batch_size: int | None
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """One sample's shape for a model of one input with static sample dimensions, else None."""
+        if len(self.inputs) != 1 or self.inputs[0].sample_shape is None or None in self.inputs[0].sample_shape:
+            return None
+        return tuple(int(d) for d in self.inputs[0].sample_shape)  # type: ignore[arg-type]
 
 
 def load_exported(path: Path, *, max_parameters: int) -> ExportedModel:
@@ -56,7 +64,7 @@ def load_exported(path: Path, *, max_parameters: int) -> ExportedModel:
         raise
     except Exception as e:  # the deserialiser raises SerializeError, KeyError, AssertionError, TypeError...
         raise InvalidInput(f"model could not be loaded as a torch.export archive: {one_line(e)}; {REEXPORT}") from None
-    input_shape, fixed_batch_size = _input_shape(program)
+    inputs, fixed_batch_size = _inputs(program)
     try:
         # check_guards=False: the reader dropped the guard code; nothing generated from it runs
         module = program.module(check_guards=False)
@@ -65,23 +73,56 @@ def load_exported(path: Path, *, max_parameters: int) -> ExportedModel:
     except Exception as e:
         raise InvalidInput(f"torch.export archive could not be turned into a module: {one_line(e)}; {REEXPORT}") from None
     _check_graph(module)
-    return ExportedModel(module=module, input_shape=input_shape, fixed_batch_size=fixed_batch_size)
+    return ExportedModel(module=module, inputs=inputs, fixed_batch_size=fixed_batch_size)
 
 
-def _input_shape(program: torch.export.ExportedProgram) -> tuple[tuple[int, ...] | None, int | None]:
-    user_inputs = set(program.graph_signature.user_inputs)
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
-    if len(placeholders) != 1:
-        raise InvalidInput(
-            f"torch.export model takes {len(placeholders)} inputs; curvscope feeds exactly one tensor (the data's 'inputs')"
-        )
-    value = placeholders[0].meta.get("val")
-    if not isinstance(value, torch.Tensor) or value.dim() == 0:
-        raise InvalidInput("torch.export model's input is not a batched tensor; export it with an input of shape (batch, ...)")
-    batch, *sample = value.shape
-    fixed_batch_size = int(batch) if isinstance(batch, int) else None
-    input_shape = tuple(int(d) for d in sample) if all(isinstance(d, int) for d in sample) else None
-    return input_shape, fixed_batch_size
+def _inputs(program: torch.export.ExportedProgram) -> tuple[tuple[ModelInput, ...], int | None]:
+    """The user inputs (name, dtype, one sample's shape) and the batch size if it was exported static."""
+    user_inputs = list(program.graph_signature.user_inputs)
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    if not user_inputs:
+        raise InvalidInput("torch.export model takes no inputs; export it with its input tensors (batch, ...)")
+    inputs, batches = [], set()
+    for name in user_inputs:
+        node = placeholders.get(name)
+        value = node.meta.get("val") if node is not None else None
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            raise InvalidInput(
+                f"torch.export model's input '{name:.40}' is not a batched tensor; export it with inputs of shape (batch, ...)"
+            )
+        batch, *sample = value.shape
+        batches.add(int(batch) if isinstance(batch, int) else None)
+        dtype = None if value.dtype.is_floating_point else value.dtype
+        inputs.append(ModelInput(name, dtype, tuple(int(d) if isinstance(d, int) else None for d in sample)))
+    if len(batches) != 1:
+        raise InvalidInput("torch.export model's inputs disagree on the batch dimension; export them with one shared batch size")
+    return tuple(inputs), batches.pop()
+
+
+def retarget_precision(module: nn.Module, dtype: torch.dtype) -> None:
+    """Make the graph compute in ``dtype``: every float32 dtype that export recorded (casts such as
+    ``.to(torch.float32)`` of an attention mask, ``torch.full(..., dtype=float32)``, the dtype
+    checks export inserts) becomes ``dtype``, so a float64 analysis is float64 throughout instead
+    of failing a dtype check or rounding through float32 at every recorded cast. Integer dtypes
+    (token ids, masks) are left alone."""
+    if dtype == torch.float32:
+        return
+
+    def retarget(value: Any) -> Any:
+        if value is torch.float32:
+            return dtype
+        if isinstance(value, (list, tuple)):
+            return type(value)(retarget(v) for v in value)
+        return value
+
+    for gm in module.modules():
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                node.args = retarget(node.args)
+                node.kwargs = {k: retarget(v) for k, v in node.kwargs.items()}
+        gm.recompile()
 
 
 def _check_graph(module: nn.Module) -> None:

@@ -22,7 +22,7 @@ from .conftest import job
 def stored(files):
     model = load_model(files / "mlp.safetensors", dtype=torch.float64).module
     data = load_data(files / "classes.safetensors", dtype=torch.float64)
-    return model, data.inputs, data.targets, get_loss("cross_entropy")
+    return model, data.inputs[0], data.targets, get_loss("cross_entropy")
 
 
 def dense_ggn(files, names=None):

@@ -21,7 +21,7 @@ def truth(files, names=None, keep=None):
     """(a, s, H, Sigma) from dense per-sample Hessians of the stored model and data."""
     model = load_model(files / "mlp.safetensors", dtype=torch.float64).module
     data = load_data(files / "classes.safetensors", dtype=torch.float64)
-    inputs, targets = data.inputs, data.targets
+    inputs, targets = data.inputs[0], data.targets
     if keep is not None:
         inputs, targets = inputs[keep], targets[keep]
     loss = get_loss("cross_entropy")

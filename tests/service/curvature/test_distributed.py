@@ -91,7 +91,7 @@ WORKER = textwrap.dedent("""
     model = load_model(model_path, dtype=torch.float64)
     data = load_data(data_path, dtype=torch.float64)
     start, stop = shard_range(data.num_samples, rank, world)
-    local = HessianOperator(model.module, data.inputs[start:stop], data.targets[start:stop],
+    local = HessianOperator(model.module, data.inputs[0][start:stop], data.targets[start:stop],
                             get_loss("cross_entropy"), micro_batch_size=7)
     operator = DataParallelOperator(local, module=model.module)
     V = torch.randn(operator.dim, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -100,7 +100,7 @@ WORKER = textwrap.dedent("""
               "loss": operator.loss(), "gradient": operator.gradient().tolist(), "hvps": operator.products}
     # float32, as a GPU would run it: the eigen solve on the distributed products.
     model32 = load_model(model_path, dtype=torch.float32)
-    local32 = HessianOperator(model32.module, data.inputs[start:stop].float(), data.targets[start:stop],
+    local32 = HessianOperator(model32.module, data.inputs[0][start:stop].float(), data.targets[start:stop],
                               get_loss("cross_entropy"), micro_batch_size=7)
     result["eigen32"] = compute_hessian_eigen(DataParallelOperator(local32), top_k=3, bottom_k=2, seed=5)
     with torch.no_grad():  # rank 1 loads "another checkpoint"

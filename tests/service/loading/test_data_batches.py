@@ -20,15 +20,15 @@ def test_loads_inputs_targets_and_extras(tmp_path):
     path = _data(tmp_path, inputs=torch.randn(6, 4), targets=torch.tensor([0, 1, 2, 0, 1, 2]), mask=torch.ones(6, 2))
     data = load_data(path)
     assert data.num_samples == 6
-    assert data.inputs.dtype == torch.float32 and data.targets.dtype == torch.int64
+    assert data.inputs[0].dtype == torch.float32 and data.targets.dtype == torch.int64
     assert set(data.extra) == {"mask"}
 
 
 def test_integer_inputs_become_floats(tmp_path):
     pixels = torch.randint(0, 255, (3, 1, 8, 8), dtype=torch.uint8)
     data = load_data(_data(tmp_path, inputs=pixels, targets=torch.zeros(3, 2)), dtype=torch.float64)
-    assert data.inputs.dtype == torch.float64 and data.targets.dtype == torch.float64
-    torch.testing.assert_close(data.inputs, pixels.double())
+    assert data.inputs[0].dtype == torch.float64 and data.targets.dtype == torch.float64
+    torch.testing.assert_close(data.inputs[0], pixels.double())
 
 
 @pytest.mark.parametrize(

@@ -107,12 +107,15 @@ def test_zip_that_is_not_an_export(tmp_path, refuses):
         load_model(path)
 
 
-def test_two_inputs_are_refused(tmp_path, refuses):
+def test_several_inputs_are_described_by_the_signature(tmp_path):
     class Two(nn.Module):
-        def forward(self, x, y):
-            return x + y
+        def forward(self, x, ids):
+            return x + ids.to(x.dtype)
 
     path = tmp_path / "two.pt2"
-    torch.export.save(torch.export.export(Two(), (torch.randn(2, 3), torch.randn(2, 3))), path)
-    with refuses(InvalidInput, "takes 2 inputs", "exactly one"):
-        load_model(path)
+    batch = torch.export.Dim("batch")
+    example = (torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.long))
+    torch.export.save(torch.export.export(Two(), example, dynamic_shapes=({0: batch}, {0: batch})), path)
+    model = load_model(path)
+    assert [(i.name, i.dtype, i.sample_shape) for i in model.inputs] == [("x", None, (3,)), ("ids", torch.int64, (3,))]
+    assert (model.input_shape, model.fixed_batch_size) == (None, None)

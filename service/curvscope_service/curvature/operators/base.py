@@ -15,10 +15,41 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...errors import InvalidInput
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+# A batch's model inputs: one tensor, or one per positional input of the model (token ids, masks,
+# ...), all with the samples along their first dimension.
+Inputs = Tensor | tuple[Tensor, ...]
+
+
+def as_inputs(inputs: Inputs) -> tuple[Tensor, ...]:
+    """The model inputs as a tuple (a single tensor becomes a one-tuple)."""
+    return (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+
+
+def rows(inputs: tuple[Tensor, ...], start: int, stop: int) -> tuple[Tensor, ...]:
+    """Samples start..stop of every input."""
+    return tuple(x[start:stop] for x in inputs)
+
+
+def batch_of_one(sample: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """One sample (as vmap hands it over) as a batch of one."""
+    return tuple(x[None] for x in sample)
+
+
+def call_module(module: nn.Module, values: dict[str, Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
+    """module(*inputs) with its parameters and buffers set to ``values``.
+
+    Scaled-dot-product attention runs its math kernel: the fused CPU/GPU kernels have neither
+    forward-mode derivatives nor second derivatives, which every curvature product needs; the math
+    kernel computes the same attention with ordinary operators (benchmarks: same values to 1e-12
+    in float64).
+    """
+    with sdpa_kernel([SDPBackend.MATH]):
+        return functional_call(module, values, inputs)
 
 
 class CurvatureOperator(Protocol):
@@ -50,7 +81,7 @@ class MeanLossOperator:
     def __init__(
         self,
         module: nn.Module,
-        inputs: Tensor,
+        inputs: Inputs,
         targets: Tensor,
         loss_fn: LossFn,
         *,
@@ -70,12 +101,15 @@ class MeanLossOperator:
             raise InvalidInput("the selected parameters must share one dtype and one device")
         if not selected[0].is_floating_point():
             raise InvalidInput(f"parameters of dtype {selected[0].dtype} cannot be differentiated")
-        n = inputs.shape[0] if inputs.dim() else 0
-        if n < self.min_samples or targets.dim() == 0 or targets.shape[0] != n:
+        inputs = as_inputs(inputs)
+        n = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
+        if (n < self.min_samples or targets.dim() == 0 or targets.shape[0] != n
+                or any(x.dim() == 0 or x.shape[0] != n for x in inputs)):
             plural = "s" if self.min_samples > 1 else ""
+            shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
             raise InvalidInput(
                 f"inputs and targets need the same batch size of at least {self.min_samples} sample{plural}, "
-                f"got {tuple(inputs.shape)} and {tuple(targets.shape)}"
+                f"got {shapes} and {tuple(targets.shape)}"
             )
         if micro_batch_size < 1:
             raise InvalidInput(f"micro_batch_size must be positive, got {micro_batch_size}")
@@ -97,13 +131,15 @@ class MeanLossOperator:
         self._leaves = tuple(p.detach().requires_grad_(True) for p in selected)
         chosen = set(names)
         self._constants = {k: p.detach() for k, p in named.items() if k not in chosen}
-        self._inputs = _to(inputs, self.device, self.dtype)
+        self._inputs = tuple(_to(x, self.device, self.dtype) for x in inputs)
         self._targets = _to(targets, self.device, self.dtype)
         self._micro_batch_size = micro_batch_size
-        # (inputs, targets, weight): the micro-batch's mean loss times its share of the batch.
+        # (inputs, targets, weight): the micro-batch's loss (a mean over its samples) times its
+        # share of the batch.
         self._batches = [
-            (x, t, x.shape[0] / n)
-            for x, t in zip(self._inputs.split(micro_batch_size), self._targets.split(micro_batch_size))
+            (rows(self._inputs, start, start + micro_batch_size), self._targets[start:start + micro_batch_size],
+             min(micro_batch_size, n - start) / n)
+            for start in range(0, n, micro_batch_size)
         ]
         self._loss_and_gradient: tuple[float, Tensor] | None = None
 
@@ -117,13 +153,13 @@ class MeanLossOperator:
 
     # -- for subclasses ----------------------------------------------------------------
 
-    def _forward(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
-        """The model's outputs on x with the selected parameters set to ``params``."""
+    def _forward(self, params: Sequence[Tensor], x: tuple[Tensor, ...]) -> Tensor:
+        """The model's outputs on the inputs x with the selected parameters set to ``params``."""
         values = dict(self._constants)
         values.update(zip(self.param_names, params))
-        return functional_call(self._module, values, (x,))
+        return call_module(self._module, values, x)
 
-    def _loss(self, params: Sequence[Tensor], x: Tensor, t: Tensor, weight: float) -> Tensor:
+    def _loss(self, params: Sequence[Tensor], x: tuple[Tensor, ...], t: Tensor, weight: float) -> Tensor:
         return self._loss_fn(self._forward(params, x), t) * weight
 
     def _loss_gradient(self) -> tuple[float, Tensor]:
@@ -140,11 +176,11 @@ class MeanLossOperator:
             self._loss_and_gradient = (loss.item(), gradient)
         return self._loss_and_gradient
 
-    def _chunks(self, size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """The batch in chunks of ``size`` samples, checking before each."""
+    def _chunks(self, size: int) -> Iterator[tuple[tuple[Tensor, ...], Tensor]]:
+        """The batch in chunks of ``size`` samples (inputs, targets), checking before each."""
         for start in range(0, self.num_samples, size):
             self._step()
-            yield self._inputs[start:start + size], self._targets[start:start + size]
+            yield rows(self._inputs, start, start + size), self._targets[start:start + size]
 
     def _step(self) -> None:
         if self._check is not None:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .fisher import EmpiricalFisherOperator, FisherOperator
 from .ggn import GGNOperator
 from .hessian import HessianOperator
-from .base import CurvatureOperator, LossFn
+from .base import CurvatureOperator, Inputs, LossFn
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class OperatorRequest:
     """What a curvature operator is built from: the model, the batch and the request's options."""
 
     module: nn.Module
-    inputs: Tensor
+    inputs: Inputs
     targets: Tensor
     loss_fn: LossFn
     loss: str

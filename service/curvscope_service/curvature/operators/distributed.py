@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from ...loading.checkpoint import load_model
     from ...loading.data import load_data
-    from ...losses import get_loss
+    from ...losses import bind_loss
     from .hessian import HessianOperator
     from ..solvers.extreme_eigenvalues import compute_hessian_eigen
 
@@ -148,13 +148,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = torch.float64 if args.precision == "float64" else torch.float32
     try:
         model = load_model(args.model, device=device, dtype=dtype)
-        data = load_data(args.data, dtype=dtype)  # on the host: only this rank's shard goes to the device
+        data = load_data(args.data, dtype=dtype, model_inputs=model.inputs)  # on the host: only this rank's shard goes to the device
         start, stop = shard_range(data.num_samples, rank, world_size)
         if model.fixed_batch_size is not None and model.fixed_batch_size != stop - start:
             raise InvalidInput(f"the model was exported for batches of {model.fixed_batch_size} samples, a shard has "
                                f"{stop - start}; export it with a dynamic batch dimension")
-        local = HessianOperator(model.module, data.inputs[start:stop], data.targets[start:stop],
-                                get_loss(args.loss), micro_batch_size=args.micro_batch_size)
+        # the loss' normaliser (samples, or counted tokens) is the whole batch's, so that the
+        # ranks' weighted shard losses add up to the global mean
+        local = HessianOperator(model.module, tuple(x[start:stop] for x in data.inputs), data.targets[start:stop],
+                                bind_loss(args.loss, data.targets), micro_batch_size=args.micro_batch_size)
         operator = DataParallelOperator(local, module=model.module)
         result = compute_hessian_eigen(operator, top_k=args.eigen, bottom_k=args.smallest, tol=args.tolerance,
                                        max_products=args.max_hvps, seed=args.seed)

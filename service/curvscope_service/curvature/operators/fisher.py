@@ -6,7 +6,7 @@ block (1/n) r_i r_i^T per sample and a product costs what a GGN product costs:
 
 - ``FisherOperator``: r_i at labels sampled from the model's own predictive distribution (with
   the seed; ``mc_samples`` labels per input, averaged). Cross-entropy: a class drawn from
-  softmax(f_i). mse, l_i = ||f_i - y||^2 / D over D outputs: y ~ N(f_i, D/2 I), the Gaussian
+  softmax(f_i) (per counted token for sequence outputs). mse, l_i = ||f_i - y||^2 / D over D outputs: y ~ N(f_i, D/2 I), the Gaussian
   for which l_i is the negative log-likelihood up to a constant. In expectation over the labels
   this is the GGN (the loss is then a negative log-likelihood whose Hessian in f is its Fisher).
 - ``EmpiricalFisherOperator``: r_i at the data's own labels. Kunstner, Hennig & Balles
@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from ...errors import InvalidInput
+from ...losses import TokenCrossEntropy
 from .ggn import OutputCurvatureOperator
-from .base import LossFn
+from .base import Inputs, LossFn
 
 
 class _OuterProductOperator(OutputCurvatureOperator):
@@ -54,7 +55,7 @@ class FisherOperator(_OuterProductOperator):
     """The (Monte-Carlo) Fisher: labels sampled from the model, ``mc_samples`` per input."""
 
     def __init__(
-        self, module: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *, loss: str,
+        self, module: nn.Module, inputs: Inputs, targets: Tensor, loss_fn: LossFn, *, loss: str,
         seed: int = 0, mc_samples: int = 1, param_names: Sequence[str] | None = None,
         micro_batch_size: int = 256, check: Callable[[], None] | None = None,
     ) -> None:
@@ -67,6 +68,8 @@ class FisherOperator(_OuterProductOperator):
         generator = torch.Generator().manual_seed(seed)
 
         def sampled(outputs: Tensor, targets: Tensor) -> Tensor:
+            if isinstance(loss_fn, TokenCrossEntropy):  # a class per token: one draw per counted position
+                return loss_fn.sample_labels(outputs, targets, mc_samples, generator)
             if loss == "cross_entropy":
                 probabilities = torch.softmax(outputs.to(torch.float64), dim=1).cpu()
                 drawn = torch.multinomial(probabilities, mc_samples, replacement=True, generator=generator)
@@ -83,7 +86,7 @@ class EmpiricalFisherOperator(_OuterProductOperator):
     """The empirical Fisher (1/n) sum_i g_i g_i^T at the data's labels."""
 
     def __init__(
-        self, module: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *,
+        self, module: nn.Module, inputs: Inputs, targets: Tensor, loss_fn: LossFn, *,
         param_names: Sequence[str] | None = None, micro_batch_size: int = 256,
         check: Callable[[], None] | None = None,
     ) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from ...errors import InvalidInput
-from .base import LossFn, MeanLossOperator
+from .base import Inputs, LossFn, MeanLossOperator
 
 METHODS = ("auto", "retained", "double_backward", "jvp_grad")
 
@@ -41,7 +41,7 @@ class HessianOperator(MeanLossOperator):
     def __init__(
         self,
         module: nn.Module,
-        inputs: Tensor,
+        inputs: Inputs,
         targets: Tensor,
         loss_fn: LossFn,
         *,
@@ -144,7 +144,7 @@ class HessianOperator(MeanLossOperator):
 
     # -- internals ---------------------------------------------------------------------
 
-    def _gradient_graph(self, x: Tensor, t: Tensor, weight: float) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def _gradient_graph(self, x: tuple[Tensor, ...], t: Tensor, weight: float) -> tuple[Tensor, tuple[Tensor, ...]]:
         """The weighted micro-batch loss and its gradient, with the graph to differentiate it."""
         with torch.enable_grad():
             loss = self._loss(self._leaves, x, t, weight)
@@ -179,16 +179,21 @@ class HessianOperator(MeanLossOperator):
         if not pairs:
             lead = (vs[0].shape[0],) if batched else ()
             return tuple(p.new_zeros(lead + p.shape) for p in self._values)
+        outputs, cotangents = [gi for gi, _ in pairs], [vi for _, vi in pairs]
         with torch.enable_grad():
-            return torch.autograd.grad(
-                [gi for gi, _ in pairs],
-                self._leaves,
-                [vi for _, vi in pairs],
-                retain_graph=retain,
-                allow_unused=True,
-                materialize_grads=True,
-                is_grads_batched=batched,
-            )
+            parts = torch.autograd.grad(outputs, self._leaves, cotangents, retain_graph=retain or batched,
+                                        allow_unused=True, materialize_grads=True, is_grads_batched=batched)
+            if not batched:
+                return parts
+            k = vs[0].shape[0]
+            if all(p.shape == (k, *leaf.shape) for p, leaf in zip(parts, self._leaves)):
+                return parts  # a graph not retained is freed with the caller's last reference to it
+            # torch 2.13's batched backward drops the batch dimension of some gradients (an
+            # embedding whose weight is tied to the output layer, as in GPT-2): one product at a time.
+            columns = [torch.autograd.grad(outputs, self._leaves, [c[j] for c in cotangents],
+                                           retain_graph=retain or j < k - 1, allow_unused=True, materialize_grads=True)
+                       for j in range(k)]
+            return tuple(torch.stack(column) for column in zip(*columns))
 
     def _block_backward(self, g: tuple[Tensor, ...], block: list[int], vs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         """d/d(block) of (g_block . vs): the block's diagonal Hessian block times vs."""
@@ -200,7 +205,7 @@ class HessianOperator(MeanLossOperator):
             return torch.autograd.grad([gi for gi, _ in pairs], leaves, [v for _, v in pairs],
                                        retain_graph=True, allow_unused=True, materialize_grads=True)
 
-    def _jvp_grad(self, x: Tensor, t: Tensor, weight: float, vs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def _jvp_grad(self, x: tuple[Tensor, ...], t: Tensor, weight: float, vs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         gradient = grad(lambda params: self._loss(params, x, t, weight))
         return jvp(gradient, (self._values,), (vs,))[1]
 

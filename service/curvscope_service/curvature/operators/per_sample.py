@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev, jvp, linearize, vjp, vmap
 
-from .base import LossFn, MeanLossOperator
+from .base import Inputs, LossFn, MeanLossOperator, batch_of_one, rows
 from .hessian import HessianOperator
 
 # Per-sample tensors of length dim (or C x dim Jacobians) held at once: bounds the vmap chunk.
@@ -70,7 +70,7 @@ class PerSampleHessians(_PerSample):
 
     method = "exact"
 
-    def __init__(self, module: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *,
+    def __init__(self, module: nn.Module, inputs: Inputs, targets: Tensor, loss_fn: LossFn, *,
                  hessian: HessianOperator, param_names: Sequence[str] | None = None,
                  micro_batch_size: int = 256, check: Callable[[], None] | None = None,
                  retain_budget_elements: int | None = None, linearise: bool | None = None) -> None:
@@ -88,8 +88,8 @@ class PerSampleHessians(_PerSample):
         # products) only where the per-sample pass is large (benchmarks/README.md).
         self.linearise = self.retained and (self.dim >= LINEARISE_MIN_DIM if linearise is None else linearise)
 
-        def sample_loss(params: tuple[Tensor, ...], x: Tensor, t: Tensor) -> Tensor:
-            return loss_fn(self._forward(params, x[None]), t[None])
+        def sample_loss(params: tuple[Tensor, ...], x: tuple[Tensor, ...], t: Tensor) -> Tensor:
+            return loss_fn(self._forward(params, batch_of_one(x)), t[None])
 
         self._per_sample_gradients = vmap(grad(sample_loss), in_dims=(None, 0, 0))
 
@@ -145,7 +145,7 @@ class PerSampleHessians(_PerSample):
             terms[2].append(sum(d @ h.reshape(-1).to(torch.float64) for d, h in zip(deviations, hv)))
         return tuple(torch.cat(parts) for parts in terms)
 
-    def _gradient_graph(self, x: Tensor, t: Tensor) -> tuple[Tensor, ...]:
+    def _gradient_graph(self, x: tuple[Tensor, ...], t: Tensor) -> tuple[Tensor, ...]:
         """The per-sample gradients of a chunk, (m, *shape) per parameter, with their graph."""
         with torch.enable_grad():
             return self._per_sample_gradients(self._leaves, x, t)
@@ -159,7 +159,7 @@ class PerSampleHessians(_PerSample):
             self._graphs, self._pushes = graphs, pushes
         return self._graphs
 
-    def _linearised(self, x: Tensor, t: Tensor) -> Callable | None:
+    def _linearised(self, x: tuple[Tensor, ...], t: Tensor) -> Callable | None:
         """v -> (H_i v)_i for the chunk: its per-sample gradients linearised, or None."""
         return _linearise(lambda params: self._per_sample_gradients(params, x, t), self._values)
 
@@ -217,24 +217,24 @@ class PerSampleGaussNewton(_PerSample):
 
     method = "gauss_newton"
 
-    def __init__(self, module: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *,
+    def __init__(self, module: nn.Module, inputs: Inputs, targets: Tensor, loss_fn: LossFn, *,
                  param_names: Sequence[str] | None = None, micro_batch_size: int = 256,
                  check: Callable[[], None] | None = None,
                  retain_max_samples: int = RETAIN_MAX_SAMPLES) -> None:
         super().__init__(module, inputs, targets, loss_fn, param_names=param_names,
                          micro_batch_size=micro_batch_size, check=check)
         with torch.no_grad():
-            sample_out = self._forward(self._values, self._inputs[:1])
+            sample_out = self._forward(self._values, rows(self._inputs, 0, 1))
         self._out_shape = tuple(sample_out.shape[1:])
         outputs = sample_out[0].numel()
 
-        def output(params: tuple[Tensor, ...], x: Tensor) -> Tensor:
-            return self._forward(params, x[None]).reshape(-1)
+        def output(params: tuple[Tensor, ...], x: tuple[Tensor, ...]) -> Tensor:
+            return self._forward(params, batch_of_one(x)).reshape(-1)
 
         def sample_loss(o: Tensor, t: Tensor) -> Tensor:
             return loss_fn(o.reshape(1, *self._out_shape), t[None])
 
-        def blocks(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        def blocks(x: tuple[Tensor, ...], t: Tensor) -> tuple[Tensor, Tensor]:
             jacobian = self._flat_rows(jacrev(output)(self._values, x))  # C x dim
             o = output(self._values, x).detach()
             return jacobian @ jacobian.T, hessian(sample_loss)(o, t)
@@ -252,19 +252,19 @@ class PerSampleGaussNewton(_PerSample):
         if self.num_samples <= retain_max_samples:
             self._retained = [self._linearise(x) for x, _ in self._chunks(micro_batch_size)]
 
-    def _linearise(self, x: Tensor) -> tuple[Tensor, Tensor, Callable | None]:
+    def _linearise(self, x: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], Tensor, Callable | None]:
         """(x, the micro-batch's outputs with their graph, its linearised forward or None)."""
         with torch.enable_grad():
             outputs = self._forward(self._leaves, x)
         return x, outputs, _linearise(lambda params: self._forward(params, x), self._values)
 
-    def _jvp(self, x: Tensor, vs: tuple[Tensor, ...]) -> Tensor:
-        return jvp(lambda params: self._forward(params, x), (self._values,), (vs,))[1].reshape(x.shape[0], -1)
+    def _jvp(self, x: tuple[Tensor, ...], vs: tuple[Tensor, ...]) -> Tensor:
+        return jvp(lambda params: self._forward(params, x), (self._values,), (vs,))[1].reshape(x[0].shape[0], -1)
 
-    def _vjp(self, x: Tensor, cotangents: Tensor) -> Tensor:
+    def _vjp(self, x: tuple[Tensor, ...], cotangents: Tensor) -> Tensor:
         """J^T u for k stacked cotangents (k, m, C): (k, dim)."""
         _, pullback = vjp(lambda params: self._forward(params, x), self._values)
-        shaped = cotangents.reshape(cotangents.shape[0], x.shape[0], *self._out_shape)
+        shaped = cotangents.reshape(cotangents.shape[0], x[0].shape[0], *self._out_shape)
         return self._flat_rows(vmap(pullback)(shaped)[0])
 
     def _jacobian_products(self, v: Tensor) -> Tensor:
@@ -275,7 +275,7 @@ class PerSampleGaussNewton(_PerSample):
         parts = []
         for x, _, push in self._retained:
             self._step()
-            parts.append((push(vs) if push is not None else self._jvp(x, vs)).reshape(x.shape[0], -1))
+            parts.append((push(vs) if push is not None else self._jvp(x, vs)).reshape(x[0].shape[0], -1))
         return torch.cat(parts)
 
     def _transpose_products(self, cotangents: Tensor) -> Tensor:

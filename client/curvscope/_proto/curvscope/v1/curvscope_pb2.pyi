@@ -204,13 +204,14 @@ class ModelDescription(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., format: _Optional[str] = ..., architecture: _Optional[str] = ..., num_parameters: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[ParameterBlock, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., input_shape: _Optional[_Iterable[int]] = ..., fixed_batch_size: _Optional[int] = ..., lipschitz_chain: _Optional[_Union[LipschitzChain, _Mapping]] = ...) -> None: ...
 
 class AnalysisOptions(_message.Message):
-    __slots__ = ("curvature", "precision", "seed", "micro_batch_size", "per_layer", "max_samples", "memory_budget_bytes")
+    __slots__ = ("curvature", "precision", "seed", "micro_batch_size", "per_layer", "max_samples", "task", "memory_budget_bytes")
     CURVATURE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     curvature: Curvature
     precision: Precision
@@ -218,8 +219,9 @@ class AnalysisOptions(_message.Message):
     micro_batch_size: int
     per_layer: bool
     max_samples: int
+    task: str
     memory_budget_bytes: int
-    def __init__(self, curvature: _Optional[_Union[Curvature, str]] = ..., precision: _Optional[_Union[Precision, str]] = ..., seed: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., per_layer: _Optional[bool] = ..., max_samples: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, curvature: _Optional[_Union[Curvature, str]] = ..., precision: _Optional[_Union[Precision, str]] = ..., seed: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., per_layer: _Optional[bool] = ..., max_samples: _Optional[int] = ..., task: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
 
 class HessianEigenSpec(_message.Message):
     __slots__ = ("top_k", "bottom_k", "tolerance", "max_hvps")
