@@ -209,8 +209,8 @@ def architecture_of(config: dict[str, Any], override: str | None) -> str:
     config's first ``architectures`` entry, which must be allow-listed for its model_type."""
     for key, why in _REFUSED_KEYS.items():
         if key in config:
-            raise InvalidInput(f"{CONFIG_FILE} is refused: {why}; curvscope builds only the transformers classes "
-                               f"it lists ({', '.join(ARCHITECTURES)})")
+            raise InvalidInput(f"{CONFIG_FILE} is refused: {why}; curvscope never runs remote code and builds only "
+                               f"transformers' own classes of {', '.join(MODEL_TYPES)} models")
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise Unimplemented(f"{CONFIG_FILE} has model_type {brief(model_type)}; supported: {', '.join(MODEL_TYPES)}")
