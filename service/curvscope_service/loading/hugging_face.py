@@ -4,8 +4,8 @@ extra ``curvscope-service[hf]``) and never with code from the checkpoint.
 
 The architectures are registered by this package in the entry-point group
 ``curvscope.architectures`` (its pyproject.toml), one entry per ``transformers`` class, all with
-``build`` as their factory: the loader finds the factory there like any plugin's, so a server's
-capabilities list them, and a plugin package can add another class the same way.
+``build`` as their factory: the loader builds them through that group like any plugin's, and a
+server's capabilities list them.
 
 Everything in the folder is untrusted. ``config.json`` is parsed by ``json_text`` within a size
 and depth cap; a config that asks for remote code (``auto_map``, ``trust_remote_code``) or a
