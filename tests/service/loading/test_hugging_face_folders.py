@@ -267,3 +267,20 @@ def test_format_and_architecture_overrides(folders, tmp_path, refuses):
               metadata={"architecture": "GPT2LMHeadModel", "config": (folder / "config.json").read_text()})
     with refuses(InvalidInput, "loads from a Hugging Face checkpoint folder"):
         load_model(single)
+
+
+def test_the_vetting_child_loads_a_folder_within_its_memory_cap(folders, tmp_path, refuses):
+    """transformers and the model fit the child's default address-space cap; a refusal in the
+    child reaches the caller as the loader's own message."""
+    from curvscope_service.loading.vetting import Vetter
+    from curvscope_service.store import folder_digest
+
+    folder = folders["GPT2LMHeadModel"][0]
+    remote = _edit_config(_copy(folder, tmp_path / "remote"), trust_remote_code=True)
+    vetter = Vetter()
+    try:
+        vetter.check_model(folder, folder_digest(folder))
+        with refuses(InvalidInput, "trust_remote_code", "never runs remote code"):
+            vetter.check_model(remote, folder_digest(remote))
+    finally:
+        vetter.close()
