@@ -19,14 +19,14 @@ from .analyses import ANALYSES, AnalysisContext, EngineLimits
 from .analyses.base import CheckFn, ProgressFn
 from .errors import CurvscopeError, ResourceExhausted
 from .loading import LoadedData, LoadedModel, describe_model, load_data, load_model, validate_pair
-from .loading.checkpoint import FORMATS
+from .loading.checkpoint import available_formats
 from .losses import LOSSES, get_loss
 from .requests import PRECISIONS, AnalysisJob, ValidatedJob, validate_job
 
 REPORT_SCHEMA = "curvscope.report/v1"
 IMPLEMENTED_ANALYSES = tuple(ANALYSES)
 IMPLEMENTED_CURVATURES = tuple(sorted({c for analysis in ANALYSES.values() for c in analysis.curvatures}))
-MODEL_FORMATS = tuple(name for name in FORMATS if name != "auto")
+MODEL_FORMATS = available_formats()
 
 __all__ = ["AnalysisJob", "EngineLimits", "ServerLimits", "ValidatedJob", "describe", "run_analysis", "validate_job"]
 

@@ -120,8 +120,16 @@ def load_model(
 
 
 def known_architectures() -> list[str]:
-    """The built-in architecture first, then the installed plugins by name."""
-    return [sequential.ARCHITECTURE, *sorted(plugins.available())]
+    """The built-in architecture first, then the installed plugins by name (the transformers
+    classes of checkpoint folders only where transformers is installed)."""
+    hidden = () if hugging_face.transformers_installed() else hugging_face.ARCHITECTURES
+    return [sequential.ARCHITECTURE, *sorted(name for name in plugins.available() if name not in hidden)]
+
+
+def available_formats() -> tuple[str, ...]:
+    """The model formats this server loads (GetCapabilities): hugging_face needs transformers."""
+    return tuple(name for name in FORMATS
+                 if name != "auto" and (name != "hugging_face" or hugging_face.transformers_installed()))
 
 
 def detect_format(path: Path) -> str:

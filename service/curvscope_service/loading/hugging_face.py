@@ -288,6 +288,12 @@ def model_inputs(architecture: str) -> tuple[ModelInput, ...]:
     return ARCHITECTURES[architecture].inputs
 
 
+def transformers_installed() -> bool:
+    """Whether this server can load checkpoint folders (the hf extra); without it they are neither
+    advertised nor loaded."""
+    return importlib.util.find_spec("transformers") is not None
+
+
 def import_transformers() -> types.ModuleType:
     """``transformers``, or UNIMPLEMENTED saying how to install it."""
     _hide_broken_torchvision()

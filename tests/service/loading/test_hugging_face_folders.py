@@ -284,3 +284,21 @@ def test_the_vetting_child_loads_a_folder_within_its_memory_cap(folders, tmp_pat
             vetter.check_model(remote, folder_digest(remote))
     finally:
         vetter.close()
+
+
+def test_without_transformers_folders_are_neither_advertised_nor_loaded(folders, monkeypatch, refuses):
+    import importlib.util
+    import sys
+
+    from curvscope_service.loading import known_architectures
+    from curvscope_service.loading.checkpoint import available_formats
+
+    assert "hugging_face" in available_formats() and "GPT2LMHeadModel" in known_architectures()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "transformers" else find_spec(name, *args))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # the import fails as if it were absent
+    assert "hugging_face" not in available_formats()
+    assert known_architectures()[0] == "sequential" and not set(TINY) & set(known_architectures())
+    with refuses(Unimplemented, "install curvscope-service[hf]"):
+        load_model(folders["GPT2LMHeadModel"][0])
