@@ -95,12 +95,16 @@ class Architecture:
     model_type: str  # config.json's "model_type"
     config_class: str  # the transformers class of its config
     inputs: tuple[ModelInput, ...]  # the forward's arguments, in the order the engine passes them
+    # Attends both ways: transformers would test its padding mask for "no padding at all" (a
+    # data-dependent branch that per-sample vmap cannot take), so the mask goes in as the additive
+    # 4-D mask transformers would have built from it (the same values: 0 or the dtype's minimum).
+    bidirectional: bool
     output: str  # what the logits are, for messages and docs
 
 
-_BERT = ("bert", "BertConfig", (_TOKEN_IDS, _ATTENTION_MASK, _TOKEN_TYPES))
-_GPT2 = ("gpt2", "GPT2Config", (_TOKEN_IDS, _ATTENTION_MASK))
-_LLAMA = ("llama", "LlamaConfig", (_TOKEN_IDS, _ATTENTION_MASK))
+_BERT = ("bert", "BertConfig", (_TOKEN_IDS, _ATTENTION_MASK, _TOKEN_TYPES), True)
+_GPT2 = ("gpt2", "GPT2Config", (_TOKEN_IDS, _ATTENTION_MASK), False)
+_LLAMA = ("llama", "LlamaConfig", (_TOKEN_IDS, _ATTENTION_MASK), False)
 ARCHITECTURES: dict[str, Architecture] = {
     "BertForSequenceClassification": Architecture(*_BERT, "(n, labels)"),
     "BertForTokenClassification": Architecture(*_BERT, "(n, T, labels)"),
@@ -271,16 +275,21 @@ def build(config: dict[str, Any]) -> nn.Module:
     except Exception as error:
         raise InvalidInput(f"transformers could not build {name} from {CONFIG_FILE}: {one_line(error)}") from None
     names = tuple(model_input.name for model_input in architecture.inputs)
-    model.forward = types.MethodType(_logits_forward(type(model).forward, names), model)
+    model.forward = types.MethodType(_logits_forward(type(model).forward, names, architecture.bidirectional), model)
     return model
 
 
-def _logits_forward(forward: Any, names: tuple[str, ...]) -> Any:
+def _logits_forward(forward: Any, names: tuple[str, ...], bidirectional: bool) -> Any:
     def positional(self: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         """The model's inputs positionally (trailing ones may be left out), its logits alone."""
         if len(inputs) > len(names):
             raise TypeError(f"the model takes at most {len(names)} inputs ({', '.join(names)}), got {len(inputs)}")
-        return forward(self, **dict(zip(names, inputs)), return_dict=True).logits
+        named = dict(zip(names, inputs))
+        mask = named.get("attention_mask")
+        if bidirectional and mask is not None and mask.dim() == 2:
+            dtype = self.get_input_embeddings().weight.dtype
+            named["attention_mask"] = (1 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        return forward(self, **named, return_dict=True).logits
     return positional
 
 

@@ -302,3 +302,23 @@ def test_without_transformers_folders_are_neither_advertised_nor_loaded(folders,
     assert known_architectures()[0] == "sequential" and not set(TINY) & set(known_architectures())
     with refuses(Unimplemented, "install curvscope-service[hf]"):
         load_model(folders["GPT2LMHeadModel"][0])
+
+
+@pytest.mark.parametrize("architecture", ["BertForSequenceClassification", "GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_per_sample_gradients_under_vmap_equal_a_loop(folders, architecture):
+    """Per-sample quantities (non-uniformity, the empirical Fisher) vmap the model over samples:
+    no data-dependent branch on the padding mask may stop them (absolute 1e-12, float64)."""
+    from torch.func import functional_call, grad, vmap
+
+    module = load_model(folders[architecture][0], dtype=torch.float64).module
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    ids, mask = token_batch()
+
+    def loss(values, sample_ids, sample_mask):
+        return functional_call(module, values, (sample_ids[None], sample_mask[None])).logsumexp(-1).mean()
+
+    batched = vmap(grad(loss), in_dims=(None, 0, 0))(params, ids, mask)
+    for row in range(len(ids)):
+        single = grad(loss)(params, ids[row], mask[row])
+        for name in params:
+            torch.testing.assert_close(batched[name][row], single[name], atol=1e-12, rtol=0)
