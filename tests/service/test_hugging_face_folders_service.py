@@ -119,9 +119,10 @@ def test_a_folder_without_config_is_refused_before_upload(client, tmp_path):
     assert error.value.code == "INVALID_ARGUMENT" and "without config.json" in error.value.message
 
 
-def test_weight_spectra_of_a_folder_through_the_server_and_locally(client, gpt2_folder, tmp_path, capsys):
+def test_weight_spectra_of_a_folder_through_the_server_and_locally(client, server, gpt2_folder, tmp_path, capsys):
     """Data-free: the spectral and Frobenius norms of every weight matrix, against torch.linalg on
-    the file's tensors (relative 1e-5, float32); the report is schema-valid."""
+    the file's tensors (relative 1e-5, float32), from the client, the CLI with --local and the CLI
+    with --server; the report is schema-valid."""
     import jsonschema
     import torch
     from safetensors.torch import load_file
@@ -135,7 +136,10 @@ def test_weight_spectra_of_a_folder_through_the_server_and_locally(client, gpt2_
     out = tmp_path / "local.json"
     assert main(["analyze", str(gpt2_folder), "--local", "--weight-spectra", "--json", str(out)]) == 0
     local = json.loads(out.read_text())
-    for report in (remote, local):
+    out = tmp_path / "cli.json"
+    assert main(["analyze", str(gpt2_folder), "--server", server.target, "--weight-spectra", "--json", str(out)]) == 0
+    cli = json.loads(out.read_text())
+    for report in (remote, local, cli):
         assert report["model"]["format"] == "hugging_face"
         layers = {layer["name"]: layer for layer in report["results"]["weight_spectra"]["layers"]}
         assert "transformer.h.1.mlp.c_fc" in layers
@@ -143,4 +147,5 @@ def test_weight_spectra_of_a_folder_through_the_server_and_locally(client, gpt2_
             matrix = weights[f"{name}.weight"].double()
             assert layer["spectral_norm"] == pytest.approx(torch.linalg.matrix_norm(matrix, 2).item(), rel=1e-5)
             assert layer["frobenius_norm"] == pytest.approx(torch.linalg.matrix_norm(matrix).item(), rel=1e-5)
-    assert local["model"]["sha256"] == remote["model"]["sha256"]  # one folder, one digest, however it is sent
+    # one folder, one digest, however it is sent
+    assert local["model"]["sha256"] == remote["model"]["sha256"] == cli["model"]["sha256"]
