@@ -67,8 +67,9 @@ def _block_indices(names: list[str], sizes: list[int], block: list[str]) -> torc
     return torch.cat([torch.arange(starts[i], starts[i + 1]) for i, name in enumerate(names) if name in block])
 
 
-def _assert_spectrum(report: dict, exact: torch.Tensor, largest: int, smallest: int) -> None:
-    eigen = report["results"]["hessian_eigen"]
+def _assert_spectrum(results: dict, exact: torch.Tensor, largest: int, smallest: int) -> None:
+    """``results``: a report's results, or its per_layer entry of one block."""
+    eigen = results["hessian_eigen"]
     assert eigen["converged"]
     scale = exact.abs().max().item()
     assert eigen["largest"] == pytest.approx(exact.flip(0)[:largest].tolist(), abs=TOLERANCE * scale)
@@ -106,7 +107,7 @@ def test_causal_lm_spectrum_matches_the_dense_hessian(client, gpt2):
     report = client.analyze(folder, data, task="causal-lm", eigen=3, smallest=2, tolerance=1e-8,
                             precision="float64").to_dict()
     exact = torch.linalg.eigvalsh(dense_hessian(module, (ids, mask), lambda logits: _causal_lm_loss(logits, ids, mask)))
-    _assert_spectrum(report, exact, 3, 2)
+    _assert_spectrum(report["results"], exact, 3, 2)
     assert report["model"]["format"] == "hugging_face"
     assert report["loss"]["value"] == pytest.approx(_causal_lm_loss(module(ids, mask), ids, mask).item(), rel=1e-12)
 
@@ -129,7 +130,7 @@ def test_sequence_classification_spectrum_per_block_matches_the_dense_hessian(cl
     report = client.analyze(folder, data, task="sequence-classification", eigen=2, smallest=1, tolerance=1e-8,
                             precision="float64", per_layer=True).to_dict()
     hessian = dense_hessian(module, inputs, lambda logits: F.cross_entropy(logits, targets))
-    _assert_spectrum(report, torch.linalg.eigvalsh(hessian), 2, 1)
+    _assert_spectrum(report["results"], torch.linalg.eigvalsh(hessian), 2, 1)
     from curvscope_service.loading.hugging_face import parameter_blocks
 
     blocks = parameter_blocks(module)
@@ -147,7 +148,7 @@ def test_sequence_classification_gauss_newton_matches_the_dense_ggn(client, bert
     report = client.analyze(folder, data, task="sequence-classification", eigen=3, tolerance=1e-8,
                             precision="float64", curvature="ggn").to_dict()
     exact = torch.linalg.eigvalsh(dense_ggn(module, inputs))
-    _assert_spectrum(report, exact, 3, 0)
+    _assert_spectrum(report["results"], exact, 3, 0)
 
 
 @NEEDS_CORE
@@ -158,4 +159,4 @@ def test_cli_analyses_a_folder_locally_as_a_causal_lm(gpt2, tmp_path, capsys):
                  "--tolerance", "1e-8", "--precision", "float64", "--json", str(out)])
     assert code == 0, capsys.readouterr().err
     exact = torch.linalg.eigvalsh(dense_hessian(module, (ids, mask), lambda logits: _causal_lm_loss(logits, ids, mask)))
-    _assert_spectrum(json.loads(out.read_text()), exact, 2, 0)
+    _assert_spectrum(json.loads(out.read_text())["results"], exact, 2, 0)
