@@ -48,7 +48,6 @@ class LoadedModel:
     inputs: tuple[ModelInput, ...]  # what module(*inputs) takes, in that order
 
 
-
 def load_model(
     path: Path,
     *,
