@@ -99,21 +99,20 @@ class Architecture:
     # data-dependent branch that per-sample vmap cannot take), so the mask goes in as the additive
     # 4-D mask transformers would have built from it (the same values: 0 or the dtype's minimum).
     bidirectional: bool
-    output: str  # what the logits are, for messages and docs
 
 
-_BERT = ("bert", "BertConfig", (_TOKEN_IDS, _ATTENTION_MASK, _TOKEN_TYPES), True)
-_GPT2 = ("gpt2", "GPT2Config", (_TOKEN_IDS, _ATTENTION_MASK), False)
-_LLAMA = ("llama", "LlamaConfig", (_TOKEN_IDS, _ATTENTION_MASK), False)
+_BERT = Architecture("bert", "BertConfig", (_TOKEN_IDS, _ATTENTION_MASK, _TOKEN_TYPES), bidirectional=True)
+_GPT2 = Architecture("gpt2", "GPT2Config", (_TOKEN_IDS, _ATTENTION_MASK), bidirectional=False)
+_LLAMA = Architecture("llama", "LlamaConfig", (_TOKEN_IDS, _ATTENTION_MASK), bidirectional=False)
 ARCHITECTURES: dict[str, Architecture] = {
-    "BertForSequenceClassification": Architecture(*_BERT, "(n, labels)"),
-    "BertForTokenClassification": Architecture(*_BERT, "(n, T, labels)"),
-    "BertForMaskedLM": Architecture(*_BERT, "(n, T, vocabulary)"),
-    "GPT2LMHeadModel": Architecture(*_GPT2, "(n, T, vocabulary)"),
-    "GPT2ForSequenceClassification": Architecture(*_GPT2, "(n, labels)"),
-    "GPT2ForTokenClassification": Architecture(*_GPT2, "(n, T, labels)"),
-    "LlamaForCausalLM": Architecture(*_LLAMA, "(n, T, vocabulary)"),
-    "LlamaForSequenceClassification": Architecture(*_LLAMA, "(n, labels)"),
+    "BertForSequenceClassification": _BERT,
+    "BertForTokenClassification": _BERT,
+    "BertForMaskedLM": _BERT,
+    "GPT2LMHeadModel": _GPT2,
+    "GPT2ForSequenceClassification": _GPT2,
+    "GPT2ForTokenClassification": _GPT2,
+    "LlamaForCausalLM": _LLAMA,
+    "LlamaForSequenceClassification": _LLAMA,
 }
 MODEL_TYPES = tuple(sorted({a.model_type for a in ARCHITECTURES.values()}))
 
