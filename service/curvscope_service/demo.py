@@ -90,7 +90,7 @@ def _tokens(sentences: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor
     return vocabulary, ids, mask
 
 
-def write_transformer_demo_files(directory: Path, *, steps: int = 120, samples: int = 64,
+def write_transformer_demo_files(directory: Path, *, steps: int = 120, samples: int = 32,
                                  seed: int = 0) -> tuple[Path, Path]:
     """Train a tiny GPT-2 (about 30,000 parameters) on the demo text and write (the checkpoint
     folder, data.safetensors with input_ids and attention_mask of ``samples`` held-out sentences)."""
