@@ -27,8 +27,9 @@ COPY client/ client/
 COPY pyproject.toml README.md ./
 COPY service/ service/
 # compileall skips torch's test helpers written for newer Pythons (py312_intrinsics.py: a
-# SyntaxError on 3.11 that would fail the build).
-RUN pip install --no-cache-dir ./client . \
+# SyntaxError on 3.11 that would fail the build). The hf extra (transformers) loads Hugging Face
+# checkpoint folders.
+RUN pip install --no-cache-dir ./client "./[hf]" \
     && python -m compileall -q -x '/torch/testing/_internal/py3[0-9]+_' /opt/curvscope/lib \
     && python -c "import torch, curvscope_service, curvscope; print('torch', torch.__version__)"
 
@@ -51,6 +52,7 @@ ENV PATH=/opt/curvscope/bin:$PATH \
     XDG_CACHE_HOME=/tmp/.cache \
     TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
     TRITON_CACHE_DIR=/tmp/triton \
+    HF_HUB_OFFLINE=1 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     CURVSCOPE_HOST=[::] \

@@ -115,7 +115,8 @@ def _byte_count(text: str) -> int:
 
 def _add_analysis_flags(parser: argparse.ArgumentParser) -> None:
     inputs = parser.add_argument_group("input")
-    inputs.add_argument("model", help="a local .pt2/.safetensors file, a file:// URI on the server, or sha256:DIGEST")
+    inputs.add_argument("model", help="a local .pt2/.safetensors file or Hugging Face checkpoint folder (config.json + "
+                                      "model.safetensors), a file:// URI on the server, or sha256:DIGEST")
     inputs.add_argument("--data", help="data batch: a .safetensors file with inputs and targets (or file://, sha256:)")
     inputs.add_argument("--loss", choices=LOSSES, default="cross_entropy", help="the loss, a mean over the samples")
     inputs.add_argument("--task", choices=TASKS, default="",
@@ -275,6 +276,14 @@ def _emit(report: Report, args: argparse.Namespace) -> None:
         args.plot.write_bytes(image) if isinstance(image, bytes) else args.plot.write_text(image)
 
 
+def _check_local_paths(model: str, data: str | None) -> None:
+    """--local reads a model file or checkpoint folder and a data file on this machine."""
+    if not (Path(model).is_file() or Path(model).is_dir()):
+        raise CurvscopeError("INVALID_ARGUMENT", f"{model} is not a file or a checkpoint folder")
+    if data and not Path(data).is_file():
+        raise CurvscopeError("INVALID_ARGUMENT", f"{data} is not a file")
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     _check_plot(args.plot)
     options = _request_options(args)
@@ -282,9 +291,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     try:
         if args.local:
             local = _service_module("local")
-            for path in filter(None, [args.model, args.data]):
-                if not Path(path).is_file():
-                    raise CurvscopeError("INVALID_ARGUMENT", f"{path} is not a file")
+            _check_local_paths(args.model, args.data)
             request = build_request(
                 pb.ModelRef(uri=Path(args.model).resolve().as_uri()),
                 pb.DataRef(uri=Path(args.data).resolve().as_uri()) if args.data else None, **options)
@@ -302,7 +309,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     demo = _service_module("demo")
-    report = demo.run_demo(progress=ProgressLine(), per_layer=not args.whole_model_only)
+    report = demo.run_demo(progress=ProgressLine(), per_layer=not args.whole_model_only, transformer=args.transformer)
     _emit(report, args)
     return EXIT_OK
 
@@ -311,9 +318,7 @@ def _gate_runner(args: argparse.Namespace, client: Client | None, timeout: float
     """Send a policy's request with this invocation's model and data; returns the report dict."""
     if client is None:
         local = _service_module("local")
-        for path in filter(None, [args.model, args.data]):
-            if not Path(path).is_file():
-                raise CurvscopeError("INVALID_ARGUMENT", f"{path} is not a file")
+        _check_local_paths(args.model, args.data)
         model = pb.ModelRef(uri=Path(args.model).resolve().as_uri())
         data = pb.DataRef(uri=Path(args.data).resolve().as_uri()) if args.data else None
     else:
@@ -464,6 +469,7 @@ COMPARE_EXAMPLES = """examples:
 DEMO_EXAMPLES = """examples:
   curvscope demo                                        # a report in about a minute, no files needed
   curvscope demo --whole-model-only --json demo.json
+  curvscope demo --transformer                          # a tiny GPT-2 as a Hugging Face folder (needs transformers)
 """
 MAIN_EXAMPLES = """examples:
   curvscope demo                                        # try it: no files, no server
@@ -492,7 +498,8 @@ def _add_gate_parser(commands: Any) -> None:
                     "check passed (warnings allowed), 1 a check failed or a value could not be measured, 2 usage "
                     "or input error, 3 the server could not be reached or failed.")
     inputs = gate.add_argument_group("policy and input")
-    inputs.add_argument("model", nargs="?", help="a local .pt2/.safetensors file, a file:// URI on the server, or sha256:DIGEST")
+    inputs.add_argument("model", nargs="?", help="a local .pt2/.safetensors file or Hugging Face checkpoint folder, "
+                                                 "a file:// URI on the server, or sha256:DIGEST")
     inputs.add_argument("--policy", type=Path, help="the TOML policy (with --init: where to write the starter policy, "
                                                     "default curvscope.toml)")
     inputs.add_argument("--init", action="store_true", help="write a commented starter policy and stop")
@@ -537,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _command(commands, "demo", "a small model on scikit-learn's digits, an in-process server, a report",
                     DEMO_EXAMPLES)
     demo.add_argument("--whole-model-only", action="store_true", help="skip the per-layer eigenvalues")
+    demo.add_argument("--transformer", action="store_true",
+                      help="instead: a tiny GPT-2 trained in seconds on generated sentences, sent as a Hugging Face "
+                           "checkpoint folder and analysed as a causal language model (needs curvscope-service[hf])")
     output = demo.add_argument_group("output")
     output.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here ('-' for stdout)")
     demo.set_defaults(run=cmd_demo)

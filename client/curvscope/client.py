@@ -14,7 +14,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 
 from . import in_memory
-from ._files import CHUNK_BYTES, sha256_of_file
+from ._files import CHUNK_BYTES, folder_files, sha256_of_file
 from ._proto.curvscope.v1 import curvscope_pb2 as pb
 from ._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
 from .report import Report, message_to_dict
@@ -377,9 +377,24 @@ class Client:
 
         return self._call(self._stub.Upload, chunks(), None).sha256
 
+    def upload_folder(self, folder: str | Path, chunk_bytes: int = CHUNK_BYTES) -> pb.FolderManifest:
+        """Upload the files of a Hugging Face checkpoint folder that the server reads (config.json,
+        model.safetensors or the index and its shards; ``curvscope._files.FOLDER_FILE``), each
+        unless the server already has it; returns their manifest."""
+        files = folder_files(folder)
+        if "config.json" not in files:
+            raise CurvscopeError("INVALID_ARGUMENT", f"{folder} is a folder without config.json; a Hugging Face "
+                                                     "checkpoint folder holds config.json and model.safetensors")
+        return pb.FolderManifest(files={name: pb.BlobRef(sha256=self.upload(path, chunk_bytes))
+                                        for name, path in files.items()})
+
     def model_ref(self, model: str | Path, **options: Any) -> pb.ModelRef:
-        """A local path (uploaded), a ``file://`` URI on the server, or ``sha256:<digest>``."""
+        """A local file or Hugging Face checkpoint folder (uploaded), a ``file://`` URI on the
+        server, or ``sha256:<digest>``."""
         ref = pb.ModelRef(**options)
+        if not str(model).startswith(("file://", "sha256:")) and Path(model).is_dir():
+            ref.folder.CopyFrom(self.upload_folder(model))
+            return ref
         source = self._source(model)
         ref.blob.CopyFrom(source) if isinstance(source, pb.BlobRef) else setattr(ref, "uri", source)
         return ref

@@ -21,14 +21,14 @@ from .memory_plan import AnalysisPlan, PeakMeter
 from .errors import CurvscopeError, ResourceExhausted, Unimplemented
 from .loading.messages import one_line
 from .loading import LoadedData, LoadedModel, describe_model, load_data, load_model, validate_pair
-from .loading.checkpoint import FORMATS
+from .loading.checkpoint import available_formats
 from .losses import LOSSES, bind_loss
 from .requests import PRECISIONS, AnalysisJob, ValidatedJob, validate_job
 
 REPORT_SCHEMA = "curvscope.report/v1"
 IMPLEMENTED_ANALYSES = tuple(ANALYSES)
 IMPLEMENTED_CURVATURES = tuple(sorted({c for analysis in ANALYSES.values() for c in analysis.curvatures}))
-MODEL_FORMATS = tuple(name for name in FORMATS if name != "auto")
+MODEL_FORMATS = available_formats()
 
 __all__ = ["AnalysisJob", "EngineLimits", "ServerLimits", "ValidatedJob", "describe", "run_analysis", "validate_job"]
 

@@ -18,7 +18,7 @@ from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from . import engine
 from .errors import CurvscopeError, InvalidInput
 from .requests import job_from_request, report_document, report_message, validate_job
-from .store import path_of_file_uri, sha256_of_file
+from .store import folder_digest, path_of_file_uri, sha256_of_file
 
 
 def _local_file(ref: pb.ModelRef | pb.DataRef, held: Mapping[str, Path] | None = None) -> tuple[Path, str]:
@@ -27,6 +27,8 @@ def _local_file(ref: pb.ModelRef | pb.DataRef, held: Mapping[str, Path] | None =
     if ref.WhichOneof("source") != "uri" or not ref.uri.startswith("file://"):
         raise InvalidInput("local mode reads local files only")
     path = path_of_file_uri(ref.uri)
+    if isinstance(ref, pb.ModelRef) and path.is_dir():
+        return path, folder_digest(path)  # a Hugging Face checkpoint folder
     if not path.is_file():
         raise InvalidInput(f"{path} is not a file")
     return path, sha256_of_file(path)

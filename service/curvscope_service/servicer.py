@@ -17,6 +17,7 @@ from typing import AsyncIterator, Callable
 import torch
 from grpc import aio
 
+from curvscope._files import manifest_digest
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
 
@@ -29,7 +30,7 @@ from .logging_setup import REQUEST_ID
 from .requests import (canonical_request, description_message, job_from_request, model_options, report_document,
                        report_message, validate_job)
 from .scheduler import Scheduler
-from .store import BlobStore, result_key, sha256_of_file
+from .store import BlobStore, folder_digest, result_key, sha256_of_file
 
 API_VERSION = "curvscope.v1"
 UPLOAD_CHUNK_BYTES = 1 << 20
@@ -37,10 +38,21 @@ UPLOAD_CHUNK_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 
+def _model_digests(model: pb.ModelRef) -> list[str]:
+    """The store blobs (and the folder of them) a model reference names."""
+    source = model.WhichOneof("source")
+    if source == "blob":
+        return [model.blob.sha256]
+    if source == "folder":
+        files = {name: blob.sha256 for name, blob in model.folder.files.items()}
+        return [*files.values(), manifest_digest(files)]
+    return []
+
+
 def _blob_digests(request: pb.AnalyzeRequest) -> list[str]:
-    """The store blobs a request names (held against garbage collection while it runs)."""
-    refs = [request.model] + ([request.data] if request.HasField("data") else [])
-    return [ref.blob.sha256 for ref in refs if ref.WhichOneof("source") == "blob"]
+    """The store blobs and folders a request names (held against garbage collection while it runs)."""
+    data = [request.data.blob.sha256] if request.HasField("data") and request.data.WhichOneof("source") == "blob" else []
+    return _model_digests(request.model) + data
 
 
 def _once(function: Callable[[], None]) -> Callable[[], None]:
@@ -110,8 +122,15 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
             return self.store.resolve_blob(ref.blob.sha256), ref.blob.sha256
         if source == "uri":
             path = self.store.resolve_uri(ref.uri)
-            return path, sha256_of_file(path)
-        raise InvalidInput(f"the request names no {what}; give a blob digest or a file:// URI")
+            if not path.is_dir():
+                return path, sha256_of_file(path)
+            if what != "model":
+                raise InvalidInput(f"the {what} URI names a folder; give a file")
+            return path, folder_digest(path, self.store.model_roots)
+        if source == "folder":
+            return self.store.resolve_folder({name: blob.sha256 for name, blob in ref.folder.files.items()})
+        raise InvalidInput(f"the request names no {what}; give a blob digest, a file:// URI"
+                           f"{' or a folder manifest' if what == 'model' else ''}")
 
     async def _vet(self, model: tuple[Path, str], options: dict, data: tuple[Path, str] | None) -> None:
         """Load new inputs (path, digest) first in a capped child process (see loading.vetting)."""
@@ -123,6 +142,14 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
             await asyncio.to_thread(self.vetter.check_data, *data)
 
     async def DescribeModel(self, request: pb.ModelRef, context: aio.ServicerContext) -> pb.ModelDescription:
+        held = _model_digests(request)
+        self.store.acquire(held)
+        try:
+            return await self._describe(request)
+        finally:
+            self.store.release(held)
+
+    async def _describe(self, request: pb.ModelRef) -> pb.ModelDescription:
         path, digest = await asyncio.to_thread(self._resolve, request, "model")
         options = model_options(request)
         await self._vet((path, digest), options, None)

@@ -17,9 +17,14 @@ blobs and reports are opened with ``O_NOFOLLOW`` component by component below th
 folders, and anything that is not a regular file counts as absent, so no byte outside the store
 reaches an analysis or a message.
 
+A checkpoint folder sent as a manifest of blobs (``ModelRef.folder``) becomes
+``<root>/folders/<manifest digest>/``: a folder of hard links to the stored blobs under the
+manifest's file names, so nothing is copied; it is built in ``<root>/tmp`` and renamed into place.
+
 Garbage collection removes the least recently used blobs and reports (a file's mtime is
 touched whenever it is used) by age and by total size, but never a blob that a queued or
-running analysis holds (``acquire``/``release`` count those references).
+running analysis holds (``acquire``/``release`` count those references). A folder goes with the
+first of its blobs that goes (or by age), unless an analysis holds it.
 """
 
 from __future__ import annotations
@@ -31,14 +36,17 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 from urllib.parse import unquote, urlsplit
+
+from curvscope._files import FOLDER_FILE, folder_files, manifest_digest
 
 from . import metrics
 from .errors import InvalidInput, NotFound, PermissionDenied, ResourceExhausted
@@ -50,6 +58,8 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 MAX_URI_CHARS = 4096
 # C0 controls and DEL: never part of a file name we accept, and urlsplit silently drops some.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Files in one checkpoint folder: a config, an index and its shards (a 405B Llama has 191).
+MAX_FOLDER_FILES = 512
 
 
 @dataclass(frozen=True)
@@ -216,6 +226,19 @@ def path_of_file_uri(uri: str) -> Path:
     return Path(text)
 
 
+def folder_digest(folder: Path, roots: Iterable[Path] = ()) -> str:
+    """The digest of a checkpoint folder on disk (``curvscope._files.manifest_digest`` of the
+    files curvscope reads); with ``roots``, each file must resolve inside one of them."""
+    files = folder_files(folder)
+    if len(files) > MAX_FOLDER_FILES:
+        raise InvalidInput(f"the folder holds {len(files)} checkpoint files; the limit is {MAX_FOLDER_FILES}")
+    roots = list(roots)
+    for name, path in files.items():
+        if roots and not any(path.resolve().is_relative_to(root) for root in roots):
+            raise PermissionDenied(f"{name} in {_shown(str(folder))} links outside the server's model roots")
+    return manifest_digest({name: sha256_of_file(path) for name, path in files.items()})
+
+
 class BlobStore:
     """Blobs by sha256, cached reports, plus read-only model roots that ``file://`` URIs may
     point into. ``max_bytes``/``max_age_seconds`` (0 = none) bound it through ``gc``."""
@@ -229,6 +252,8 @@ class BlobStore:
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
         self.results_dir = self.root / "results"
         self.results_dir.mkdir(parents=True, exist_ok=True)
+        self.folders_dir = self.root / "folders"
+        self.folders_dir.mkdir(parents=True, exist_ok=True)
         self.model_roots = [Path(r).resolve() for r in (model_roots or [])]
         self.max_bytes = max_bytes
         self.max_age_seconds = max_age_seconds
@@ -245,6 +270,8 @@ class BlobStore:
         for pattern in ("upload-*", "result-*"):
             for stale in self.tmp_dir.glob(pattern):
                 stale.unlink(missing_ok=True)
+        for stale in self.tmp_dir.glob("folder-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def path_for(self, sha256: str) -> Path:
         return self.blobs_dir / sha256[:2] / sha256
@@ -348,9 +375,32 @@ class BlobStore:
             removed_bytes += size
             metrics.STORE_EVICTIONS.labels(kind).inc()
         self._publish_bytes()
+        removed += self._gc_folders(now)
         if removed:
             log.info("store gc removed %d files (%d bytes); %d bytes left", removed, removed_bytes, total)
         return GcResult(removed, removed_bytes, kept)
+
+    def _gc_folders(self, now: float) -> int:
+        """Remove the folders no analysis holds that are older than ``max_age_seconds`` or that
+        link a blob the store no longer has (its last link is the folder's: the blob was removed,
+        and the folder would keep its bytes on disk)."""
+        removed = 0
+        for entry in os.scandir(self.folders_dir):
+            try:
+                info = entry.stat(follow_symlinks=False)
+                links = [os.lstat(file.path).st_nlink for file in os.scandir(entry.path)] \
+                    if stat.S_ISDIR(info.st_mode) else []
+            except FileNotFoundError:
+                continue
+            too_old = self.max_age_seconds and now - info.st_mtime > self.max_age_seconds
+            orphaned = any(count < 2 for count in links)
+            if not stat.S_ISDIR(info.st_mode) or too_old or orphaned:
+                with self._lock:
+                    if self._in_use[entry.name] > 0:
+                        continue
+                    _remove(Path(entry.path))
+                removed += 1
+        return removed
 
     # -- reports ------------------------------------------------------------------------------
     def _result_path(self, key: str) -> Path:
@@ -413,8 +463,61 @@ class BlobStore:
         self.touch(path)
         return path
 
+    def resolve_folder(self, files: Mapping[str, str]) -> tuple[Path, str]:
+        """The folder of a manifest (file name -> blob digest) and the manifest's digest: hard
+        links to the stored blobs under <root>/folders/<digest>/. Names are plain checkpoint file
+        names (``curvscope._files.FOLDER_FILE``); every blob must be stored (NOT_FOUND naming it)."""
+        if not files:
+            raise InvalidInput("the folder manifest names no files; send config.json and model.safetensors")
+        if len(files) > MAX_FOLDER_FILES:
+            raise InvalidInput(f"the folder manifest names {len(files)} files; the limit is {MAX_FOLDER_FILES}")
+        for name, sha256 in files.items():
+            if not FOLDER_FILE.fullmatch(name):
+                raise InvalidInput(
+                    f"the folder manifest names the file {_shown(name, 60)}; a checkpoint folder holds only config.json, "
+                    "model.safetensors, model.safetensors.index.json and model-NNNNN-of-NNNNN.safetensors")
+            check_digest(sha256)
+            if _open_in(self.blobs_dir, sha256[:2], sha256) is None:
+                raise NotFound(f"{name} of the folder (blob {sha256}) is not on this server; upload it first")
+        digest = manifest_digest(files)
+        folder = self.folders_dir / digest
+        if not self._folder_holds(folder, files):
+            self._build_folder(folder, files)
+        self.touch(folder)
+        for sha256 in files.values():
+            self.touch(self.path_for(sha256))
+        return folder, digest
+
+    @staticmethod
+    def _folder_holds(folder: Path, files: Mapping[str, str]) -> bool:
+        try:
+            present = {entry.name: entry for entry in os.scandir(folder)}
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        # a blob never changes once stored, so a link of the right name is the right content
+        return present.keys() == files.keys() and all(e.is_file(follow_symlinks=False) for e in present.values())
+
+    def _build_folder(self, folder: Path, files: Mapping[str, str]) -> None:
+        building = Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix="folder-"))
+        try:
+            for name, sha256 in files.items():
+                try:
+                    os.link(self.path_for(sha256), building / name, follow_symlinks=False)
+                except OSError:  # a file system without hard links: a copy
+                    shutil.copyfile(self.path_for(sha256), building / name, follow_symlinks=False)
+            if os.path.lexists(folder):
+                _remove(folder)  # damaged, or not a folder of ours
+            try:
+                os.rename(building, folder)
+            except OSError:
+                if not self._folder_holds(folder, files):  # another request built it meanwhile
+                    raise
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+
     def resolve_uri(self, uri: str) -> Path:
-        """A ``file://`` URI inside one of the model roots, resolved without following it out.
+        """A ``file://`` URI inside one of the model roots, resolved without following it out:
+        a regular file, or a folder (a checkpoint folder, whose files ``folder_digest`` checks).
         Malformed URIs are INVALID_ARGUMENT, paths outside the roots PERMISSION_DENIED."""
         named = path_of_file_uri(uri)
         if not self.model_roots:
@@ -423,7 +526,8 @@ class BlobStore:
         if not any(path.is_relative_to(root) for root in self.model_roots):
             raise PermissionDenied(f"{_shown(uri)} is outside the server's model roots")
         try:
-            regular = stat.S_ISREG(path.stat().st_mode)
+            mode = path.stat().st_mode
+            regular = stat.S_ISREG(mode) or stat.S_ISDIR(mode)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{_shown(uri)} does not exist on the server") from None
         except PermissionError:
@@ -431,6 +535,14 @@ class BlobStore:
         except OSError as error:  # a name too long for the file system, a loop of links...
             raise InvalidInput(f"{_shown(uri)} cannot be opened on the server: {error.strerror}") from None
         if not regular:
-            raise NotFound(f"{_shown(uri)} is not a regular file on the server")
+            raise NotFound(f"{_shown(uri)} is not a regular file or folder on the server")
         return path
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link or a folder of the store's own."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        Path(path).unlink(missing_ok=True)
 

@@ -167,7 +167,7 @@ def _uri_cases(models: Path) -> list[tuple[str, grpc.StatusCode, str]]:
         ("file:///etc/passwd", grpc.StatusCode.PERMISSION_DENIED, "outside"),
         (f"{root}/%2e%2e/%2e%2e/etc/passwd", grpc.StatusCode.PERMISSION_DENIED, "outside"),
         (f"{root}/missing.safetensors", grpc.StatusCode.NOT_FOUND, "does not exist"),
-        (root, grpc.StatusCode.NOT_FOUND, "not a regular file"),
+        (root, grpc.StatusCode.INVALID_ARGUMENT, "has no config.json"),  # a folder: read as a checkpoint folder
     ]
 
 

@@ -1,7 +1,8 @@
 """Load a model checkpoint in any supported format and describe it.
 
 Formats: a torch.export archive (``.pt2``), a safetensors state dict whose metadata names the
-built-in ``sequential`` architecture, or a safetensors state dict of a plugin architecture.
+built-in ``sequential`` architecture, a safetensors state dict of a plugin architecture, or a
+Hugging Face checkpoint folder (``config.json`` and safetensors weights).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from curvscope_service.errors import InvalidInput, NotFound, ResourceExhausted
-from curvscope_service.loading import plugins, sequential
+from curvscope_service.loading import hugging_face, plugins, sequential
 from curvscope_service.loading.json_text import parse_json
 from curvscope_service.lipschitz.chain import graph_chain, module_chain
 from curvscope_service.loading.messages import NEVER_UNPICKLE, one_line
@@ -22,7 +23,7 @@ from curvscope_service.loading.model_inputs import ModelInput, single_input
 from curvscope_service.loading.safetensors_file import SafetensorsHeader, SafetensorsReader
 from curvscope_service.loading.torch_export import load_exported, retarget_precision
 
-FORMATS = ("auto", "torch_export", "safetensors", "plugin")
+FORMATS = ("auto", "torch_export", "safetensors", "plugin", "hugging_face")
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _PICKLE_MAGIC = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))  # PROTO opcode
 # Parameters a model may declare when the caller sets no cap: a 2B-parameter model already needs
@@ -37,8 +38,8 @@ MAX_CONFIG_BYTES = 1 << 20
 @dataclass
 class LoadedModel:
     module: nn.Module  # eval mode, on the requested device and dtype
-    format: str  # "torch_export" | "safetensors" | "plugin"
-    architecture: str  # "sequential", the plugin's name, or "torch_export"
+    format: str  # "torch_export" | "safetensors" | "plugin" | "hugging_face"
+    architecture: str  # "sequential", the plugin's name, "torch_export", or the transformers class
     input_shape: tuple[int, ...] | None  # one sample, without the batch dimension
     fixed_batch_size: int | None  # a .pt2 exported with a static batch dimension; None = dynamic
     num_parameters: int
@@ -72,16 +73,24 @@ def load_model(
         raise InvalidInput(f"unknown model format '{format}'; choose one of: {', '.join(FORMATS)}")
     if dtype not in (torch.float32, torch.float64):
         raise InvalidInput(f"dtype {dtype} is not supported; use torch.float32 or torch.float64")
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise NotFound(f"model file {path.name} does not exist")
-    detected = detect_format(path)
+    detected = "hugging_face" if path.is_dir() else detect_format(path)
     if format == "auto":
         format = detected
-    elif (format == "torch_export") != (detected == "torch_export"):
-        raise InvalidInput(f"model was given as {format} but the file looks like {detected}")
+    elif format != detected and {format, detected} & {"torch_export", "hugging_face"}:
+        raise InvalidInput(f"model was given as {format} but {'the folder' if path.is_dir() else 'the file'} "
+                           f"looks like {detected}")
 
     cap = DEFAULT_MAX_PARAMETERS if max_parameters is None else max_parameters
-    if format == "torch_export":
+    blocks = None
+    if format == "hugging_face":
+        if config is not None:
+            raise InvalidInput("a Hugging Face folder brings its own config.json; send no architecture config with it")
+        module, arch, cfg = _load_hugging_face(path, architecture, dtype, cap)
+        input_shape, fixed_batch_size = None, None
+        inputs, blocks = hugging_face.model_inputs(arch), hugging_face.parameter_blocks(module)
+    elif format == "torch_export":
         exported = load_exported(path, max_parameters=cap)
         module, arch, cfg = exported.module, "torch_export", None
         input_shape, fixed_batch_size, inputs = exported.input_shape, exported.fixed_batch_size, exported.inputs
@@ -108,15 +117,23 @@ def load_model(
         input_shape=input_shape,
         fixed_batch_size=fixed_batch_size,
         num_parameters=sum(p.numel() for p in module.parameters()),
-        parameter_blocks=parameter_blocks(module),
+        parameter_blocks=blocks or parameter_blocks(module),
         config=cfg,
         inputs=inputs,
     )
 
 
 def known_architectures() -> list[str]:
-    """The built-in architecture first, then the installed plugins by name."""
-    return [sequential.ARCHITECTURE, *sorted(plugins.available())]
+    """The built-in architecture first, then the installed plugins by name (the transformers
+    classes of checkpoint folders only where transformers is installed)."""
+    hidden = () if hugging_face.transformers_installed() else hugging_face.ARCHITECTURES
+    return [sequential.ARCHITECTURE, *sorted(name for name in plugins.available() if name not in hidden)]
+
+
+def available_formats() -> tuple[str, ...]:
+    """The model formats this server loads (GetCapabilities): hugging_face needs transformers."""
+    return tuple(name for name in FORMATS
+                 if name != "auto" and (name != "hugging_face" or hugging_face.transformers_installed()))
 
 
 def detect_format(path: Path) -> str:
@@ -154,6 +171,9 @@ def _load_state_dict_model(
             config = _metadata_config(header.metadata)
         if format == "plugin" and architecture == sequential.ARCHITECTURE:
             raise InvalidInput("architecture 'sequential' is built in, not a plugin; load it with format 'safetensors' or 'auto'")
+        if architecture in hugging_face.ARCHITECTURES:
+            raise InvalidInput(f"architecture '{architecture}' loads from a Hugging Face checkpoint folder "
+                               "(config.json and model.safetensors); send the folder")
         known = known_architectures()
         if architecture not in known:
             shown = architecture if len(architecture) <= 60 else architecture[:57] + "..."
@@ -180,6 +200,30 @@ def _load_state_dict_model(
     if architecture != sequential.ARCHITECTURE:
         shape = _plugin_input_shape(config)
     return module, architecture, config, shape
+
+
+def _load_hugging_face(
+    path: Path, architecture: str | None, dtype: torch.dtype, max_parameters: int
+) -> tuple[nn.Module, str, dict]:
+    """The model of a Hugging Face folder, its transformers class and its config.json."""
+    # As for a plugin: built on the meta device and checked (size, the files' tensors) before
+    # anything is allocated, then built for real (transformers sets buffers no file holds) and
+    # filled from the files through our reader.
+    folder = hugging_face.read_folder(path)
+    architecture = hugging_face.architecture_of(folder.config, architecture)
+    if architecture not in plugins.available():
+        raise InvalidInput(f"architecture '{architecture}' is not registered in this server's "
+                           f"{plugins.GROUP} entry points; reinstall curvscope-service")
+    config = {**folder.config, "architectures": [architecture]}
+    with hugging_face.open_weights(folder) as tensors:
+        with torch.device("meta"):
+            module = plugins.build(architecture, config)
+        module = module.to(dtype)
+        _check_size(module, max_parameters)
+        plans = hugging_face.plan_weights(module, tensors)
+        module = plugins.build(architecture, config).to(dtype)
+        hugging_face.copy_weights(module, plans, tensors)
+    return module, architecture, folder.config
 
 
 def _metadata_config(metadata: dict[str, str]) -> dict:

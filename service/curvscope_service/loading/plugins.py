@@ -22,7 +22,7 @@ from importlib.metadata import EntryPoint, entry_points
 
 from torch import nn
 
-from curvscope_service.errors import InvalidInput
+from curvscope_service.errors import CurvscopeError, InvalidInput
 from curvscope_service.loading.messages import one_line
 
 GROUP = "curvscope.architectures"
@@ -44,6 +44,8 @@ def build(name: str, config: dict) -> nn.Module:
         raise InvalidInput(f"architecture plugin '{name}' ({found.value}) failed to import: {one_line(e)}") from None
     try:
         module = factory(config)
+    except CurvscopeError:
+        raise  # the factory's own message for the user (e.g. a refused config), with its status
     except Exception as e:
         raise InvalidInput(f"architecture plugin '{name}' could not build a model from this config: {one_line(e)}") from None
     if not isinstance(module, nn.Module):

@@ -84,7 +84,7 @@ class Vetter:
         self._check(sha256, {"kind": "data", "path": str(path)})
 
     def _check(self, sha256: str, request: dict[str, Any]) -> None:
-        size = os.stat(request["path"]).st_size
+        size = _size(Path(request["path"]))
         key = (sha256, json.dumps({**request, "path": None}, sort_keys=True))
         with self._verdicts_lock:
             verdict = self._verdicts.get(key)
@@ -162,6 +162,13 @@ class Vetter:
             False, "INVALID_ARGUMENT",
             f"the {what} could not be read: its reader stopped abnormally (exit {child.returncode}) within a {memory_mib} MiB cap",
         )
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of the files of a checkpoint folder."""
+    if path.is_dir():
+        return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
+    return path.stat().st_size
 
 
 def _child() -> int:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from curvscope_service.loading.checkpoint import LoadedModel, parameter_blocks
+from curvscope_service.loading.model_inputs import ModelInput
 
 # The LipSDP repository's example networks (MIT License), with the values its README publishes.
 REFERENCE = Path(__file__).resolve().parents[2] / "data" / "lipsdp"
@@ -44,7 +45,7 @@ def loaded(module: nn.Module, input_shape: tuple[int, ...]) -> LoadedModel:
     return LoadedModel(
         module=module, format="safetensors", architecture="sequential", input_shape=input_shape,
         fixed_batch_size=None, num_parameters=sum(p.numel() for p in module.parameters()),
-        parameter_blocks=parameter_blocks(module), config=None,
+        parameter_blocks=parameter_blocks(module), config=None, inputs=(ModelInput("inputs", None, input_shape),),
     )
 
 

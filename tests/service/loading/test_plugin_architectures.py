@@ -96,5 +96,7 @@ def test_weights_for_another_width(plugin_installed, tmp_path, refuses):
 
 def test_known_architectures(plugin_installed):
     from curvscope_service.loading import known_architectures
+    from curvscope_service.loading.hugging_face import ARCHITECTURES
 
-    assert known_architectures() == ["sequential", "broken", "missing", "tiny_residual"]
+    # the service's own entry points (the transformers classes of checkpoint folders) among them
+    assert known_architectures() == ["sequential", *sorted(["broken", "missing", "tiny_residual", *ARCHITECTURES])]

@@ -13,6 +13,7 @@ class ModelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_FORMAT_TORCH_EXPORT: _ClassVar[ModelFormat]
     MODEL_FORMAT_SAFETENSORS: _ClassVar[ModelFormat]
     MODEL_FORMAT_PLUGIN: _ClassVar[ModelFormat]
+    MODEL_FORMAT_HUGGING_FACE: _ClassVar[ModelFormat]
 
 class Curvature(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -65,6 +66,7 @@ MODEL_FORMAT_UNSPECIFIED: ModelFormat
 MODEL_FORMAT_TORCH_EXPORT: ModelFormat
 MODEL_FORMAT_SAFETENSORS: ModelFormat
 MODEL_FORMAT_PLUGIN: ModelFormat
+MODEL_FORMAT_HUGGING_FACE: ModelFormat
 CURVATURE_UNSPECIFIED: Curvature
 CURVATURE_HESSIAN: Curvature
 CURVATURE_GGN: Curvature
@@ -126,18 +128,33 @@ class BlobInfo(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelRef(_message.Message):
-    __slots__ = ("blob", "uri", "format", "architecture", "architecture_config_json")
+    __slots__ = ("blob", "uri", "folder", "format", "architecture", "architecture_config_json")
     BLOB_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
+    FOLDER_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     blob: BlobRef
     uri: str
+    folder: FolderManifest
     format: ModelFormat
     architecture: str
     architecture_config_json: str
-    def __init__(self, blob: _Optional[_Union[BlobRef, _Mapping]] = ..., uri: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., architecture: _Optional[str] = ..., architecture_config_json: _Optional[str] = ...) -> None: ...
+    def __init__(self, blob: _Optional[_Union[BlobRef, _Mapping]] = ..., uri: _Optional[str] = ..., folder: _Optional[_Union[FolderManifest, _Mapping]] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., architecture: _Optional[str] = ..., architecture_config_json: _Optional[str] = ...) -> None: ...
+
+class FolderManifest(_message.Message):
+    __slots__ = ("files",)
+    class FilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: BlobRef
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[BlobRef, _Mapping]] = ...) -> None: ...
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.MessageMap[str, BlobRef]
+    def __init__(self, files: _Optional[_Mapping[str, BlobRef]] = ...) -> None: ...
 
 class DataRef(_message.Message):
     __slots__ = ("blob", "uri")
