@@ -155,7 +155,7 @@ def plan_memory(context: AnalysisContext, specs: dict[str, Any], *, per_layer: b
     ResourceExhausted naming what would fit. Measures the product's cost on the batch first
     (``memory_plan.calibrate``) when an analysis needs products."""
     model = context.model
-    tensors = [] if context.data is None else [context.data.inputs, context.data.targets, *context.data.extra.values()]
+    tensors = [] if context.data is None else [*context.data.inputs, context.data.targets, *context.data.extra.values()]
     resident = memory_plan.resident_bytes(model.module, tensors)
     budget = memory_plan.resolve_budget(context.device, resident, server_bytes=server_bytes,
                                         request_bytes=request_bytes)

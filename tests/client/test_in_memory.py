@@ -288,7 +288,6 @@ def test_a_module_in_training_mode_is_analysed_in_eval_mode(client):
         assert report.message.loss.value == pytest.approx(nn.functional.cross_entropy(module(x), y).item(), rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the multi-input core of issue 15")
 def test_several_named_inputs_end_to_end(client):
     module, data = TokenClassifier(), token_batch(n=12)
     report = client.analyze(module, data, eigen=2, precision="float64", tolerance=1e-8)

@@ -43,7 +43,6 @@ def test_the_demo_model_learns_the_text_in_seconds(tmp_path):
     assert seconds < 60
 
 
-@pytest.mark.xfail(strict=True, reason="needs the multi-input core of issue 15")
 def test_demo_transformer_prints_a_report(capsys, tmp_path):
     out = tmp_path / "demo.json"
     assert main(["demo", "--transformer", "--json", str(out)]) == 0, capsys.readouterr().err

@@ -23,7 +23,6 @@ from curvscope.cli import main
 from curvscope_service.loading import load_model
 from hugging_face_folders import save_folder, tiny_model, token_batch
 
-NEEDS_CORE = pytest.mark.xfail(strict=True, reason="needs the multi-input core of issue 15")
 TOLERANCE = 1e-6
 
 
@@ -101,7 +100,6 @@ def bert(tmp_path_factory) -> tuple[Path, Path, torch.nn.Module, tuple[torch.Ten
     return folder, data, load_model(folder, dtype=torch.float64).module, (ids, mask, types), targets
 
 
-@NEEDS_CORE
 def test_causal_lm_spectrum_matches_the_dense_hessian(client, gpt2):
     folder, data, module, ids, mask = gpt2
     report = client.analyze(folder, data, task="causal-lm", eigen=3, smallest=2, tolerance=1e-8,
@@ -112,7 +110,6 @@ def test_causal_lm_spectrum_matches_the_dense_hessian(client, gpt2):
     assert report["loss"]["value"] == pytest.approx(_causal_lm_loss(module(ids, mask), ids, mask).item(), rel=1e-12)
 
 
-@NEEDS_CORE
 def test_masked_tokens_change_nothing_in_the_analysis(client, gpt2, tmp_path):
     folder, data, _, ids, mask = gpt2
     other = tmp_path / "other-padding.safetensors"
@@ -124,7 +121,6 @@ def test_masked_tokens_change_nothing_in_the_analysis(client, gpt2, tmp_path):
     assert second["loss"]["value"] == pytest.approx(first["loss"]["value"], rel=1e-12)
 
 
-@NEEDS_CORE
 def test_sequence_classification_spectrum_per_block_matches_the_dense_hessian(client, bert):
     folder, data, module, inputs, targets = bert
     report = client.analyze(folder, data, task="sequence-classification", eigen=2, smallest=1, tolerance=1e-8,
@@ -141,7 +137,6 @@ def test_sequence_classification_spectrum_per_block_matches_the_dense_hessian(cl
         _assert_spectrum(report["per_layer"][block], torch.linalg.eigvalsh(hessian[rows][:, rows]), 2, 1)
 
 
-@NEEDS_CORE
 def test_sequence_classification_gauss_newton_matches_the_dense_ggn(client, bert):
     """Forward-mode products through the eager attention (torch's fused attention has none on the CPU)."""
     folder, data, module, inputs, _ = bert
@@ -151,7 +146,6 @@ def test_sequence_classification_gauss_newton_matches_the_dense_ggn(client, bert
     _assert_spectrum(report["results"], exact, 3, 0)
 
 
-@NEEDS_CORE
 def test_cli_analyses_a_folder_locally_as_a_causal_lm(gpt2, tmp_path, capsys):
     folder, data, module, ids, mask = gpt2
     out = tmp_path / "report.json"
