@@ -219,9 +219,14 @@ class ProductCost:
         return self.base + width * self.per_vector
 
 
+# Products ``calibrate`` spends: widths 1, 1 and 3.
+CALIBRATION_PRODUCTS = 5
+
+
 def calibrate(operator: Any, meter: PeakMeter) -> ProductCost:
     """Measure the product's cost on the operator itself: products of widths 1 (building what
-    the operator keeps), 1 and 3. These 5 products count in ``operator.products``. The per
+    the operator keeps), 1 and 3. These CALIBRATION_PRODUCTS count in ``operator.products`` (and
+    in the server's product metric), not in any analysis' ``hvps``. The per
     vector cost is at least the tangent and the output (2 vectors)."""
     vector = operator.dim * _itemsize(operator.dtype)
     generator = torch.Generator().manual_seed(0)
@@ -432,6 +437,6 @@ def summary(plans: list[AnalysisPlan], budget: Budget, dtype: torch.dtype) -> di
     }
 
 
-__all__ = ["AnalysisPlan", "Budget", "PeakMeter", "ProductCost", "Shape", "calibrate", "format_bytes",
+__all__ = ["CALIBRATION_PRODUCTS", "AnalysisPlan", "Budget", "PeakMeter", "ProductCost", "Shape", "calibrate", "format_bytes",
            "plan_analysis", "resident_bytes", "resolve_budget", "summary"]
 

@@ -88,7 +88,7 @@ def test_a_pair_of_tensors_is_the_inputs_and_targets_the_data_loader_reads(tmp_p
     path = tmp_path / prepared.data.filename
     path.write_bytes(prepared.data.content)
     loaded = load_data(path)
-    assert torch.equal(loaded.inputs, x) and torch.equal(loaded.targets, y) and loaded.num_samples == len(x)
+    assert len(loaded.inputs) == 1 and torch.equal(loaded.inputs[0], x) and torch.equal(loaded.targets, y) and loaded.num_samples == len(x)
 
 
 def test_batch_layouts_follow_the_contract():

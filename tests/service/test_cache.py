@@ -16,6 +16,7 @@ from curvscope import Client
 from curvscope._proto.curvscope.v1 import curvscope_pb2 as pb
 from curvscope._proto.curvscope.v1 import curvscope_pb2_grpc as pb_grpc
 from curvscope_service import engine, metrics
+from curvscope_service.memory_plan import CALIBRATION_PRODUCTS
 from curvscope_service.config import ServerConfig
 from curvscope_service.in_process import InProcessServer
 from curvscope_service.loading import load_data, load_model
@@ -177,8 +178,8 @@ def test_identical_requests_in_flight_share_one_computation(tmp_path, digits_fil
         reports = [events[name][-1].report for name in "bc"]
         assert reports[0] == reports[1] and reports[0].results.hessian_eigen.hvps == 24
         assert _count(metrics.CACHE_REQUESTS, "shared") == shared_before + 2
-        # One computation: the budget of one solve, not three.
-        assert _count(metrics.HVPS, "cpu", "hessian") - hvps_before == 24
+        # One computation: the budget of one solve (and the memory plan's calibration), not three.
+        assert _count(metrics.HVPS, "cpu", "hessian") - hvps_before == 24 + CALIBRATION_PRODUCTS
         assert any(e.HasField("progress") for e in events["b"])
 
 

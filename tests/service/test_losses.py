@@ -51,7 +51,7 @@ def test_mse_is_the_mean_over_all_elements():
         ("cross_entropy", torch.randn(4, 3), torch.ones(4, 3), "sum to 1"),
         ("cross_entropy", torch.randn(4, 3), -torch.ones(4, 3) / 3, "non-negative"),
         ("cross_entropy", torch.randn(4, 3), torch.ones(4, dtype=torch.bool), "dtype torch.bool"),
-        ("cross_entropy", torch.randn(4, 3, 2), torch.zeros(4, dtype=torch.int64), "shape (n, classes)"),
+        ("cross_entropy", torch.randn(4, 3, 2), torch.zeros(4, dtype=torch.int64), "labels of shape (4, 3)"),
         ("mse", torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), "use cross_entropy"),
         ("mse", torch.randn(4, 3), torch.zeros(4, 3).fill_(float("nan")), "NaN or Inf"),
         ("mse", torch.randn(4, 3), torch.zeros(4, 1), "shape (4, 1)"),

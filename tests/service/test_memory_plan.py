@@ -54,14 +54,14 @@ def job(files, analyses, **options) -> AnalysisJob:
 def shape(files) -> Shape:
     model = load_model(files / "mlp.safetensors", dtype=torch.float64).module
     data = load_data(files / "classes.safetensors", dtype=torch.float64)
-    resident = memory_plan.resident_bytes(model, [data.inputs, data.targets])
+    resident = memory_plan.resident_bytes(model, [*data.inputs, data.targets])
     return Shape(dim=sum(p.numel() for p in model.parameters()), itemsize=8, resident=resident, product=COST)
 
 
 def truth(files) -> float:
     model = load_model(files / "mlp.safetensors", dtype=torch.float64).module
     data = load_data(files / "classes.safetensors", dtype=torch.float64)
-    return dense_hessian(model, data.inputs, data.targets, get_loss("cross_entropy")).trace().item()
+    return dense_hessian(model, data.inputs[0], data.targets, get_loss("cross_entropy")).trace().item()
 
 
 def test_a_small_ceiling_picks_smaller_blocks_and_the_trace_stays_right(files, fixed_cost):

@@ -16,6 +16,7 @@ from curvscope import Client, CurvscopeError
 from curvscope_service.config import ServerConfig
 from curvscope_service.in_process import InProcessServer
 from curvscope_service.logging_setup import configure_logging
+from curvscope_service.memory_plan import CALIBRATION_PRODUCTS
 
 
 def _sample(name: str, **labels) -> float:
@@ -61,8 +62,8 @@ def test_requests_analyses_queue_and_store_are_measured(tmp_path, digits_files):
     assert _sample("curvscope_rpc_seconds_count", method=ANALYZE, code="OK") == before["rpc"] + 1
     assert _sample("curvscope_analysis_seconds_count", analysis="hessian_eigen", status="OK") == before["analysis"] + 1
     assert _sample("curvscope_queue_wait_seconds_count", device="cpu") == before["wait"] + 1
-    # Exactly the products the report says it used.
-    assert _sample("curvscope_hvps_total", device="cpu", curvature="hessian") - before["hvps"] == hvps
+    # Exactly the products the report says it used, and the memory plan's calibration.
+    assert _sample("curvscope_hvps_total", device="cpu", curvature="hessian") - before["hvps"] == hvps + CALIBRATION_PRODUCTS
     assert store_bytes == blob_bytes
     assert _sample("curvscope_queue_depth", device="cpu") == 0
     assert _sample("curvscope_device_memory_peak_bytes", device="cpu") > 10 << 20
