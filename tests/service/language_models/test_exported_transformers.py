@@ -145,7 +145,10 @@ def test_sdpa_models_give_the_eager_models_products(tmp_path, bert_case):
 
 @pytest.mark.parametrize("curvature", ["ggn", "fisher", "empirical_fisher"])
 def test_output_curvatures_on_token_outputs_are_positive_semidefinite(gpt_case, curvature):
-    smallest = analyse(gpt_case, {"hessian_eigen": {"top_k": 1, "bottom_k": 1, "tolerance": 1e-6}},
+    # The smallest eigenvalue of a PSD matrix is about 0, where a relative tolerance is never met:
+    # a fixed budget instead. Ritz values lie inside the spectrum, converged or not, so a
+    # negative one would show an indefinite operator.
+    smallest = analyse(gpt_case, {"hessian_eigen": {"top_k": 1, "bottom_k": 1, "max_hvps": 40}},
                        curvature=curvature)["results"]["hessian_eigen"]["smallest"][0]
     assert smallest >= -1e-8
 
