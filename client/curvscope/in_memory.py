@@ -3,7 +3,8 @@
 An ``nn.Module`` becomes a ``torch.export`` archive (eval mode, a dynamic batch dimension) and a
 batch of tensors becomes a safetensors file, both built in memory (``io.BytesIO``; never a
 temporary file). Only weights, the traced graph of aten operators and the batch cross the wire,
-never Python code. torch is imported only when the caller hands over a torch object, so the thin
+never Python code. The client never imports torch (nor numpy) itself: it works with the torch
+module the caller imported to build the objects it hands over (``caller_torch``), so the thin
 client keeps running with grpcio and protobuf alone.
 
 Batch layouts (the server's data format, docs/formats.md):
@@ -16,6 +17,7 @@ Batch layouts (the server's data format, docs/formats.md):
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import inspect
 import io
@@ -37,13 +39,21 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def caller_torch() -> Any:
+    """The torch module the caller imported. A torch object can exist only once its owner
+    imported torch, so every function here that receives one finds torch already loaded."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        raise TypeError("this needs torch objects (an nn.Module, tensors); torch is not imported")
+    return torch
+
+
 def holds_torch(value: Any) -> bool:
-    """Whether ``value`` is, or holds, a torch object (a module or tensors), without importing
-    torch: an object of torch's can exist only once the caller imported torch."""
+    """Whether ``value`` is, or holds, a torch object (a module or tensors); False, without
+    loading torch, while torch is not imported."""
     if "torch" not in sys.modules:
         return False
-    import torch
-
+    torch = caller_torch()
     if isinstance(value, (torch.Tensor, torch.nn.Module)):
         return True
     if isinstance(value, Mapping):
@@ -83,7 +93,7 @@ def split_batch(data: Any) -> Batch:
     """``data`` as a Batch: a tensor (inputs only), ``(inputs, targets)`` where inputs is a tensor,
     a tuple of tensors or a dict of named tensors, or a dict of named inputs with ``targets``
     (or Hugging Face's ``labels``) among them."""
-    import torch
+    torch = caller_torch()
 
     def tensor(value: Any, what: str) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):
@@ -148,12 +158,12 @@ def safetensors_bytes(tensors: Mapping[str, Any]) -> bytes:
 
 
 def _little_endian_bytes(value: Any) -> bytes:
-    import torch
-
+    # Read from the tensor's own memory: ``.numpy()`` would need numpy, which torch does not.
+    torch = caller_torch()
     flat = value.detach().to("cpu").contiguous().reshape(-1)
     if sys.byteorder != "little" and flat.element_size() > 1:
-        flat = flat.view(torch.uint8).view(-1, flat.element_size()).flip(-1).reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        flat = flat.view(torch.uint8).view(-1, flat.element_size()).flip(-1).contiguous()
+    return ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size()) if flat.numel() else b""
 
 
 class _Signature:
@@ -178,8 +188,7 @@ def _adapter(module: Any, names: Sequence[str], by_name: bool, logits: bool) -> 
     ``by_name``: a model whose named inputs are not its leading parameters) and returns one
     tensor (``.logits`` of a Hugging Face output when ``logits``). Its placeholders are named
     after the inputs; its parameters are ``model.*``."""
-    import torch
-
+    torch = caller_torch()
     parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     parameters += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
 
@@ -222,8 +231,7 @@ def export_module(module: Any, batch: Batch) -> ExportedModule:
     shared dynamic batch dimension. The module's (and each submodule's) training flag is
     restored afterwards. Named inputs are passed by position in the forward's order when they are
     its leading parameters, else through a wrapper that passes them by name."""
-    import torch
-
+    torch = caller_torch()
     devices = sorted({str(tensor.device) for tensor in (*module.parameters(), *module.buffers())} - {"cpu"})
     if devices:
         # A graph traced on a GPU can hold that device in its operators; only CPU exports are checked.
@@ -268,8 +276,7 @@ def _positional_names(module: Any, count: int) -> list[str]:
 
 def _example(value: Any) -> Any:
     """The first EXAMPLE_SAMPLES samples (a one-sample batch repeated), to trace with."""
-    import torch
-
+    torch = caller_torch()
     if value.shape[0] >= EXAMPLE_SAMPLES:
         return value[:EXAMPLE_SAMPLES]
     return torch.cat([value] * EXAMPLE_SAMPLES)[:EXAMPLE_SAMPLES]
@@ -278,8 +285,7 @@ def _example(value: Any) -> Any:
 def archive_bytes(program: Any) -> bytes:
     """``torch.export.save`` into memory: the .pt2 archive's bytes (the same program and weights
     give the same bytes, so an unchanged model is never uploaded twice)."""
-    import torch
-
+    torch = caller_torch()
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()
@@ -307,8 +313,7 @@ class Prepared:
 
 def prepare(model: Any, data: Any) -> Prepared:
     """Serialise whatever of ``model`` and ``data`` is a torch object (a path stays a path)."""
-    import torch
-
+    torch = caller_torch()
     batch = split_batch(data) if holds_torch(data) else None
     model_blob = None
     input_names = None

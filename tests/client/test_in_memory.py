@@ -5,6 +5,8 @@ sent twice."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -306,3 +308,14 @@ def test_several_named_inputs_end_to_end(client):
     expected = torch.linalg.eigvalsh(dense).flip(0)[:2]
     torch.testing.assert_close(torch.tensor(list(report.results.hessian_eigen.largest), dtype=torch.float64),
                                expected, rtol=1e-6, atol=1e-9)
+
+
+def test_the_client_never_loads_torch_or_numpy_itself():
+    # torch is installed here; importing the client, its in-memory path and its callbacks'
+    # shared part, and asking whether a value holds torch objects, must not load it (or numpy).
+    code = ("import sys, curvscope, curvscope.in_memory as m, curvscope.callbacks; "
+            "assert not m.holds_torch({'x': [1.0]}); "
+            "print(sorted(name for name in ('torch', 'numpy', 'cvxpy') if name in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"

@@ -207,8 +207,7 @@ class CurvatureMonitor:
 def _as_in(live: Any, copy: Any) -> Any:
     """``copy`` of a parameter or buffer wrapped as ``live`` is (a parameter stays a parameter,
     so the archive records it as one); wrapped here, off the training thread."""
-    import torch
-
+    torch = in_memory.caller_torch()
     return torch.nn.Parameter(copy, requires_grad=live.requires_grad) if isinstance(live, torch.nn.Parameter) else copy
 
 

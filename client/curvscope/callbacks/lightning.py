@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
+from .. import in_memory
 from . import CurvatureMonitor, Finished
 
 
@@ -78,4 +78,5 @@ class CurvscopeCallback(pl.Callback):
             values[f"{prefix}failed"] = 1.0
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
+        torch = in_memory.caller_torch()
         trainer.callback_metrics.update({name: torch.tensor(value) for name, value in values.items()})
