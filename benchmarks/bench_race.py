@@ -34,7 +34,7 @@ from torch import nn
 
 from curvscope_service.curvature.operators.hessian import HessianOperator
 from curvscope_service.curvature.solvers.lanczos import lanczos
-from models import median_seconds, pyhessian_eigen, random_images, trained_resnet
+from models import curvlinops_eigen, median_seconds, pyhessian_eigen, random_images, trained_resnet
 
 STEPS = 10
 
@@ -49,25 +49,6 @@ def ours(model: nn.Module, inputs, targets, k: int, tol: float) -> tuple[list[fl
     start = time.perf_counter()
     result = lanczos(op.matvec, op.dim, top_k=k, tol=tol, max_products=2000, dtype=op.dtype)
     return result.largest, result.products, time.perf_counter() - start
-
-
-def curvlinops_eigen(model: nn.Module, inputs, targets, k: int, tol: float) -> tuple[list[float], int, float]:
-    from curvlinops import HessianLinearOperator
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    H = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(inputs, targets)],
-                              check_deterministic=False).to_scipy(np.float64)
-    counted = [0]
-
-    def matvec(x: np.ndarray) -> np.ndarray:
-        counted[0] += 1
-        return H @ x
-
-    A = LinearOperator(H.shape, matvec=matvec, dtype=np.float64)
-    v0 = np.random.default_rng(0).standard_normal(H.shape[0])
-    start = time.perf_counter()
-    values = eigsh(A, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
-    return sorted(values.tolist(), reverse=True), counted[0], time.perf_counter() - start
 
 
 def main() -> None:

@@ -53,6 +53,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from models import BasicBlock, curvlinops_solve, pyhessian_solve
+
 TOP_K = 5
 TOL = 1e-3
 REFERENCE_TOL = 1e-7
@@ -60,24 +62,6 @@ METHODS = ("baseline", "reference", "curvscope", "pyhessian", "curvlinops", "tra
 
 
 # -- models ----------------------------------------------------------------------------------
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-BatchNorm layers with ReLU and an identity or 1x1 conv-BatchNorm shortcut."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 def resnet18(classes: int = 10) -> nn.Module:
@@ -182,47 +166,17 @@ def peak_bytes() -> int:
 
 
 def pyhessian_eigen(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict:
-    """PyHessian 0.1's deflated power iteration, as ``models.pyhessian_eigen`` runs it (graph
-    built in its constructor before the clock, products counted), timed in wall and CPU."""
-    import importlib
-    import warnings
-
-    module = importlib.import_module("pyhessian.hessian")
-    counted = [0]
-    original = module.hessian_vector_product
-
-    def counting(*args):
-        counted[0] += 1
-        return original(*args)
-
-    module.hessian_vector_product = counting
-    torch.manual_seed(0)
-    with warnings.catch_warnings():  # its backward(create_graph=True) on the parameters' .grad
-        warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True")
-        computer = module.hessian(model, nn.CrossEntropyLoss(), data=(inputs, targets), cuda=False)
-    (values, _), wall, cpu = timed(lambda: computer.eigenvalues(maxIter=100, tol=TOL, top_n=TOP_K))
+    """PyHessian 0.1's deflated power iteration (``models.pyhessian_solve``), timed in wall and CPU."""
+    solve, counted = pyhessian_solve(model, inputs, targets, TOP_K, TOL)
+    values, wall, cpu = timed(solve)
     return {"values": sorted(values, reverse=True), "hvps": counted[0], "seconds": wall, "cpu": cpu}
 
 
 def curvlinops_eigen(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict:
-    """curvlinops' Hessian through scipy's eigsh (ARPACK, "LA"), as ``bench_race.py`` runs it."""
-    import numpy as np
-    from curvlinops import HessianLinearOperator
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    H = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(inputs, targets)],
-                              check_deterministic=False).to_scipy(np.float64)
-    counted = [0]
-
-    def matvec(x: np.ndarray) -> np.ndarray:
-        counted[0] += 1
-        return H @ x
-
-    A = LinearOperator(H.shape, matvec=matvec, dtype=np.float64)
-    v0 = np.random.default_rng(0).standard_normal(H.shape[0])
-    values, wall, cpu = timed(lambda: eigsh(A, k=TOP_K, which="LA", tol=TOL, v0=v0, return_eigenvectors=False))
-    return {"values": sorted(values.tolist(), reverse=True), "hvps": counted[0], "seconds": wall, "cpu": cpu}
+    """curvlinops' Hessian through scipy's eigsh (``models.curvlinops_solve``), timed in wall and CPU."""
+    solve, counted = curvlinops_solve(model, inputs, targets, TOP_K, TOL)
+    values, wall, cpu = timed(solve)
+    return {"values": values, "hvps": counted[0], "seconds": wall, "cpu": cpu}
 
 
 def child(method: str, name: str, quick: bool, basis: int | None) -> dict:

@@ -154,31 +154,75 @@ def gradient_seconds(op: HessianOperator, name: str) -> float:
     return median_seconds(gradient)
 
 
-def pyhessian_eigen(model: nn.Module, inputs: Tensor, targets: Tensor, k: int, tol: float) -> tuple[list[float], int, float]:
+def pyhessian_solve(model: nn.Module, inputs: Tensor, targets: Tensor, k: int,
+                    tol: float) -> tuple[Callable[[], list[float]], list[int]]:
     """PyHessian 0.1's ``hessian(...).eigenvalues(top_n=k, tol=tol)`` (deflated power iteration,
-    at most 100 products per eigenvalue): (eigenvalues, products, seconds). Its graph is built in
-    the constructor, before the clock starts; products are counted by wrapping its
-    ``hessian_vector_product``. Needs the ``bench`` extra."""
+    at most 100 products per eigenvalue), ready to time: (the solve, its product count, filled in
+    as it runs). Its graph is built here, in the constructor, before any clock starts; products are
+    counted by wrapping its ``hessian_vector_product`` during the solve. Needs the ``bench`` extra."""
     # pyhessian/__init__ re-exports the class under the submodule's name: fetch the module.
     module = importlib.import_module("pyhessian.hessian")
-
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # its backward(create_graph=True) on the parameters' .grad
+        warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True")
+        computer = module.hessian(model, nn.CrossEntropyLoss(), data=(inputs, targets), cuda=False)
     counted = [0]
-    original = module.hessian_vector_product
 
-    def counting(*args):
+    def solve() -> list[float]:
+        original = module.hessian_vector_product
+
+        def counting(*args):
+            counted[0] += 1
+            return original(*args)
+
+        module.hessian_vector_product = counting
+        try:
+            values, _ = computer.eigenvalues(maxIter=100, tol=tol, top_n=k)
+        finally:
+            module.hessian_vector_product = original
+            model.zero_grad(set_to_none=True)
+        return values
+
+    return solve, counted
+
+
+def pyhessian_eigen(model: nn.Module, inputs: Tensor, targets: Tensor, k: int, tol: float) -> tuple[list[float], int, float]:
+    """``pyhessian_solve`` timed in wall seconds: (eigenvalues, products, seconds)."""
+    solve, counted = pyhessian_solve(model, inputs, targets, k, tol)
+    start = time.perf_counter()
+    values = solve()
+    return values, counted[0], time.perf_counter() - start
+
+
+def curvlinops_solve(model: nn.Module, inputs: Tensor, targets: Tensor, k: int,
+                     tol: float) -> tuple[Callable[[], list[float]], list[int]]:
+    """curvlinops' Hessian through scipy's eigsh (ARPACK, "LA", float64, a seeded start), ready
+    to time: (the solve, returning the k largest in decreasing order, and its product count)."""
+    import numpy as np
+    from curvlinops import HessianLinearOperator
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    H = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(inputs, targets)],
+                              check_deterministic=False).to_scipy(np.float64)
+    counted = [0]
+
+    def matvec(x: np.ndarray) -> np.ndarray:
         counted[0] += 1
-        return original(*args)
+        return H @ x
 
-    module.hessian_vector_product = counting
-    try:
-        torch.manual_seed(0)
-        with warnings.catch_warnings():  # its backward(create_graph=True) on the parameters' .grad
-            warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True")
-            computer = module.hessian(model, nn.CrossEntropyLoss(), data=(inputs, targets), cuda=False)
-        start = time.perf_counter()
-        values, _ = computer.eigenvalues(maxIter=100, tol=tol, top_n=k)
-        seconds = time.perf_counter() - start
-    finally:
-        module.hessian_vector_product = original
-    model.zero_grad(set_to_none=True)
-    return values, counted[0], seconds
+    A = LinearOperator(H.shape, matvec=matvec, dtype=np.float64)
+    v0 = np.random.default_rng(0).standard_normal(H.shape[0])
+
+    def solve() -> list[float]:
+        return sorted(eigsh(A, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False).tolist(), reverse=True)
+
+    return solve, counted
+
+
+def curvlinops_eigen(model: nn.Module, inputs: Tensor, targets: Tensor, k: int, tol: float) -> tuple[list[float], int, float]:
+    """``curvlinops_solve`` timed in wall seconds: (eigenvalues, products, seconds)."""
+    solve, counted = curvlinops_solve(model, inputs, targets, k, tol)
+    start = time.perf_counter()
+    values = solve()
+    return values, counted[0], time.perf_counter() - start
