@@ -10,7 +10,6 @@ seconds, peak RSS).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import resource
 import sys
@@ -22,10 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-try:  # a torchvision built for another torch fails at import; transformers imports it when installed
-    importlib.import_module("torchvision")
-except Exception:  # noqa: BLE001
-    sys.modules["torchvision"] = None  # type: ignore[assignment]
+from curvscope_service.loading.hugging_face import hide_broken_torchvision
+
+hide_broken_torchvision()  # transformers imports torchvision when installed, even a broken one
 
 SENTENCES = [
     "The checkpoint passed every quality gate.", "A sharp minimum generalises worse, some say.",

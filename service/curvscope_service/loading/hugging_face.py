@@ -304,7 +304,7 @@ def transformers_installed() -> bool:
 
 def import_transformers() -> types.ModuleType:
     """``transformers``, or UNIMPLEMENTED saying how to install it."""
-    _hide_broken_torchvision()
+    hide_broken_torchvision()
     try:
         import transformers
     except ImportError as error:
@@ -313,7 +313,7 @@ def import_transformers() -> types.ModuleType:
     return transformers
 
 
-def _hide_broken_torchvision() -> None:
+def hide_broken_torchvision() -> None:
     """transformers imports torchvision whenever one is installed, although text models use none
     of it; a torchvision built for another torch (a CUDA wheel beside a CPU torch) then fails that
     import and with it every model. Such a torchvision is hidden (``sys.modules`` entry None: no

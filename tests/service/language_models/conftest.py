@@ -10,8 +10,6 @@ derivatives through layer_norm are unreliable, see tests/dense_reference.py).
 
 from __future__ import annotations
 
-import importlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +19,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-try:  # a torchvision built for another torch fails at import; transformers imports it when installed
-    importlib.import_module("torchvision")
-except Exception:  # noqa: BLE001
-    sys.modules["torchvision"] = None  # type: ignore[assignment]
+from curvscope_service.loading.hugging_face import hide_broken_torchvision
+
+hide_broken_torchvision()  # transformers imports torchvision when installed, even a broken one
 
 transformers = pytest.importorskip("transformers")
 
