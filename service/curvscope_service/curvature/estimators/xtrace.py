@@ -42,7 +42,7 @@ def xtrace(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
     QW = torch.zeros(wanted, wanted, dtype=torch.float64)  # q_i^T w_j
     H = torch.zeros(wanted, wanted, dtype=torch.float64)  # Q^T A Q
     wy = torch.zeros(wanted, dtype=torch.float64)  # w_i^T A w_i
-    Z = torch.empty(dim, wanted, dtype=settings.dtype, device=settings.device) if settings.frobenius else None
+    Z = torch.empty(wanted, dim, dtype=settings.dtype, device=settings.device).T if settings.frobenius else None
     G = torch.zeros(wanted, wanted, dtype=torch.float64) if settings.frobenius else None  # Z^T Z
     result = TraceEstimate(settings.offset, 0.0, "xtrace", 0)
     while basis.size < wanted:

@@ -40,7 +40,7 @@ class OutputCurvatureOperator(MeanLossOperator):
         self._validate(V, 2)
         k = V.shape[1]
         tangents = self._split_batched(V)
-        out = torch.zeros(self.dim, k, dtype=self.dtype, device=self.device)
+        rows: Tensor | None = None
         for index, (x, _, _) in enumerate(self._batches):
             self._step()
 
@@ -50,9 +50,9 @@ class OutputCurvatureOperator(MeanLossOperator):
             outputs, pullback = vjp(forward, self._values)
             JV = vmap(lambda vs: jvp(forward, (self._values,), (vs,))[1])(tangents)
             U = self._output_products(index, outputs.detach(), JV)
-            out += self._flat_rows(vmap(pullback)(U)[0]).T
+            rows = self._add_rows(rows, vmap(pullback)(U)[0])
         self.products += k
-        return out
+        return rows.T if rows is not None else torch.zeros(self.dim, k, dtype=self.dtype, device=self.device)
 
     # -- for subclasses ----------------------------------------------------------------
 

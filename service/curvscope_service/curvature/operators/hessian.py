@@ -95,23 +95,23 @@ class HessianOperator(MeanLossOperator):
         self._step()
         k = V.shape[1]
         vs = self._split_batched(V)
-        out = torch.zeros(self.dim, k, dtype=self.dtype, device=self.device)
+        rows: Tensor | None = None
         if self.method == "retained":
             for g in self._retained_graphs():
-                out += self._flat_rows(self._backward(g, vs, retain=True, batched=True)).T
+                rows = self._add_rows(rows, self._backward(g, vs, retain=True, batched=True))
                 self._step()
         elif self.method == "double_backward":
             for x, t, w in self._batches:
                 g = self._gradient_graph(x, t, w)[1]
-                out += self._flat_rows(self._backward(g, vs, retain=False, batched=True)).T
+                rows = self._add_rows(rows, self._backward(g, vs, retain=False, batched=True))
                 self._step()
         else:
             products = vmap(self._jvp_grad, in_dims=(None, None, None, 0))
             for x, t, w in self._batches:
-                out += self._flat_rows(products(x, t, w, vs)).T
+                rows = self._add_rows(rows, products(x, t, w, vs))
                 self._step()
         self.products += k
-        return out
+        return rows.T if rows is not None else torch.zeros(self.dim, k, dtype=self.dtype, device=self.device)
 
     @property
     def parameter_sizes(self) -> list[int]:
