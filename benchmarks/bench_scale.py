@@ -20,20 +20,23 @@ batch and the seeds. Rows:
 - ``reference``: float64 copy of the model, curvscope's Lanczos at tol 1e-7: the truth the
   errors are measured against (its worst relative residual is printed).
 - ``curvscope``: ``compute_hessian_eigen`` (the ``hessian_eigen`` analysis' solve) at tol 1e-3
-  with the default basis (``lanczos.default_basis_size``) unless ``--basis`` is given, on
-  ``HessianOperator`` whose kept graph is built before the clock starts. Overhead = the solve's
+  with the basis the engine's memory plan chooses (``--basis`` overrides it), on
+  ``HessianOperator`` whose kept graph is built before the clock starts; its peak is measured
+  against the plan as the engine measures it. Overhead = the solve's
   seconds / (HVPs x one bare HVP), one bare HVP being ``torch.autograd.grad`` of the whole batch's
   kept gradient graph (built apart, after the solve) against one vector, the minimum of 3.
 - ``PyHessian``: PyHessian 0.1's ``eigenvalues(top_n=5, tol=1e-3, maxIter=100)`` (deflated power
   iteration), graph built in its constructor before the clock starts, products counted.
 - ``curvlinops``: curvlinops' ``HessianLinearOperator`` through scipy's ``eigsh(k=5, which="LA",
   tol=1e-3)`` (ARPACK), products counted (it rebuilds the graph for every product).
-- ``trace``: the ``hessian_trace`` analysis' default (XTrace, 100 products, block of 8) through
-  ``estimate_trace``, with its standard error.
+- ``trace``: the ``hessian_trace`` analysis' default (XTrace, 100 products) with the block and
+  product width the engine's memory plan chooses under the machine's available memory (or
+  ``--memory-budget``), with its standard error, its solver overhead, and its measured peak
+  against the plan.
 - ``baseline``: imports, model and batch only: the floor under every other row's peak RSS.
 
-``--quick`` runs a smaller batch (4 images; 4 sequences of 16 tokens) and skips the trace: for
-checking the script, not for the figures.
+``--quick`` runs a smaller batch (4 images; 4 sequences of 16 tokens): for checking the script,
+not for the figures.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +62,8 @@ from models import BasicBlock, curvlinops_solve, pyhessian_solve
 TOP_K = 5
 TOL = 1e-3
 REFERENCE_TOL = 1e-7
+# float64 basis of the reference: 40 vectors are 3.6 GB (ResNet-18) and 7.2 GB (MiniLM).
+REFERENCE_BASIS = 40
 METHODS = ("baseline", "reference", "curvscope", "pyhessian", "curvlinops", "trace")
 
 
@@ -179,7 +185,33 @@ def curvlinops_eigen(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict:
     return {"values": values, "hvps": counted[0], "seconds": wall, "cpu": cpu}
 
 
-def child(method: str, name: str, quick: bool, basis: int | None) -> dict:
+def trace_spec():
+    """The hessian_trace analysis' defaults (XTrace, 100 products)."""
+    from curvscope_service.analyses.base import EngineLimits
+    from curvscope_service.analyses.hessian_trace import HessianTraceSpec, normalize
+
+    return normalize(HessianTraceSpec(), EngineLimits())
+
+
+def engine_plan(analysis: str, op, model: nn.Module, tensors: list[Tensor], memory_budget: int):
+    """The engine's memory plan of ``analysis`` (``engine.plan_memory``'s steps: the ceiling from
+    the machine or ``memory_budget``, the product calibrated on the batch, the plan) and the
+    meter that measures the analysis against it (its baseline: model, batch and kept graph
+    loaded, as in the engine)."""
+    from curvscope_service import memory_plan
+
+    meter = memory_plan.PeakMeter("cpu")
+    resident = memory_plan.resident_bytes(model, tensors)
+    budget = memory_plan.resolve_budget("cpu", resident, server_bytes=memory_budget)
+    shape = memory_plan.Shape(dim=op.dim, itemsize=4, resident=resident, product=memory_plan.calibrate(op, meter))
+    spec = trace_spec() if analysis == "hessian_trace" else SimpleNamespace(top_k=TOP_K, bottom_k=0)
+    plan = memory_plan.plan_analysis(analysis, spec, shape, budget, eigen_earlier=False, trace_later=False, seeded=0)
+    plan.resident = resident
+    plan.choices["ceiling"] = f"{budget.bytes / 2**30:.2f} GiB ({budget.source})"
+    return plan, meter
+
+
+def child(method: str, name: str, quick: bool, basis: int | None, memory_budget: int = 0) -> dict:
     from curvscope_service.curvature.operators.hessian import HessianOperator
 
     if method == "reference":
@@ -188,9 +220,8 @@ def child(method: str, name: str, quick: bool, basis: int | None) -> dict:
         model, inputs, targets = build(name, quick, torch.float64)
         op = HessianOperator(model, inputs, targets, nn.functional.cross_entropy)
         op.loss()
-        # A short basis keeps the float64 run within memory; restarts cost products, not accuracy.
         result = lanczos(op.matvec, op.dim, top_k=TOP_K, tol=REFERENCE_TOL, max_products=3000,
-                         max_basis=16, dtype=torch.float64)
+                         max_basis=REFERENCE_BASIS, dtype=torch.float64)
         return {"values": result.largest, "hvps": result.products, "seconds": result.seconds,
                 "converged": result.converged, "dim": op.dim, "loss": op.loss(),
                 "relative_residual": max(r / abs(t) for r, t in zip(result.largest_residuals, result.largest))}
@@ -202,31 +233,39 @@ def child(method: str, name: str, quick: bool, basis: int | None) -> dict:
 
         op = HessianOperator(model, inputs, targets, nn.functional.cross_entropy)
         op.loss()  # builds and keeps the gradient graph, as the engine does for the report
-        result, wall, cpu = timed(lambda: compute_hessian_eigen(op, top_k=TOP_K, tol=TOL, max_products=2000,
-                                                                max_basis=basis))
+        plan, meter = engine_plan("hessian_eigen", op, model, [inputs, targets], memory_budget)
+        solve = lambda: compute_hessian_eigen(op, top_k=TOP_K, tol=TOL, max_products=2000,
+                                              max_basis=basis or int(plan.choices["basis_size"]))
+        (result, wall, cpu), growth = meter.measure(lambda: timed(solve))
         peak = peak_bytes()
         del op
         gc.collect()
         bare_wall, bare_cpu = bare_hvp_seconds(model, inputs, targets)
         return {"values": result["largest"], "hvps": result["hvps"], "seconds": wall, "cpu": cpu,
                 "converged": result["converged"], "peak": peak, "bare_hvp": bare_wall, "bare_hvp_cpu": bare_cpu,
-                "overhead": wall / (result["hvps"] * bare_wall), "overhead_cpu": cpu / (result["hvps"] * bare_cpu)}
+                "overhead": wall / (result["hvps"] * bare_wall), "overhead_cpu": cpu / (result["hvps"] * bare_cpu),
+                "choices": plan.choices, "planned": plan.peak_bytes, "measured": plan.resident + growth}
     if method == "pyhessian":
         return pyhessian_eigen(model, inputs, targets)
     if method == "curvlinops":
         return curvlinops_eigen(model, inputs, targets)
     if method == "trace":
-        from curvscope_service.analyses.base import EngineLimits
-        from curvscope_service.analyses.hessian_trace import DEFAULT_BLOCK, HessianTraceSpec, normalize
         from curvscope_service.curvature.estimators.trace import estimate_trace
 
-        spec = normalize(HessianTraceSpec(), EngineLimits())
         op = HessianOperator(model, inputs, targets, nn.functional.cross_entropy)
         op.loss()
-        result = estimate_trace(op, method=spec.method, max_products=spec.max_products, seed=0,
-                                block_size=DEFAULT_BLOCK)
+        plan, meter = engine_plan("hessian_trace", op, model, [inputs, targets], memory_budget)
+        spec = trace_spec()
+        (result, wall, cpu), growth = meter.measure(lambda: timed(lambda: estimate_trace(
+            op, method=spec.method, max_products=spec.max_products, seed=0,
+            block_size=plan.choices["block_size"], product_width=plan.choices["product_width"])))
+        del op
+        gc.collect()
+        bare_wall, bare_cpu = bare_hvp_seconds(model, inputs, targets)
         return {"estimate": result.estimate, "stderr": result.stderr, "hvps": result.products,
-                "seconds": result.seconds, "method": result.method}
+                "seconds": wall, "cpu": cpu, "method": result.method, "choices": plan.choices,
+                "planned": plan.peak_bytes, "measured": plan.resident + growth,
+                "overhead_cpu": cpu / (result.products * bare_cpu), "bare_hvp_cpu": bare_cpu}
     raise ValueError(method)
 
 
@@ -236,6 +275,8 @@ def run_child(method: str, name: str, args: argparse.Namespace) -> dict:
         command.append("--quick")
     if args.basis:
         command += ["--basis", str(args.basis)]
+    if args.memory_budget:
+        command += ["--memory-budget", str(args.memory_budget)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
@@ -287,11 +328,17 @@ def report(name: str, rows: dict[str, dict]) -> None:
               f"{ours['cpu'] / theirs['cpu']:.2f}x (target <= 0.5), peak RSS {ours['child_peak'] / theirs['child_peak']:.2f}x "
               f"(target <= 1.5); one bare HVP {ours['bare_hvp']:.3f} s wall, {ours['bare_hvp_cpu']:.3f} s CPU; solver "
               f"overhead {ours['overhead']:.2f} wall, {ours['overhead_cpu']:.2f} CPU (target <= 1.15)")
+    if "planned" in ours:
+        print(f"curvscope's plan ({ours['choices']}): planned {ours['planned'] / 2**30:.2f} GiB, measured "
+              f"{ours['measured'] / 2**30:.2f} GiB ({ours['measured'] / ours['planned']:.2f}x)")
     trace = rows.get("trace")
     if trace and "estimate" in trace:
         print(f"trace ({trace['method']}, default): {trace['estimate']:.6g} +- {trace['stderr']:.2g} (one stderr), "
-              f"{trace['hvps']} HVPs, {trace['seconds']:.1f} s, peak RSS {trace['child_peak'] / 2**30:.2f} GiB "
-              f"(target <= 8 GB on the MiniLM)")
+              f"{trace['hvps']} HVPs, {trace['seconds']:.1f} s wall, {trace['cpu']:.1f} s CPU (overhead "
+              f"{trace['overhead_cpu']:.2f} CPU against {trace['hvps']} bare HVPs of {trace['bare_hvp_cpu']:.3f} s), "
+              f"peak RSS {trace['child_peak'] / 2**30:.2f} GiB = {trace['child_peak'] / 1e9:.2f} GB (target <= 8 GB "
+              f"on the MiniLM); plan ({trace['choices']}): planned {trace['planned'] / 2**30:.2f} GiB, measured "
+              f"{trace['measured'] / 2**30:.2f} GiB ({trace['measured'] / trace['planned']:.2f}x)")
     elif trace:
         print(f"trace: failed: {trace.get('error')}")
 
@@ -303,21 +350,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared box)")
     parser.add_argument("--quick", action="store_true", help="small batches, no trace: checks the script")
     parser.add_argument("--basis", type=int, default=0, help="curvscope's basis length (0: its default)")
+    parser.add_argument("--memory-budget", type=int, default=0, metavar="BYTES",
+                        help="the plans' ceiling, as serve --memory-budget (0: the machine's available memory)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).parent))
 
     if args.child:
-        print(json.dumps(child(args.child, args.models[0], args.quick, args.basis or None)))
+        print(json.dumps(child(args.child, args.models[0], args.quick, args.basis or None, args.memory_budget)))
         return
     print(f"bench_scale {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
           f"{args.threads} thread(s){', quick' if args.quick else ''}")
     for name in args.models:
         rows = {}
         for method in args.methods:
-            if method == "trace" and args.quick:
-                continue
             rows[method] = run_child(method, name, args)
             print(f"  {name} {method}: {json.dumps(rows[method])}", file=sys.stderr, flush=True)
         report(name, rows)

@@ -30,6 +30,7 @@ import ctypes
 import ctypes.util
 import os
 import resource
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,14 @@ from .errors import ResourceExhausted
 # Share of the measured free memory the plan may fill: allocator fragmentation and what the
 # model does not count (Python objects, libraries' workspaces) need the rest.
 CEILING_SHARE = 0.9
-# The widest batched product the trace estimators use when memory allows (the batched product
-# measured fastest at 8 vectors, see DESIGN.md).
+# The widest block the trace estimators take at a time when memory allows: their basis
+# products are matrix products of this width (the batched product also measured fastest at 8
+# vectors on the digits models, see DESIGN.md).
 TRACE_BLOCK = 8
+# Products go through the operator that many at a time only where calibration measured the
+# batched product this much faster per vector; otherwise one at a time, which holds a single
+# product's intermediates (on all-MiniLM-L6-v2, 8 at a time ran 14 % slower per vector).
+BATCHING_GAIN = 1.15
 # Krylov basis of hessian_eigen: up to this many vectors, at least wanted + this many (the
 # solver's own default rule; fewer vectors mean more restarts, not a different answer).
 MAX_BASIS = 160
@@ -210,10 +216,12 @@ class PeakMeter:
 @dataclass(frozen=True)
 class ProductCost:
     """Bytes of one batched product of w vectors: ``base`` (graphs the operator keeps, and what
-    a product allocates whatever its width) + w * ``per_vector``."""
+    a product allocates whatever its width) + w * ``per_vector``; ``speedup``: how much faster
+    per vector the 3-wide product ran than a single one (1: batching buys nothing)."""
 
     base: int
     per_vector: int
+    speedup: float = 1.0
 
     def __call__(self, width: int) -> int:
         return self.base + width * self.per_vector
@@ -225,22 +233,30 @@ CALIBRATION_PRODUCTS = 5
 
 def calibrate(operator: Any, meter: PeakMeter) -> ProductCost:
     """Measure the product's cost on the operator itself: products of widths 1 (building what
-    the operator keeps), 1 and 3. These CALIBRATION_PRODUCTS count in ``operator.products`` (and
-    in the server's product metric), not in any analysis' ``hvps``. The per
-    vector cost is at least the tangent and the output (2 vectors)."""
+    the operator keeps), 1 and 3, in memory and in time. These CALIBRATION_PRODUCTS count in
+    ``operator.products`` (and in the server's product metric), not in any analysis' ``hvps``.
+    The per vector cost is at least the tangent and the output (2 vectors)."""
     vector = operator.dim * _itemsize(operator.dtype)
     generator = torch.Generator().manual_seed(0)
+    seconds: dict[int, float] = {}
 
     def product(width: int) -> Callable[[], None]:
         V = torch.randn(operator.dim, width, generator=generator, dtype=operator.dtype).to(operator.device)
-        return lambda: operator.matmat(V)
+
+        def run() -> None:
+            started = time.perf_counter()
+            operator.matmat(V)
+            if operator.device.type == "cuda":
+                torch.cuda.synchronize(operator.device)
+            seconds[width] = time.perf_counter() - started
+        return run
 
     _, first = meter.measure(product(1))
     _, one = meter.measure(product(1))
     _, three = meter.measure(product(3))
     per_vector = max(2 * vector, (three - one) // 2)
     return ProductCost(base=max(first, one) - per_vector if max(first, one) > per_vector else 0,
-                       per_vector=per_vector)
+                       per_vector=per_vector, speedup=3 * seconds[1] / max(seconds[3], 1e-9))
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -302,10 +318,18 @@ def _largest(fits: Callable[[int], bool], low: int, high: int) -> int | None:
 TRACE_NAMES = {"xtrace": "XTrace", "hutchpp": "Hutch++", "hutchinson": "Hutchinson"}
 
 
-def trace_bytes(method: str, max_products: int, width: int, frobenius: bool, shape: Shape, seeded: int = 0) -> int:
+def product_width(block: int, shape: Shape) -> int:
+    """Vectors per batched product for blocks of ``block``: all of them where calibration
+    measured batching worth BATCHING_GAIN, else one."""
+    return block if shape.product is not None and shape.product.speedup >= BATCHING_GAIN else 1
+
+
+def trace_bytes(method: str, max_products: int, block: int, frobenius: bool, shape: Shape, seeded: int = 0) -> int:
     """Peak of estimate_trace: the sketch (XTrace: Q, the probes' sign bits, and A Q for tr(A^2);
-    Hutch++: Q), the Ritz vectors converted for deflation, and the blocks of ``width`` vectors
-    in flight with one product."""
+    Hutch++: Q), the Ritz vectors converted for deflation, and what is in flight for a block of
+    ``block`` vectors: the probes and their products (the block is orthonormalised in place,
+    into Q), then the larger of what one product of ``product_width`` vectors allocates and the
+    float64 slice of the block its Gram matrix is summed from."""
     V, dim = shape.vector, shape.dim
     if method == "xtrace":
         m = min(max_products // 2, dim)
@@ -314,17 +338,18 @@ def trace_bytes(method: str, max_products: int, width: int, frobenius: bool, sha
         held = min(max_products // 3, dim) * V
     else:
         held = 0
-    # In flight: the probes while their product runs, or at the block's QR the probes, the
-    # products, the QR's copy and its Q (4 blocks).
-    flight = max(width * V + shape.products(width), 4 * width * V)
+    from .curvature.estimators.probes import GRAM_ROWS
+
+    gram_rows = min(dim, GRAM_ROWS) * block * 8  # the block's rows in float64, a slice at a time
+    flight = 2 * block * V + max(shape.products(product_width(block, shape)), gram_rows)
     return shape.resident + shape.ritz_bytes + held + seeded * V + flight
 
 
 def plan_trace(spec: Any, shape: Shape, budget: Budget, seeded: int) -> AnalysisPlan:
     method, total = str(spec.method), spec.max_products
 
-    def needs(products: int, width: int) -> int:
-        return trace_bytes(method, products, width, spec.frobenius, shape, seeded)
+    def needs(products: int, block: int) -> int:
+        return trace_bytes(method, products, block, spec.frobenius, shape, seeded)
 
     width = _largest(lambda w: needs(total, w) <= budget.bytes, 1, TRACE_BLOCK)
     if width is None:
@@ -341,7 +366,8 @@ def plan_trace(spec: Any, shape: Shape, budget: Budget, seeded: int) -> Analysis
         else:
             fits = "no product budget fits: raise --memory-budget or use a smaller batch"
         raise _refuse("hessian_trace", what, needs(total, 1), budget, fits)
-    return AnalysisPlan("hessian_trace", "", needs(total, width), {"block_size": width})
+    return AnalysisPlan("hessian_trace", "", needs(total, width),
+                        {"block_size": width, "product_width": product_width(width, shape)})
 
 
 def density_bytes(steps: int, group: int, width: int, shape: Shape) -> int:

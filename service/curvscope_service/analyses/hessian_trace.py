@@ -63,6 +63,7 @@ def run(context: AnalysisContext, spec: HessianTraceSpec) -> dict[str, Any]:
         context.operator(), method=spec.method, max_products=spec.max_products,
         relative_tolerance=spec.relative_tolerance, frobenius=spec.frobenius, seed=context.seed,
         block_size=context.plan("hessian_trace").get("block_size", DEFAULT_BLOCK),
+        product_width=context.plan("hessian_trace").get("product_width"),
         progress=lambda step, total, estimate: context.progress("hessian_trace", step, total, estimate),
         ritz=context.ritz,
     )

@@ -33,6 +33,8 @@ Progress = Callable[[int, int, float], None]
 
 # An adaptive run trusts its sample standard error only from this many samples on.
 MIN_ADAPTIVE_SAMPLES = 10
+# Rows of a block converted to float64 at a time by ``gram`` and ``column_dots`` (2 MiB per column).
+GRAM_ROWS = 1 << 18
 
 
 @dataclass
@@ -108,8 +110,11 @@ def _bits(generator: torch.Generator, dim: int, k: int) -> Tensor:
 
 def column_dots(X: Tensor, Y: Tensor) -> Tensor:
     """x_j^T y_j for each column pair, summed in float64 (a float32 sum over 10^7 entries loses
-    digits), on the host."""
-    return (X * Y).sum(0, dtype=torch.float64).cpu()
+    digits) a slice of rows at a time (no block-sized temporary), on the host."""
+    dots = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+    for x, y in zip(X.split(GRAM_ROWS), Y.split(GRAM_ROWS)):
+        dots += (x * y).sum(0, dtype=torch.float64)
+    return dots.cpu()
 
 
 class PackedSigns:
@@ -131,11 +136,14 @@ class PackedSigns:
         padded[:k] = bits
         packed = (padded.view(-1, 8, self.dim) * self._weights[:, None]).sum(1, dtype=torch.uint8)
         self.blocks.append((packed, k))
-        return bits.to(self.dtype).mul_(2).sub_(1).T
+        return self._signs(bits)
 
     def block(self, index: int) -> Tensor:
         packed, k = self.blocks[index]
-        bits = (packed[:, None] & self._weights[:, None]).ne(0).reshape(-1, self.dim)[:k]
+        return self._signs((packed[:, None] & self._weights[:, None]).ne(0).reshape(-1, self.dim)[:k])
+
+    def _signs(self, bits: Tensor) -> Tensor:
+        """(k, dim) booleans as the (dim, k) block of +-1, stored column by column."""
         return bits.to(self.dtype).mul_(2).sub_(1).T
 
 
@@ -196,10 +204,6 @@ class GrowingBasis:
         """(I - Q Q^T) X, in place."""
         Q = self.basis
         return X.addmm_(Q, Q.T @ X, alpha=-1)
-
-
-# Rows of a block converted to float64 at a time by ``gram`` (8 MiB per column).
-GRAM_ROWS = 1 << 20
 
 
 def gram(X: Tensor) -> Tensor:

@@ -50,6 +50,7 @@ def estimate_trace(
     frobenius: bool = False,
     seed: int = 0,
     block_size: int = 8,
+    product_width: int | None = None,
     progress: Progress | None = None,
     ritz: RitzPairs | None = None,
 ) -> TraceEstimate:
@@ -57,6 +58,8 @@ def estimate_trace(
 
     ``max_products`` bounds the operator products; with ``relative_tolerance`` > 0 the estimator
     stops earlier once its standard error is at most that fraction of the (whole) estimate.
+    The estimator takes ``block_size`` vectors at a time; they go through the operator
+    ``product_width`` at a time (default: the whole block in one batched product).
     ``progress(products, max_products, current estimate)`` runs after every block. ``ritz``:
     Ritz pairs of the same operator (from ``lanczos``) to deflate, see the module docstring;
     ``TraceEstimate.seeded`` is then their number.
@@ -68,11 +71,11 @@ def estimate_trace(
         raise InvalidInput(f"{method} needs at least {minimum} products, got a budget of {max_products}")
     if not (0.0 <= relative_tolerance < 1.0):
         raise InvalidInput(f"relative_tolerance {relative_tolerance} must lie in [0, 1)")
-    if block_size < 1:
-        raise InvalidInput(f"block_size must be positive, got {block_size}")
+    if block_size < 1 or (product_width is not None and product_width < 1):
+        raise InvalidInput(f"block_size and product_width must be positive, got {block_size} and {product_width}")
 
     start = time.perf_counter()
-    apply: Apply = BlockProducts(operator, block_size)
+    apply: Apply = BlockProducts(operator, product_width or block_size)
     counter = apply
     offset = 0.0
     if ritz is not None:

@@ -45,6 +45,9 @@ def xtrace(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
     Z = torch.empty(wanted, dim, dtype=settings.dtype, device=settings.device).T if settings.frobenius else None
     G = torch.zeros(wanted, wanted, dtype=torch.float64) if settings.frobenius else None  # Z^T Z
     result = TraceEstimate(settings.offset, 0.0, "xtrace", 0)
+    # An adaptive run needs Q^T W after every block; a fixed budget only once, when each block
+    # of signs is unpacked once instead of once per later block.
+    adaptive = settings.relative_tolerance > 0
     while basis.size < wanted:
         old = basis.size
         b = min(settings.block_size, wanted - old)
@@ -52,14 +55,17 @@ def xtrace(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
         W_new = signs.draw(b)
         Y_new = apply(W_new)
         wy[new] = column_dots(W_new, Y_new)
+        if not adaptive:
+            del W_new  # Q^T W is taken once, at the end
         Q_new = basis.append(Y_new)
         del Y_new
         Q = basis.basis
-        QW[: old + b, new] = _host(Q.T @ W_new)
-        del W_new
-        for index in range(len(signs.blocks) - 1):
-            columns = slice(index * settings.block_size, index * settings.block_size + signs.blocks[index][1])
-            QW[new, columns] = _host(Q_new.T @ signs.block(index))
+        if adaptive:
+            QW[: old + b, new] = _host(Q.T @ W_new)
+            del W_new
+            for index in range(len(signs.blocks) - 1):
+                columns = slice(index * settings.block_size, index * settings.block_size + signs.blocks[index][1])
+                QW[new, columns] = _host(Q_new.T @ signs.block(index))
         Z_new = apply(Q_new)
         H[: old + b, new] = _host(Q.T @ Z_new)
         H[new, :old] = H[:old, new].T
@@ -69,7 +75,11 @@ def xtrace(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
             G[new, :old] = G[:old, new].T
         del Z_new
         m = basis.size
-        if settings.relative_tolerance > 0 or m == wanted:
+        if not adaptive and m == wanted:
+            for index in range(len(signs.blocks)):
+                columns = slice(index * settings.block_size, index * settings.block_size + signs.blocks[index][1])
+                QW[:m, columns] = _host(Q.T @ signs.block(index))
+        if adaptive or m == wanted:
             result = _estimates(H[:m, :m], basis.R[:m, :m], QW[:m, :m], wy[:m],
                                 G[:m, :m] if G is not None else None, torch.finfo(settings.dtype).eps)
             result.estimate += settings.offset
