@@ -329,6 +329,8 @@ def _gate_runner(args: argparse.Namespace, client: Client | None, timeout: float
         request.model.CopyFrom(model)
         if data is not None:
             request.data.CopyFrom(data)
+        if args.memory_budget:
+            request.options.memory_budget_bytes = args.memory_budget
         if client is None:
             return local.analyze_local(request, progress=progress).to_dict()
         return client.analyze_request(request, progress=progress, timeout=timeout).to_dict()
@@ -507,6 +509,9 @@ def _add_gate_parser(commands: Any) -> None:
     inputs.add_argument("--data", help="data batch: a .safetensors file with inputs and targets (or file://, sha256:)")
     inputs.add_argument("--report", type=Path, help="gate this existing JSON report instead of analysing MODEL")
     inputs.add_argument("--baseline", type=Path, help="report (or gate --json output) to measure changes against")
+    inputs.add_argument("--memory-budget", type=_byte_count, default=os.environ.get("CURVSCOPE_MEMORY_BUDGET", "0"),
+                        metavar="BYTES", help="plan the analyses within this much memory, e.g. 8GB (overrides the "
+                                              "policy's [request] memory_budget; default $CURVSCOPE_MEMORY_BUDGET)")
     _add_connection_flags(gate, "each request's deadline: the server gives up past it (default: the policy's "
                                 "timeout, else none)")
     output = gate.add_argument_group("output (the verdicts' table goes to stdout)")

@@ -24,6 +24,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from ._proto.curvscope.v1 import curvscope_pb2 as pb
+from ._sizes import parse_bytes
 from .client import TASKS
 
 ABSOLUTE_BOUNDS = ("min", "max")
@@ -32,7 +33,8 @@ LEVELS = ("fail", "warn")
 MISSING_BASELINE = ("pass", "warn", "fail")
 BORDERLINE = ("pass", "warn", "fail")
 DEFAULT_SIGMAS = 2.0
-REQUEST_KEYS = {"loss", "task", "curvature", "precision", "seed", "per_layer", "micro_batch_size", "max_samples", "timeout"}
+REQUEST_KEYS = {"loss", "task", "curvature", "precision", "seed", "per_layer", "micro_batch_size", "max_samples", "timeout",
+                "memory_budget"}
 CURVATURES = {"hessian": pb.CURVATURE_HESSIAN, "ggn": pb.CURVATURE_GGN, "fisher": pb.CURVATURE_FISHER,
               "empirical_fisher": pb.CURVATURE_EMPIRICAL_FISHER}
 PRECISIONS = {"float32": pb.PRECISION_FLOAT32, "float64": pb.PRECISION_FLOAT64}
@@ -262,7 +264,7 @@ class Policy:
                 precision=PRECISIONS[options.get("precision", "float32")],
                 seed=options.get("seed", 0), per_layer=options.get("per_layer", False),
                 micro_batch_size=options.get("micro_batch_size", 0), max_samples=options.get("max_samples", 0),
-                task=options.get("task", "")),
+                task=options.get("task", ""), memory_budget_bytes=parse_bytes(options.get("memory_budget", 0))),
         )
 
 
@@ -295,6 +297,13 @@ def parse_policy(text: str, source: str = "policy") -> Policy:
     timeout = request.get("timeout")
     if timeout is not None and (not _is_number(timeout) or timeout <= 0):
         raise PolicyError(f"{source} [request] timeout must be a number of seconds > 0")
+    budget = request.get("memory_budget", 0)
+    try:
+        if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+            raise ValueError(f"{budget!r} is not a byte count; write e.g. 8000000000 or \"8GB\"")
+        parse_bytes(budget)
+    except ValueError as error:
+        raise PolicyError(f"{source} [request] memory_budget: {error}") from None
 
     analyses = _table(data, "analyses", source)
     for name, spec in analyses.items():
@@ -442,6 +451,7 @@ per_layer = false     # true adds per_layer.<block>.* values (paths like per_lay
 # max_samples = 512   # analyse at most this many samples of the batch (0 = all)
 # task = "causal-lm"  # a language model: labels shifted by one (default: inferred from the shapes)
 # timeout = 600       # seconds before the server gives up
+# memory_budget = "8GB"  # plan the analyses within this much memory (lowers the server's ceiling)
 
 # Which analyses to run: one table per report key, holding that analysis's spec fields
 # (see the Results and *Spec messages of the curvscope.v1 API). An empty table = the defaults.

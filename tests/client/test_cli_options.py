@@ -181,3 +181,22 @@ def test_gate_refuses_half_a_client_certificate(tmp_path, capsys):
     assert main(["gate", "--policy", str(policy), "m.safetensors", "--server", "127.0.0.1:1",
                  "--tls-cert", str(tmp_path / "c.pem")]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+def test_gate_plans_within_the_policy_memory_budget_or_the_flag(digits_files, tmp_path, capsys):
+    """The policy's [request] memory_budget reaches the run's plan, --memory-budget overrides it,
+    and a budget nothing fits in stops the gate (RESOURCE_EXHAUSTED, as every analysis would
+    get it: exit 3) with what to change."""
+    policy = tmp_path / "curvscope.toml"
+    policy.write_text('[request]\nmemory_budget = "3GB"\n[analyses.hessian_trace]\nmax_hvps = 10\n'
+                      '[[checks]]\npath = "results.hessian_trace.estimate"\nfail = {min = -1e9}\n')
+    out = tmp_path / "gate.json"
+    gate = ["gate", "--policy", str(policy), str(digits_files[0]), "--data", str(digits_files[1]), "--local",
+            "--json", str(out)]
+    assert main(gate) == 0
+    assert json.loads(out.read_text())["report"]["run"]["memory_budget_bytes"] == 3 * 10**9
+    assert main(gate + ["--memory-budget", "2GiB"]) == 0
+    assert json.loads(out.read_text())["report"]["run"]["memory_budget_bytes"] == 2 * 2**30
+    capsys.readouterr()
+    assert main(gate + ["--memory-budget", "100kB"]) == 3
+    assert "RESOURCE_EXHAUSTED: hessian_trace: XTrace with 10 products (5 probes) needs" in capsys.readouterr().err

@@ -186,6 +186,13 @@ def test_starter_policy_explains_itself_and_loads():
     assert STARTER_POLICY.count("\n#") > 20  # it is mostly comments: it explains every knob
     request = policy.analyze_request()
     assert request.analyses[0].hessian_eigen.top_k == 3 and request.loss == "cross_entropy"
+    assert request.options.memory_budget_bytes == 0  # the server's ceiling unless the policy sets one
+
+
+@pytest.mark.parametrize("written, expected", [('"8GB"', 8 * 10**9), ('"6 GiB"', 6 * 2**30), ("512000000", 512 * 10**6)])
+def test_a_policy_memory_budget_reaches_the_request(written, expected):
+    policy = parse_policy(f"[request]\nmemory_budget = {written}\n[[checks]]\npath='loss.value'\nfail={{max=1.0}}")
+    assert policy.analyze_request().options.memory_budget_bytes == expected
 
 
 @pytest.mark.parametrize("text, message", [
@@ -205,6 +212,9 @@ def test_starter_policy_explains_itself_and_loads():
      "set per_layer = true"),
     ("[analyses.hessian_eigen]\ntopk = 3\n[[checks]]\npath='loss.value'\nfail={max=1.0}", "[analyses.hessian_eigen]"),
     ("[request]\ncurvature='hessain'\n[[checks]]\npath='loss.value'\nfail={max=1.0}", "curvature must be one of"),
+    ("[request]\nmemory_budget='lots'\n[[checks]]\npath='loss.value'\nfail={max=1.0}",
+     "memory_budget: 'lots' is not a byte count; write e.g. 8000000000, 8GB"),
+    ("[request]\nmemory_budget=1.5\n[[checks]]\npath='loss.value'\nfail={max=1.0}", "memory_budget: 1.5 is not a byte count"),
     ("[[checks]]\nname='a'\npath='loss.value'\nfail={max=1.0}\n[[checks]]\nname='a'\npath='seconds'\nfail={max=1.0}",
      "must be unique"),
 ])
