@@ -223,6 +223,7 @@ class CurvscopeServicer(pb_grpc.CurvscopeServicer):
                 upload_chunk_bytes=UPLOAD_CHUNK_BYTES, max_hvps=self.config.limits.max_products,
                 max_parameters=self.config.limits.max_parameters, max_samples=self.config.limits.max_samples,
                 max_analysis_seconds=self.config.max_analysis_seconds, concurrency_per_device=self.config.concurrency,
+                memory_budget_bytes=self.config.limits.memory_budget_bytes,
             ),
             auth_required=bool(self.config.tokens()),
         )

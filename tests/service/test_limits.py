@@ -33,10 +33,12 @@ def _server(tmp_path, *flags):
 def test_limits_are_listed_and_enforced(tmp_path, digits_files):
     model_path, data_path = digits_files
     with _server(tmp_path, "--max-parameters", str(DIGITS_PARAMETERS - 1), "--max-samples", "100",
-                 "--max-analysis-seconds", "2.5", "--concurrency", "3") as server, Client(server.target) as client:
+                 "--max-analysis-seconds", "2.5", "--concurrency", "3", "--memory-budget", "6GiB") as server, \
+            Client(server.target) as client:
         limits = client.capabilities()["limits"]
         assert limits["max_parameters"] == DIGITS_PARAMETERS - 1 and limits["max_samples"] == 100
         assert limits["max_analysis_seconds"] == 2.5 and limits["concurrency_per_device"] == 3
+        assert int(limits["memory_budget_bytes"]) == 6 * 2**30
         with pytest.raises(CurvscopeError) as caught:
             client.analyze(model_path, data_path, max_samples=50)
         assert caught.value.code == "RESOURCE_EXHAUSTED"

@@ -155,7 +155,7 @@ def test_the_measured_peak_is_within_the_plan_on_a_mid_size_model(tmp_path):
     """0.9M float32 parameters, 64 samples: XTrace's Q (20 probes) with its products and SLQ's
     bases (4 x 13 vectors) are hundreds of MB, well above the process' noise. In a fresh
     process, so the peak is this run's. Bound: measured in [0.75, 1.15] x planned (the target
-    is 10 %; measured here 0.95 for the trace, 1.04 for the density)."""
+    is 10 %; measured here 1.03 for the trace, 1.04 for the density)."""
     done = subprocess.run([sys.executable, "-c", MID_SIZE, str(tmp_path)], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr[-2000:]

@@ -825,7 +825,7 @@ class DeviceInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_upload_bytes", "max_queue_depth", "upload_chunk_bytes", "max_hvps", "max_parameters", "max_samples", "max_analysis_seconds", "concurrency_per_device")
+    __slots__ = ("max_upload_bytes", "max_queue_depth", "upload_chunk_bytes", "max_hvps", "max_parameters", "max_samples", "max_analysis_seconds", "concurrency_per_device", "memory_budget_bytes")
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -834,6 +834,7 @@ class Limits(_message.Message):
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MAX_ANALYSIS_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_PER_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_upload_bytes: int
     max_queue_depth: int
     upload_chunk_bytes: int
@@ -842,7 +843,8 @@ class Limits(_message.Message):
     max_samples: int
     max_analysis_seconds: float
     concurrency_per_device: int
-    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_queue_depth: _Optional[int] = ..., upload_chunk_bytes: _Optional[int] = ..., max_hvps: _Optional[int] = ..., max_parameters: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_analysis_seconds: _Optional[float] = ..., concurrency_per_device: _Optional[int] = ...) -> None: ...
+    memory_budget_bytes: int
+    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_queue_depth: _Optional[int] = ..., upload_chunk_bytes: _Optional[int] = ..., max_hvps: _Optional[int] = ..., max_parameters: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_analysis_seconds: _Optional[float] = ..., concurrency_per_device: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
 
 class Capabilities(_message.Message):
     __slots__ = ("server_version", "api_version", "torch_version", "devices", "analyses", "losses", "curvatures", "model_formats", "architectures", "limits", "auth_required")
