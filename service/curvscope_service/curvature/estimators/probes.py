@@ -33,7 +33,7 @@ Progress = Callable[[int, int, float], None]
 
 # An adaptive run trusts its sample standard error only from this many samples on.
 MIN_ADAPTIVE_SAMPLES = 10
-# Rows of a block converted to float64 at a time by ``gram`` and ``column_dots`` (2 MiB per column).
+# Rows of a block taken at a time by ``gram`` (converted to float64: 2 MiB per column) and ``column_dots``.
 GRAM_ROWS = 1 << 18
 
 
@@ -121,8 +121,9 @@ class PackedSigns:
     """Rademacher blocks kept as bits, 8 probes per byte of each coordinate, on the device.
 
     ``draw(k)`` returns the next k probes as +-1 values in ``dtype`` (the same as ``rademacher``
-    from the same generator, stored column by column) and keeps their bits; ``block(i)`` gives the i-th block drawn back,
-    so XTrace can revisit its probes for dim * k / 8 bytes instead of a float block.
+    from the same generator, stored column by column) and keeps their bits; ``block(i)`` gives
+    the i-th block drawn back, so XTrace can revisit its probes for dim * k / 8 bytes instead of
+    a float block.
     """
 
     def __init__(self, generator: torch.Generator, dim: int, device: torch.device | str, dtype: torch.dtype) -> None:

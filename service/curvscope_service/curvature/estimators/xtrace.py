@@ -13,7 +13,8 @@ of the 2m products A W and A Q. The estimate is mean(t_i), its standard error st
 factorisation, so stopping early wastes nothing.
 
 Memory: the estimate needs only m x m matrices besides Q. The probes W are kept as sign bits
-(``PackedSigns``) for Q^T W; w_i^T y_i is taken when y_i arrives, before ``GrowingBasis`` turns Y
+(``PackedSigns``) for Q^T W (taken after every block in the adaptive mode, once at the end with
+a fixed budget, so each block of signs is unpacked once); w_i^T y_i is taken when y_i arrives, before ``GrowingBasis`` turns Y
 into Q in place; H = Q^T A Q grows block by block from Z = A Q_new (A is symmetric, so
 Q_new^T Z_old = (Q_old^T Z_new)^T) and Z is dropped. For tr(A^2) the Gram matrix Z^T Z needs
 the old Z, which is then kept: one more dim x m block. So the run holds Q (dim x m, the
