@@ -1,6 +1,6 @@
 """Top-5 Hessian eigenvalues at scale: curvscope vs PyHessian vs curvlinops on ResNet-18 and MiniLM.
 
-    python benchmarks/bench_scale.py [--models resnet18 minilm] [--quick] [--threads 1]
+    python benchmarks/bench_scale.py [--models resnet18 minilm gpt2] [--quick] [--threads 1] [--device cuda]
 
 Two real architectures, one batch each, float32 products, eval mode, mean cross-entropy:
 
@@ -12,10 +12,16 @@ Two real architectures, one batch each, float32 products, eval mode, mean cross-
   BERT encoder, 384 wide, through ``transformers`` with eager attention, no pooler), mean pooling
   over the unmasked tokens and a seeded 4-class linear head (22,566,916 parameters); 32 random
   sequences of 32 tokens ([CLS] ... [SEP], 8 to 30 random word pieces, padded), random labels.
+- ``gpt2`` (for a GPU: ``--device cuda``): GPT-2 small from ``transformers``' default
+  ``GPT2Config`` (12 layers, 768 wide, 50,257 tokens), seeded random weights, eager attention,
+  the same mean pooling and a seeded 4-class head (124,442,884 parameters); 32 random sequences
+  of 128 tokens (16 to 128 real ones, padded with id 0, masked).
 
 Every measurement runs in a fresh subprocess (one thread), so that each peak RSS
 (``ru_maxrss`` of that child, from ``os.wait4``) is its own; the children share the model, the
-batch and the seeds. Rows:
+batch and the seeds. With ``--device cuda`` the model and batch live on the GPU, the peak is
+torch's peak allocated GPU memory of the child, and the seconds are wall seconds after a
+synchronize. Rows:
 
 - ``reference``: float64 copy of the model, curvscope's Lanczos at tol 1e-7: the truth the
   errors are measured against (its worst relative residual is printed).
@@ -82,8 +88,8 @@ def resnet18(classes: int = 10) -> nn.Module:
 
 
 class MeanPooledClassifier(nn.Module):
-    """A BERT encoder, mean pooling over the unmasked tokens (as sentence-transformers pools
-    all-MiniLM-L6-v2), a linear head. Takes token ids alone: the mask is ids != 0 ([PAD])."""
+    """A transformer encoder, mean pooling over the unmasked tokens (as sentence-transformers
+    pools all-MiniLM-L6-v2), a linear head. Takes token ids alone: the mask is ids != 0 ([PAD])."""
 
     def __init__(self, encoder: nn.Module, classes: int) -> None:
         super().__init__()
@@ -118,8 +124,21 @@ def minilm(classes: int = 4) -> nn.Module:
     return MeanPooledClassifier(encoder, classes)
 
 
-def build(name: str, quick: bool, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Tensor, Tensor]:
-    """The model in eval mode and its batch, the same in every child."""
+def gpt2(classes: int = 4) -> nn.Module:
+    """GPT-2 small (124M) from the default config, seeded random weights, eager attention."""
+    from curvscope_service.loading.hugging_face import hide_broken_torchvision
+
+    hide_broken_torchvision()
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    encoder = GPT2Model(GPT2Config(attn_implementation="eager"))
+    return MeanPooledClassifier(encoder, classes)
+
+
+def build(name: str, quick: bool, dtype: torch.dtype = torch.float32,
+          device: str = "cpu") -> tuple[nn.Module, Tensor, Tensor]:
+    """The model in eval mode and its batch on ``device``, the same in every child."""
     generator = torch.Generator().manual_seed(0)
     if name == "resnet18":
         torch.manual_seed(0)
@@ -127,6 +146,14 @@ def build(name: str, quick: bool, dtype: torch.dtype = torch.float32) -> tuple[n
         n = 4 if quick else 32
         inputs = torch.randn(n, 3, 32, 32, generator=generator).to(dtype)
         targets = torch.randint(0, 10, (n,), generator=generator)
+    elif name == "gpt2":
+        model = gpt2()
+        n, length = (4, 16) if quick else (32, 128)
+        inputs = torch.zeros(n, length, dtype=torch.long)
+        lengths = torch.randint(length // 8, length + 1, (n,), generator=generator)
+        for i, words in enumerate(lengths.tolist()):
+            inputs[i, :words] = torch.randint(1, model.encoder.config.vocab_size, (words,), generator=generator)
+        targets = torch.randint(0, 4, (n,), generator=generator)
     else:
         model = minilm()
         n, length = (4, 16) if quick else (32, 32)
@@ -137,7 +164,12 @@ def build(name: str, quick: bool, dtype: torch.dtype = torch.float32) -> tuple[n
             inputs[i, 1 : words + 1] = torch.randint(1000, model.encoder.config.vocab_size, (words,), generator=generator)
             inputs[i, 0], inputs[i, words + 1] = 101, 102
         targets = torch.randint(0, 4, (n,), generator=generator)
-    return model.to(dtype).eval(), inputs, targets
+    return model.to(device, dtype).eval(), inputs.to(device), targets.to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # -- one measurement per child -----------------------------------------------------------------
@@ -152,22 +184,32 @@ def bare_hvp_seconds(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple
     vector = [torch.randn_like(p) for p in params]
     walls, cpus = [], []
     for _ in range(3):
+        synchronize(inputs.device)
         wall, cpu = time.perf_counter(), time.process_time()
         torch.autograd.grad(gradient, params, vector, retain_graph=True)
+        synchronize(inputs.device)
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
     return min(walls), min(cpus)
 
 
+DEVICE = torch.device("cpu")  # the children's device (--device)
+
+
 def timed(solve):
     """solve()'s result with its wall and CPU seconds (one thread: CPU seconds do not count the
     time other processes held the core, so they compare across children on a loaded machine)."""
+    synchronize(DEVICE)
     wall, cpu = time.perf_counter(), time.process_time()
     result = solve()
+    synchronize(DEVICE)
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def peak_bytes() -> int:
+    """The child's peak so far: torch's peak allocated GPU memory on CUDA, else the peak RSS."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.max_memory_allocated(DEVICE)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -175,14 +217,15 @@ def pyhessian_eigen(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict:
     """PyHessian 0.1's deflated power iteration (``models.pyhessian_solve``), timed in wall and CPU."""
     solve, counted = pyhessian_solve(model, inputs, targets, TOP_K, TOL)
     values, wall, cpu = timed(solve)
-    return {"values": sorted(values, reverse=True), "hvps": counted[0], "seconds": wall, "cpu": cpu}
+    return {"values": sorted(values, reverse=True), "hvps": counted[0], "seconds": wall, "cpu": cpu,
+            "peak": peak_bytes()}
 
 
 def curvlinops_eigen(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict:
     """curvlinops' Hessian through scipy's eigsh (``models.curvlinops_solve``), timed in wall and CPU."""
     solve, counted = curvlinops_solve(model, inputs, targets, TOP_K, TOL)
     values, wall, cpu = timed(solve)
-    return {"values": values, "hvps": counted[0], "seconds": wall, "cpu": cpu}
+    return {"values": values, "hvps": counted[0], "seconds": wall, "cpu": cpu, "peak": peak_bytes()}
 
 
 def trace_spec():
@@ -200,9 +243,9 @@ def engine_plan(analysis: str, op, model: nn.Module, tensors: list[Tensor], memo
     loaded, as in the engine)."""
     from curvscope_service import memory_plan
 
-    meter = memory_plan.PeakMeter("cpu")
+    meter = memory_plan.PeakMeter(str(DEVICE))
     resident = memory_plan.resident_bytes(model, tensors)
-    budget = memory_plan.resolve_budget("cpu", resident, server_bytes=memory_budget)
+    budget = memory_plan.resolve_budget(str(DEVICE), resident, server_bytes=memory_budget)
     shape = memory_plan.Shape(dim=op.dim, itemsize=4, resident=resident, product=memory_plan.calibrate(op, meter))
     spec = trace_spec() if analysis == "hessian_trace" else SimpleNamespace(top_k=TOP_K, bottom_k=0)
     plan = memory_plan.plan_analysis(analysis, spec, shape, budget, eigen_earlier=False, trace_later=False, seeded=0)
@@ -217,17 +260,17 @@ def child(method: str, name: str, quick: bool, basis: int | None, memory_budget:
     if method == "reference":
         from curvscope_service.curvature.solvers.lanczos import lanczos
 
-        model, inputs, targets = build(name, quick, torch.float64)
+        model, inputs, targets = build(name, quick, torch.float64, str(DEVICE))
         op = HessianOperator(model, inputs, targets, nn.functional.cross_entropy)
         op.loss()
         result = lanczos(op.matvec, op.dim, top_k=TOP_K, tol=REFERENCE_TOL, max_products=3000,
                          max_basis=REFERENCE_BASIS, dtype=torch.float64)
-        return {"values": result.largest, "hvps": result.products, "seconds": result.seconds,
+        return {"values": result.largest, "hvps": result.products, "seconds": result.seconds, "peak": peak_bytes(),
                 "converged": result.converged, "dim": op.dim, "loss": op.loss(),
                 "relative_residual": max(r / abs(t) for r, t in zip(result.largest_residuals, result.largest))}
-    model, inputs, targets = build(name, quick)
+    model, inputs, targets = build(name, quick, device=str(DEVICE))
     if method == "baseline":
-        return {}
+        return {"peak": peak_bytes()}
     if method == "curvscope":
         from curvscope_service.curvature.solvers.extreme_eigenvalues import compute_hessian_eigen
 
@@ -262,7 +305,8 @@ def child(method: str, name: str, quick: bool, basis: int | None, memory_budget:
         del op
         gc.collect()
         bare_wall, bare_cpu = bare_hvp_seconds(model, inputs, targets)
-        return {"estimate": result.estimate, "stderr": result.stderr, "hvps": result.products,
+        peak = peak_bytes()
+        return {"estimate": result.estimate, "stderr": result.stderr, "hvps": result.products, "peak": peak,
                 "seconds": wall, "cpu": cpu, "method": result.method, "choices": plan.choices,
                 "planned": plan.peak_bytes, "measured": plan.resident + growth,
                 "overhead_cpu": cpu / (result.products * bare_cpu), "bare_hvp_cpu": bare_cpu}
@@ -277,6 +321,7 @@ def run_child(method: str, name: str, args: argparse.Namespace) -> dict:
         command += ["--basis", str(args.basis)]
     if args.memory_budget:
         command += ["--memory-budget", str(args.memory_budget)]
+    command += ["--device", args.device]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
@@ -287,7 +332,8 @@ def run_child(method: str, name: str, args: argparse.Namespace) -> dict:
         return {"error": f"exit {process.returncode}"}
     result = json.loads(output.strip().splitlines()[-1])
     result.setdefault("peak", usage.ru_maxrss * 1024)
-    result["child_peak"] = usage.ru_maxrss * 1024
+    # On CUDA the peak that matters is the GPU's (what the child measured), else the child's RSS.
+    result["child_peak"] = result["peak"] if args.device == "cuda" else usage.ru_maxrss * 1024
     result["child_seconds"] = time.perf_counter() - started
     return result
 
@@ -300,6 +346,7 @@ def worst_error(values: list[float], truth: list[float]) -> float:
 
 
 def report(name: str, rows: dict[str, dict]) -> None:
+    peak = "peak GPU memory" if DEVICE.type == "cuda" else "peak RSS"
     reference = rows.get("reference", {})
     truth = reference.get("values")
     if truth is not None:
@@ -309,8 +356,8 @@ def report(name: str, rows: dict[str, dict]) -> None:
     else:
         print(f"\n{name}: no float64 reference ({reference.get('error', 'not run')}): no errors")
     if "child_peak" in rows.get("baseline", {}):
-        print(f"baseline (imports, model, batch): peak RSS {rows['baseline']['child_peak'] / 2**30:.2f} GiB")
-    print("\n| method | HVPs | wall s | CPU s | peak RSS GiB | worst rel. error | reached 1e-3 | overhead wall / CPU |")
+        print(f"baseline (imports, model, batch): {peak} {rows['baseline']['child_peak'] / 2**30:.2f} GiB")
+    print(f"\n| method | HVPs | wall s | CPU s | {peak} GiB | worst rel. error | reached 1e-3 | overhead wall / CPU |")
     print("|--------|------|--------|-------|--------------|------------------|--------------|---------------------|")
     for method in ("curvscope", "pyhessian", "curvlinops"):
         row = rows.get(method, {})
@@ -325,7 +372,7 @@ def report(name: str, rows: dict[str, dict]) -> None:
     ours, theirs = rows.get("curvscope", {}), rows.get("pyhessian", {})
     if "values" in ours and "values" in theirs:
         print(f"\ncurvscope / PyHessian: wall {ours['seconds'] / theirs['seconds']:.2f}x, CPU "
-              f"{ours['cpu'] / theirs['cpu']:.2f}x (target <= 0.5), peak RSS {ours['child_peak'] / theirs['child_peak']:.2f}x "
+              f"{ours['cpu'] / theirs['cpu']:.2f}x (target <= 0.5), {peak} {ours['child_peak'] / theirs['child_peak']:.2f}x "
               f"(target <= 1.5); one bare HVP {ours['bare_hvp']:.3f} s wall, {ours['bare_hvp_cpu']:.3f} s CPU; solver "
               f"overhead {ours['overhead']:.2f} wall, {ours['overhead_cpu']:.2f} CPU (target <= 1.15)")
     if "planned" in ours:
@@ -336,7 +383,7 @@ def report(name: str, rows: dict[str, dict]) -> None:
         print(f"trace ({trace['method']}, default): {trace['estimate']:.6g} +- {trace['stderr']:.2g} (one stderr), "
               f"{trace['hvps']} HVPs, {trace['seconds']:.1f} s wall, {trace['cpu']:.1f} s CPU (overhead "
               f"{trace['overhead_cpu']:.2f} CPU against {trace['hvps']} bare HVPs of {trace['bare_hvp_cpu']:.3f} s), "
-              f"peak RSS {trace['child_peak'] / 2**30:.2f} GiB = {trace['child_peak'] / 1e9:.2f} GB (target <= 8 GB "
+              f"{peak} {trace['child_peak'] / 2**30:.2f} GiB = {trace['child_peak'] / 1e9:.2f} GB (target <= 8 GB "
               f"on the MiniLM); plan ({trace['choices']}): planned {trace['planned'] / 2**30:.2f} GiB, measured "
               f"{trace['measured'] / 2**30:.2f} GiB ({trace['measured'] / trace['planned']:.2f}x)")
     elif trace:
@@ -345,7 +392,9 @@ def report(name: str, rows: dict[str, dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "minilm"], choices=["resnet18", "minilm"])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "minilm"], choices=["resnet18", "minilm", "gpt2"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the children run (cuda: peaks are the GPU's allocated memory)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared box)")
     parser.add_argument("--quick", action="store_true", help="small batches, no trace: checks the script")
@@ -355,12 +404,15 @@ def main() -> None:
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     sys.path.insert(0, str(Path(__file__).parent))
 
     if args.child:
         print(json.dumps(child(args.child, args.models[0], args.quick, args.basis or None, args.memory_budget)))
         return
-    print(f"bench_scale {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
+    print(f"bench_scale {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, {where}, "
           f"{args.threads} thread(s){', quick' if args.quick else ''}")
     for name in args.models:
         rows = {}

@@ -165,7 +165,7 @@ def pyhessian_solve(model: nn.Module, inputs: Tensor, targets: Tensor, k: int,
     torch.manual_seed(0)
     with warnings.catch_warnings():  # its backward(create_graph=True) on the parameters' .grad
         warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True")
-        computer = module.hessian(model, nn.CrossEntropyLoss(), data=(inputs, targets), cuda=False)
+        computer = module.hessian(model, nn.CrossEntropyLoss(), data=(inputs, targets), cuda=inputs.is_cuda)
     counted = [0]
 
     def solve() -> list[float]:
