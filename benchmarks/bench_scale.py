@@ -264,7 +264,7 @@ def child(method: str, name: str, quick: bool, basis: int | None, memory_budget:
         op = HessianOperator(model, inputs, targets, nn.functional.cross_entropy)
         op.loss()
         result = lanczos(op.matvec, op.dim, top_k=TOP_K, tol=REFERENCE_TOL, max_products=3000,
-                         max_basis=REFERENCE_BASIS, dtype=torch.float64)
+                         max_basis=REFERENCE_BASIS, dtype=torch.float64, device=op.device)
         return {"values": result.largest, "hvps": result.products, "seconds": result.seconds, "peak": peak_bytes(),
                 "converged": result.converged, "dim": op.dim, "loss": op.loss(),
                 "relative_residual": max(r / abs(t) for r, t in zip(result.largest_residuals, result.largest))}

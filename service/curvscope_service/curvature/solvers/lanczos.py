@@ -78,8 +78,15 @@ MAX_DEFAULT_BASIS = 160
 # so often that the products grow faster than the memory shrinks.
 MIN_EXTRA_BASIS = 10
 # Columns of the basis rewritten at once by a restart (the only scratch space it needs is
-# kept x this many entries, instead of a second copy of the kept vectors).
+# kept x this many entries, instead of a second copy of the kept vectors). On a GPU each chunk
+# costs kernel launches, so chunks there are 256 times wider (at 124M parameters the narrow
+# ones made a restart take seconds).
 RESTART_CHUNK = 1 << 14
+RESTART_CHUNK_GPU = 1 << 22
+
+
+def _chunk(device: torch.device) -> int:
+    return RESTART_CHUNK if device.type == "cpu" else RESTART_CHUNK_GPU
 # A Gram-Schmidt pass that leaves more than this fraction of w's norm needs no repetition.
 REORTHOGONALISED = 0.5 ** 0.5
 
@@ -317,18 +324,19 @@ def _restart_in_place(V: Tensor, m: int, S_keep: np.ndarray) -> None:
     restart needs k x RESTART_CHUNK scratch entries rather than another k basis vectors. In the
     basis dtype: the kept vectors are orthonormal to its rounding, as the basis was."""
     coefficients = _to_torch(S_keep.T, V.device).to(V.dtype)
-    k = coefficients.shape[0]
-    for begin in range(0, V.shape[1], RESTART_CHUNK):
-        V[:k, begin : begin + RESTART_CHUNK] = coefficients @ V[:m, begin : begin + RESTART_CHUNK]
+    k, chunk = coefficients.shape[0], _chunk(V.device)
+    for begin in range(0, V.shape[1], chunk):
+        V[:k, begin : begin + chunk] = coefficients @ V[:m, begin : begin + chunk]
 
 
 def _combine(S: np.ndarray, basis: Tensor, dtype: torch.dtype) -> Tensor:
     """The Ritz vectors S^T basis as rows in ``dtype``, formed in float64 a block at a time."""
     coefficients = _to_torch(S.T, basis.device)
     out = torch.empty(coefficients.shape[0], basis.shape[1], dtype=dtype, device=basis.device)
-    for begin in range(0, basis.shape[1], RESTART_CHUNK):
-        block = basis[:, begin : begin + RESTART_CHUNK].to(torch.float64)
-        out[:, begin : begin + RESTART_CHUNK] = coefficients @ block
+    chunk = _chunk(basis.device)
+    for begin in range(0, basis.shape[1], chunk):
+        block = basis[:, begin : begin + chunk].to(torch.float64)
+        out[:, begin : begin + chunk] = coefficients @ block
     return out
 
 
