@@ -324,12 +324,17 @@ def product_width(block: int, shape: Shape) -> int:
     return block if shape.product is not None and shape.product.speedup >= BATCHING_GAIN else 1
 
 
-def trace_bytes(method: str, max_products: int, block: int, frobenius: bool, shape: Shape, seeded: int = 0) -> int:
+def trace_bytes(method: str, max_products: int, block: int, frobenius: bool, shape: Shape, seeded: int = 0,
+                adaptive: bool = False) -> int:
     """Peak of estimate_trace: the sketch (XTrace: Q, the probes' sign bits, and A Q for tr(A^2);
     Hutch++: Q), the Ritz vectors converted for deflation, and what is in flight for a block of
-    ``block`` vectors: the probes and their products (the block is orthonormalised in place,
-    into Q), then the larger of what one product of ``product_width`` vectors allocates and the
-    float64 slice of the block its Gram matrix is summed from."""
+    ``block`` vectors besides: the larger of what one product of ``product_width`` vectors
+    allocates and the float64 slice of the block its Gram matrix is summed from, plus
+
+    - XTrace: one block (its peak comes with the last block, whose Q columns are not written
+      yet while its probes and their products, or its Z, are in flight), two when adaptive (the
+      probes stay until Q^T W after the block is orthonormalised);
+    - Hutch++ and Hutchinson: two (the probes and their products, beside a full sketch)."""
     V, dim = shape.vector, shape.dim
     if method == "xtrace":
         m = min(max_products // 2, dim)
@@ -341,7 +346,8 @@ def trace_bytes(method: str, max_products: int, block: int, frobenius: bool, sha
     from .curvature.estimators.probes import GRAM_ROWS
 
     gram_rows = min(dim, GRAM_ROWS) * block * 8  # the block's rows in float64, a slice at a time
-    flight = 2 * block * V + max(shape.products(product_width(block, shape)), gram_rows)
+    blocks = 1 if method == "xtrace" and not adaptive else 2
+    flight = blocks * block * V + max(shape.products(product_width(block, shape)), gram_rows)
     return shape.resident + shape.ritz_bytes + held + seeded * V + flight
 
 
@@ -349,7 +355,7 @@ def plan_trace(spec: Any, shape: Shape, budget: Budget, seeded: int) -> Analysis
     method, total = str(spec.method), spec.max_products
 
     def needs(products: int, block: int) -> int:
-        return trace_bytes(method, products, block, spec.frobenius, shape, seeded)
+        return trace_bytes(method, products, block, spec.frobenius, shape, seeded, spec.relative_tolerance > 0)
 
     width = _largest(lambda w: needs(total, w) <= budget.bytes, 1, TRACE_BLOCK)
     if width is None:
