@@ -112,8 +112,10 @@ def column_dots(X: Tensor, Y: Tensor) -> Tensor:
     """x_j^T y_j for each column pair, summed in float64 (a float32 sum over 10^7 entries loses
     digits) a slice of rows at a time (no block-sized temporary), on the host."""
     dots = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+    scratch = torch.empty(min(GRAM_ROWS, X.shape[0]), X.shape[1], dtype=X.dtype, device=X.device)
     for x, y in zip(X.split(GRAM_ROWS), Y.split(GRAM_ROWS)):
-        dots += (x * y).sum(0, dtype=torch.float64)
+        product = torch.mul(x, y, out=scratch[: x.shape[0]])
+        dots += product.sum(0, dtype=torch.float64)
     return dots.cpu()
 
 
@@ -211,8 +213,11 @@ def gram(X: Tensor) -> Tensor:
     """X^T X summed in float64, a slice of rows at a time (so no float64 copy of X is made),
     on the host."""
     G = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+    # One scratch block for every slice: a fresh one per slice costs page faults each time (the
+    # allocator hands blocks this large straight back to the system).
+    scratch = torch.empty(min(GRAM_ROWS, X.shape[0]), X.shape[1], dtype=torch.float64, device=X.device)
     for rows in X.split(GRAM_ROWS):
-        rows = rows.to(torch.float64)
+        rows = scratch[: rows.shape[0]].copy_(rows)
         G.addmm_(rows.T, rows)
     return G.cpu()
 
