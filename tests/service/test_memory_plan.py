@@ -169,3 +169,18 @@ def test_the_measured_peak_is_within_the_plan_on_a_mid_size_model(tmp_path):
         ratio = entry["measured_peak_bytes"] / entry["planned_peak_bytes"]
         assert entry["planned_peak_bytes"] > 100e6, entry
         assert 0.75 <= ratio <= 1.15, entry
+
+
+@pytest.mark.parametrize("speedup, width", [(1.0, 1), (memory_plan.BATCHING_GAIN, 8), (3.0, 8)])
+def test_products_are_batched_only_where_calibration_found_it_faster(files, monkeypatch, speedup, width):
+    """The trace's block stays 8 either way; its products go through the operator 8 at a time
+    only when the 3-wide calibration product was BATCHING_GAIN faster per vector, and the
+    estimate is the same to rounding."""
+    monkeypatch.setattr(memory_plan, "calibrate", lambda operator, meter: replace(COST, speedup=speedup))
+    report = run_analysis(job(files, {"hessian_trace": {}}))
+    choices = report["run"]["choices"]
+    assert choices["hessian_trace.block_size"] == "8" and choices["hessian_trace.product_width"] == str(width)
+    monkeypatch.setattr(memory_plan, "calibrate", lambda operator, meter: COST)
+    single = run_analysis(job(files, {"hessian_trace": {}}))["results"]["hessian_trace"]
+    assert report["results"]["hessian_trace"]["estimate"] == pytest.approx(single["estimate"], rel=1e-12)
+    assert report["results"]["hessian_trace"]["hvps"] == single["hvps"] == 100
