@@ -60,7 +60,9 @@ def load_exported(path: Path, *, max_parameters: int) -> ExportedModel:
         serialized = _dict_to_dataclass(schema.ExportedProgram, contents.program)
         # no sample inputs: they are a pickle, and curvscope never needs them
         program = ExportedProgramDeserializer().deserialize(serialized, contents.state_dict, contents.constants, None)
-    except (InvalidInput, MemoryError):  # MemoryError: the vetting child reports it as a size problem
+    except (InvalidInput, MemoryError, SystemError):
+        # MemoryError, and SystemError (C code that failed an allocation without setting an
+        # exception): the vetting child reports both as a size problem under its memory cap
         raise
     except Exception as e:  # the deserialiser raises SerializeError, KeyError, AssertionError, TypeError...
         raise InvalidInput(f"model could not be loaded as a torch.export archive: {one_line(e)}; {REEXPORT}") from None

@@ -35,7 +35,7 @@ BASE_MEMORY_MIB = 2048
 MEMORY_PER_FILE_BYTE = 4
 DEFAULT_TIME_LIMIT_S = 300.0
 _CACHE_SIZE = 1024
-_EXIT_MEMORY = 3  # the child's MemoryError
+_EXIT_MEMORY = 3  # the child ran out of its memory cap (MemoryError, or SystemError from C code)
 _MiB = 1 << 20
 
 
@@ -195,7 +195,9 @@ def _child() -> int:
             answer: dict[str, Any] = {"ok": True}
         except CurvscopeError as e:
             answer = {"ok": False, "code": e.code, "message": str(e)}
-        except MemoryError:
+        except (MemoryError, SystemError):
+            # under the address-space cap a failed allocation surfaces as MemoryError, or in C
+            # code that does not set one as SystemError ("error return without exception set")
             return _EXIT_MEMORY
         except Exception as e:  # a reader's bug, not the server's: the file is refused, with the reason
             answer = {"ok": False, "code": "INVALID_ARGUMENT", "message": f"the file could not be read ({one_line(e)})"}

@@ -57,6 +57,39 @@ def test_a_child_over_its_memory_cap_is_refused_and_the_caller_lives(exported_dy
     assert torch.ones(1).item() == 1.0
 
 
+def test_an_allocation_failed_in_c_code_counts_as_the_memory_cap(exported_dynamic, monkeypatch):
+    """Under the address-space cap C code may fail an allocation without a MemoryError
+    (SystemError: "error return without exception set"): the reader lets it through instead of
+    calling the file malformed, and the child reports it as the cap (RESOURCE_EXHAUSTED)."""
+    import io
+    import sys
+
+    from torch._export.serde.serialize import ExportedProgramDeserializer
+
+    from curvscope_service import loading
+    from curvscope_service.loading import vetting
+    from curvscope_service.loading.torch_export import load_exported
+
+    def fails(*args, **kwargs):
+        raise SystemError("error return without exception set")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ExportedProgramDeserializer, "deserialize", fails)
+        with pytest.raises(SystemError):
+            load_exported(exported_dynamic[0], max_parameters=10**6)
+
+    request = {"kind": "model", "path": str(exported_dynamic[0]), "format": "", "architecture": "", "config": "",
+               "max_parameters": 0, "memory_mib": 64}
+    monkeypatch.setattr(vetting.resource, "setrlimit", lambda *args: None)  # no cap on this process
+    monkeypatch.setattr(loading, "load_model", fails)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(request) + "\n"))
+    threads = torch.get_num_threads()
+    try:
+        assert vetting._child() == vetting._EXIT_MEMORY
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_data_batch_is_vetted_too(tmp_path, vetter, refuses):
     path = tmp_path / "data.safetensors"
     path.write_bytes(evil_pickle(tmp_path / "ran"))
