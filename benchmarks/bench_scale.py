@@ -213,19 +213,13 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def pyhessian_eigen(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict:
-    """PyHessian 0.1's deflated power iteration (``models.pyhessian_solve``), timed in wall and CPU."""
-    solve, counted = pyhessian_solve(model, inputs, targets, TOP_K, TOL)
+def other_solver(prepare, model: nn.Module, inputs: Tensor, targets: Tensor) -> dict:
+    """A row for PyHessian or curvlinops (``models.pyhessian_solve`` / ``curvlinops_solve``): the
+    values largest first, products, wall and CPU seconds, peak."""
+    solve, counted = prepare(model, inputs, targets, TOP_K, TOL)
     values, wall, cpu = timed(solve)
     return {"values": sorted(values, reverse=True), "hvps": counted[0], "seconds": wall, "cpu": cpu,
             "peak": peak_bytes()}
-
-
-def curvlinops_eigen(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict:
-    """curvlinops' Hessian through scipy's eigsh (``models.curvlinops_solve``), timed in wall and CPU."""
-    solve, counted = curvlinops_solve(model, inputs, targets, TOP_K, TOL)
-    values, wall, cpu = timed(solve)
-    return {"values": values, "hvps": counted[0], "seconds": wall, "cpu": cpu, "peak": peak_bytes()}
 
 
 def trace_spec():
@@ -289,9 +283,9 @@ def child(method: str, name: str, quick: bool, basis: int | None, memory_budget:
                 "overhead": wall / (result["hvps"] * bare_wall), "overhead_cpu": cpu / (result["hvps"] * bare_cpu),
                 "choices": plan.choices, "planned": plan.peak_bytes, "measured": plan.resident + growth}
     if method == "pyhessian":
-        return pyhessian_eigen(model, inputs, targets)
+        return other_solver(pyhessian_solve, model, inputs, targets)
     if method == "curvlinops":
-        return curvlinops_eigen(model, inputs, targets)
+        return other_solver(curvlinops_solve, model, inputs, targets)
     if method == "trace":
         from curvscope_service.curvature.estimators.trace import estimate_trace
 

@@ -186,14 +186,6 @@ def pyhessian_solve(model: nn.Module, inputs: Tensor, targets: Tensor, k: int,
     return solve, counted
 
 
-def pyhessian_eigen(model: nn.Module, inputs: Tensor, targets: Tensor, k: int, tol: float) -> tuple[list[float], int, float]:
-    """``pyhessian_solve`` timed in wall seconds: (eigenvalues, products, seconds)."""
-    solve, counted = pyhessian_solve(model, inputs, targets, k, tol)
-    start = time.perf_counter()
-    values = solve()
-    return values, counted[0], time.perf_counter() - start
-
-
 def curvlinops_solve(model: nn.Module, inputs: Tensor, targets: Tensor, k: int,
                      tol: float) -> tuple[Callable[[], list[float]], list[int]]:
     """curvlinops' Hessian through scipy's eigsh (ARPACK, "LA", float64, a seeded start), ready
@@ -220,9 +212,17 @@ def curvlinops_solve(model: nn.Module, inputs: Tensor, targets: Tensor, k: int,
     return solve, counted
 
 
-def curvlinops_eigen(model: nn.Module, inputs: Tensor, targets: Tensor, k: int, tol: float) -> tuple[list[float], int, float]:
-    """``curvlinops_solve`` timed in wall seconds: (eigenvalues, products, seconds)."""
-    solve, counted = curvlinops_solve(model, inputs, targets, k, tol)
-    start = time.perf_counter()
-    values = solve()
-    return values, counted[0], time.perf_counter() - start
+def _timed_in_wall_seconds(prepare: Callable[..., tuple[Callable[[], list[float]], list[int]]]):
+    """A ``*_solve`` preparation turned into (model, inputs, targets, k, tol) -> (eigenvalues,
+    products, wall seconds of the solve alone)."""
+
+    def run(model: nn.Module, inputs: Tensor, targets: Tensor, k: int, tol: float) -> tuple[list[float], int, float]:
+        solve, counted = prepare(model, inputs, targets, k, tol)
+        start = time.perf_counter()
+        values = solve()
+        return values, counted[0], time.perf_counter() - start
+    return run
+
+
+pyhessian_eigen = _timed_in_wall_seconds(pyhessian_solve)
+curvlinops_eigen = _timed_in_wall_seconds(curvlinops_solve)

@@ -52,6 +52,14 @@ class _Graph:
     identity: tuple[int, ...] = field(default_factory=tuple)
 
 
+def check_schedule(every_steps: int | None, every_epochs: int | None) -> None:
+    """A callback runs every N optimizer steps or every N epochs: exactly one, N >= 1."""
+    if (every_steps is None) == (every_epochs is None):
+        raise ValueError("set one of every_steps and every_epochs")
+    if (every_steps or every_epochs or 0) < 1:
+        raise ValueError("every_steps / every_epochs must be at least 1")
+
+
 class CurvatureMonitor:
     """Runs the analyses beside a training loop; the framework callbacks drive it.
 

@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from .. import in_memory
-from . import CurvatureMonitor, Finished
+from . import CurvatureMonitor, Finished, check_schedule
 
 
 class CurvscopeCallback(pl.Callback):
@@ -30,10 +30,7 @@ class CurvscopeCallback(pl.Callback):
 
     def __init__(self, data: Any, *, every_steps: int | None = None, every_epochs: int | None = None,
                  **monitor_options: Any) -> None:
-        if (every_steps is None) == (every_epochs is None):
-            raise ValueError("set one of every_steps and every_epochs")
-        if (every_steps or every_epochs or 0) < 1:
-            raise ValueError("every_steps / every_epochs must be at least 1")
+        check_schedule(every_steps, every_epochs)
         self.every_steps, self.every_epochs = every_steps, every_epochs
         self.monitor = CurvatureMonitor(data, **monitor_options)
 

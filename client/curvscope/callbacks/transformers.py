@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from . import CurvatureMonitor, Finished
+from . import CurvatureMonitor, Finished, check_schedule
 
 
 class CurvscopeCallback(TrainerCallback):
@@ -31,10 +31,7 @@ class CurvscopeCallback(TrainerCallback):
 
     def __init__(self, data: Any, *, every_steps: int | None = None, every_epochs: int | None = None,
                  trainer: Trainer | None = None, **monitor_options: Any) -> None:
-        if (every_steps is None) == (every_epochs is None):
-            raise ValueError("set one of every_steps and every_epochs")
-        if (every_steps or every_epochs or 0) < 1:
-            raise ValueError("every_steps / every_epochs must be at least 1")
+        check_schedule(every_steps, every_epochs)
         self.every_steps, self.every_epochs = every_steps, every_epochs
         self.monitor = CurvatureMonitor(data, **monitor_options)
         self.trainer = trainer

@@ -141,6 +141,12 @@ class PackedSigns:
         self.blocks.append((packed, k))
         return self._signs(bits)
 
+    def columns(self, index: int) -> slice:
+        """Where the i-th block drawn stands among all the probes (the blocks drawn before it,
+        side by side)."""
+        start = sum(k for _, k in self.blocks[:index])
+        return slice(start, start + self.blocks[index][1])
+
     def block(self, index: int) -> Tensor:
         packed, k = self.blocks[index]
         return self._signs((packed[:, None] & self._weights[:, None]).ne(0).reshape(-1, self.dim)[:k])

@@ -65,8 +65,7 @@ def xtrace(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
             QW[: old + b, new] = _host(Q.T @ W_new)
             del W_new
             for index in range(len(signs.blocks) - 1):
-                columns = slice(index * settings.block_size, index * settings.block_size + signs.blocks[index][1])
-                QW[new, columns] = _host(Q_new.T @ signs.block(index))
+                QW[new, signs.columns(index)] = _host(Q_new.T @ signs.block(index))
         Z_new = apply(Q_new)
         H[: old + b, new] = _host(Q.T @ Z_new)
         H[new, :old] = H[:old, new].T
@@ -78,8 +77,7 @@ def xtrace(apply: Apply, dim: int, settings: TraceSettings) -> TraceEstimate:
         m = basis.size
         if not adaptive and m == wanted:
             for index in range(len(signs.blocks)):
-                columns = slice(index * settings.block_size, index * settings.block_size + signs.blocks[index][1])
-                QW[:m, columns] = _host(Q.T @ signs.block(index))
+                QW[:m, signs.columns(index)] = _host(Q.T @ signs.block(index))
         if adaptive or m == wanted:
             result = _estimates(H[:m, :m], basis.R[:m, :m], QW[:m, :m], wy[:m],
                                 G[:m, :m] if G is not None else None, torch.finfo(settings.dtype).eps)
